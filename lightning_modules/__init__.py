@@ -1,0 +1,1 @@
+"""stagewise: lightning_modules."""
