@@ -1,1 +1,3 @@
 """stagewise: callbacks."""
+
+from callbacks.hparams_metrics import FinalMetricsToHparams  # noqa: F401
