@@ -49,13 +49,14 @@ def _load(path: Path) -> dict | None:
 
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
+    # Lock the stage's directory itself: no lock file is left behind.
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
