@@ -1,2 +1,108 @@
-def main():  # placeholder replaced below
-    raise SystemExit("not yet")
+"""The `stagewise` command.
+
+``stagewise fit|validate|test|predict`` is a LightningCLI: compose several ``-c`` YAML files, override
+any init argument from the command line (``--model.lr 1e-4``), ``--print_config`` for a complete
+runnable config. The other subcommands (``prepare``, ``export``, ``pipeline``...) are jsonargparse
+commands in the same style. A problem the user can fix (``StagewiseError``) prints one message and
+exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from datamodules.errors import StagewiseError
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+# name -> (module, function, one-line help). Each function parses its own arguments.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "prepare": ("datamodules.prepare", "main", "corpora -> tokenizer -> token shards"),
+    "export": ("lightning_modules.export", "main", "checkpoint -> transformers LlamaForCausalLM directory"),
+    "pipeline": ("lightning_modules.pipeline", "main", "prepare + every stage + joint baseline + report"),
+    "evaluate": ("lightning_modules.evaluate", "main", "per-domain losses and tool-call scores of a checkpoint"),
+    "report": ("lightning_modules.report", "main", "markdown table and plots from finished runs"),
+    "interpolate": ("lightning_modules.interpolate", "main", "blend two checkpoints' weights and evaluate"),
+}
+
+
+class StagewiseCLI(LightningCLI):
+    """LightningCLI with the data's vocabulary and tokenizer linked into the model."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The model's embedding size and tokenizer check come from the prepared data, never by hand.
+        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.tokenizer_sha256", "model.init_args.tokenizer_sha256", apply_on="instantiate")
+
+
+def persistent_callbacks() -> list:
+    """Callbacks every stage gets in addition to its config's: ``last.ckpt`` (for ``--ckpt_path last``)
+    in the run's ``checkpoints/`` dir, the LR on every step, and final losses in the HPARAMS tab."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from callbacks import FinalMetricsToHparams
+
+    return [
+        ModelCheckpoint(save_last=True, save_top_k=0),
+        LearningRateMonitor(logging_interval="step"),
+        FinalMetricsToHparams(),
+    ]
+
+
+def run_lightning(args: list[str] | None = None) -> StagewiseCLI:
+    """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``)."""
+    import callbacks  # noqa: F401  (registers our callbacks so configs may name them by class name)
+    from datamodules.datamodule import CorpusDataModule
+    from lightning_modules.causal_lm import CausalLM
+
+    return StagewiseCLI(
+        CausalLM,
+        CorpusDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        seed_everything_default=1234,
+        # Our samplers split data across ranks themselves (deterministic and resumable).
+        trainer_defaults={"use_distributed_sampler": False, "callbacks": persistent_callbacks()},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def _usage() -> str:
+    lines = ["usage: stagewise <command> [-h] ...", "", "commands:"]
+    for name in LIGHTNING_SUBCOMMANDS:
+        lines.append(f"  {name:<12} Lightning {name} (LightningCLI: -c stage.yaml -c model.yaml, --print_config)")
+    for name, (_, _, help_) in COMMANDS.items():
+        lines.append(f"  {name:<12} {help_}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Dispatch ``stagewise <command> ...``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        raise SystemExit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    try:
+        if command in LIGHTNING_SUBCOMMANDS:
+            run_lightning([command, *rest])
+        elif command in COMMANDS:
+            module, function, _ = COMMANDS[command]
+            try:
+                entry = getattr(importlib.import_module(module), function)
+            except ModuleNotFoundError as err:
+                if err.name != module:
+                    raise
+                raise StagewiseError(f"`stagewise {command}` is not available in this version yet") from None
+            entry(rest)
+        else:
+            print(f"stagewise: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
+            raise SystemExit(2)
+    except StagewiseError as err:
+        print(f"stagewise {command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,370 @@
+"""`stagewise prepare`: corpora -> documents -> tokenizer -> token shards.
+
+Each step is cached by a key over everything it depends on, so a second run with the same config
+and sources does nothing, and a changed source or config rebuilds only what depends on it:
+
+    source fingerprint ──> documents cache (data/.cache/docs/<corpus>/<source>-<key>.jsonl)
+    tokenizer config + every source fingerprint ──> data/tokenizer/ (its sha256 feeds the next key)
+    tokenizer sha256 + corpus config + its sources ──> data/<corpus>/{train,val,test}.bin + manifest.json
+
+Pin a tokenizer with `tokenizer.from_dir` to keep it fixed while sources change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Literal
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from datamodules.errors import StagewiseError
+from datamodules.shards import ShardWriter, write_manifest
+from datamodules.sources import Document, Source, SourceStats
+from datamodules.tokenizer import (
+    encode_document,
+    load_tokenizer,
+    render_tool_example,
+    tokenizer_sha256,
+    train_tokenizer,
+)
+
+SPLITS = ("train", "val", "test")
+console = Console(stderr=True)
+
+
+@dataclass
+class Corpus:
+    """One training domain (language, code, tools...) built from a list of sources.
+
+    Args:
+        sources: The readers that produce this corpus's documents (class_path + init_args each).
+        kind: ``text`` for plain documents, ``tools`` for tool-calling examples (rendered with the chat
+            template; loss only on the assistant's tool-call tokens).
+        val_fraction: Share of documents held out for validation, chosen by a stable hash of the text.
+        test_fraction: Share of documents held out for testing, chosen the same way.
+    """
+
+    sources: list[Source]
+    kind: Literal["text", "tools"] = "text"
+    val_fraction: float = 0.01
+    test_fraction: float = 0.01
+
+
+@dataclass
+class TokenizerConfig:
+    """How the byte-level BPE tokenizer is made.
+
+    Args:
+        vocab_size: Vocabulary size, special tokens included (8192 for the demo; 32768 for real runs).
+        sample_bytes: Bytes of training text sampled for BPE training, split evenly over the corpora.
+        from_dir: Use this existing tokenizer directory instead of training one.
+    """
+
+    vocab_size: int = 32768
+    sample_bytes: int = 40_000_000
+    from_dir: str | None = None
+
+
+@dataclass
+class SourceResult:
+    name: str
+    stats: SourceStats
+    documents: list[Document] = field(default_factory=list)
+    cached: bool = False
+
+
+def _sha(*parts: object) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def split_of(text: str, val_fraction: float, test_fraction: float) -> str:
+    """The split a document belongs to, from a stable hash of its text: re-runs never move it."""
+    u = int(hashlib.sha256(text.encode()).hexdigest()[:15], 16) / 16**15
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _source_config(source: Source) -> dict:
+    return {"class": f"{type(source).__module__}.{type(source).__qualname__}", "name": source.name}
+
+
+# --- step 1: documents -------------------------------------------------------------------------
+
+
+def _read_source(source: Source, cache_dir: Path, fingerprint: str, progress: Progress) -> SourceResult:
+    cache = cache_dir / f"{source.name}-{fingerprint[:16]}.jsonl"
+    if cache.exists():
+        lines = cache.read_text().splitlines()
+        header = json.loads(lines[0])
+        stats = SourceStats(header["documents"], header["bytes"], Counter(header["skipped"]))
+        docs = [Document(**json.loads(line)) for line in lines[1:]]
+        return SourceResult(source.name, stats, docs, cached=True)
+    files = source.files()  # raises MissingSourceError with the install hint
+    task = progress.add_task(f"read {source.name}", total=len(files) or None)
+    stats = SourceStats()
+    docs = []
+    seen_paths: set[str] = set()
+    for doc in source.read(stats):
+        docs.append(doc)
+        file = doc.path.split(":")[0]
+        if file not in seen_paths:
+            seen_paths.add(file)
+            progress.update(task, completed=min(len(seen_paths), len(files)))
+    progress.update(task, completed=len(files) or 1, total=len(files) or 1)
+    header = {"documents": stats.documents, "bytes": stats.bytes, "skipped": dict(stats.skipped)}
+    body = "\n".join(json.dumps(asdict(d)) for d in docs)
+    for old in cache_dir.glob(f"{source.name}-*.jsonl"):
+        old.unlink()
+    _atomic_write_text(cache, json.dumps(header) + "\n" + body + ("\n" if body else ""))
+    return SourceResult(source.name, stats, docs)
+
+
+def _split_corpus(name: str, corpus: Corpus, results: list[SourceResult]) -> dict[str, list[Document]]:
+    """Exact deduplication (first occurrence wins) and the stable hash split."""
+    seen: set[str] = set()
+    splits: dict[str, list[Document]] = {s: [] for s in SPLITS}
+    for result in results:
+        for doc in result.documents:
+            digest = hashlib.sha256(doc.text.encode()).hexdigest()
+            if digest in seen:
+                result.stats.skipped["duplicate"] += 1
+                continue
+            seen.add(digest)
+            splits[split_of(doc.text, corpus.val_fraction, corpus.test_fraction)].append(doc)
+    if not splits["train"]:
+        skipped = ", ".join(f"{r.name}: {dict(r.stats.skipped) or 'nothing skipped'}" for r in results)
+        raise StagewiseError(
+            f"corpus '{name}' is empty after cleaning ({skipped}). Check its sources' paths and filters "
+            "in the data config."
+        )
+    return splits
+
+
+# --- step 2: tokenizer -------------------------------------------------------------------------
+
+
+def _tokenizer_sample(splits: dict[str, dict[str, list[Document]]], sample_bytes: int) -> Iterator[str]:
+    per_corpus = sample_bytes // max(1, len(splits))
+    for corpus_splits in splits.values():
+        docs = list(corpus_splits["train"])
+        random.Random(0).shuffle(docs)
+        budget = per_corpus
+        for doc in docs:
+            if budget <= 0:
+                break
+            budget -= len(doc.text)
+            yield doc.text
+
+
+def _ensure_tokenizer(cfg: TokenizerConfig, data_dir: Path, key: str, splits) -> tuple[Path, bool]:
+    if cfg.from_dir:
+        load_tokenizer(cfg.from_dir)  # fails clearly if it lacks the reserved tokens
+        return Path(cfg.from_dir), False
+    out = data_dir / "tokenizer"
+    key_file = out / "stagewise_key.txt"
+    if key_file.exists() and key_file.read_text() == key:
+        return out, False
+    with console.status(f"training a {cfg.vocab_size}-token byte-level BPE tokenizer"):
+        tmp = data_dir / "tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        train_tokenizer(_tokenizer_sample(splits, cfg.sample_bytes), cfg.vocab_size, tmp)
+        (tmp / "stagewise_key.txt").write_text(key)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    return out, True
+
+
+# --- step 3: shards ----------------------------------------------------------------------------
+
+
+def _batched(items: list, n: int) -> Iterable[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def _write_shards(name, corpus, corpus_dir, splits, results, tok, tok_sha, key, progress) -> dict:
+    dtype = "uint16" if len(tok) <= 65535 else "uint32"
+    tools = corpus.kind == "tools"
+    tokens: dict[str, int] = {}
+    per_source = {r.name: {"documents": 0, "tokens": 0} for r in results}
+    total = sum(len(v) for v in splits.values())
+    task = progress.add_task(f"tokenize {name}", total=total)
+    for split in SPLITS:
+        writer = ShardWriter(corpus_dir, split, dtype, with_mask=tools)
+        try:
+            for batch in _batched(splits[split], 256):
+                if tools:
+                    encoded = [render_tool_example(tok, json.loads(d.text)) for d in batch]
+                else:
+                    encoded = [(ids, None) for ids in encode_document(tok, [d.text for d in batch])]
+                for doc, (ids, mask) in zip(batch, encoded):
+                    writer.add(ids, mask)
+                    per_source[doc.source]["documents"] += 1
+                    per_source[doc.source]["tokens"] += len(ids)
+                progress.advance(task, len(batch))
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        tokens[split] = writer.tokens
+    for r in results:
+        per_source[r.name].update(read=r.stats.documents, bytes=r.stats.bytes, skipped=dict(r.stats.skipped))
+    manifest = {
+        "corpus": name,
+        "kind": corpus.kind,
+        "dtype": dtype,
+        "tokens": tokens,
+        "documents": {s: len(splits[s]) for s in SPLITS},
+        "sources": per_source,
+        "tokenizer_sha256": tok_sha,
+        "key": key,
+        "config": {
+            "kind": corpus.kind,
+            "val_fraction": corpus.val_fraction,
+            "test_fraction": corpus.test_fraction,
+            "sources": [_source_config(s) for s in corpus.sources],
+        },
+    }
+    write_manifest(corpus_dir, manifest)
+    return manifest
+
+
+def _manifest_if_current(corpus_dir: Path, key: str) -> dict | None:
+    path = corpus_dir / "manifest.json"
+    if not path.exists():
+        return None
+    manifest = json.loads(path.read_text())
+    files = [corpus_dir / f"{s}.bin" for s in SPLITS]
+    return manifest if manifest.get("key") == key and all(f.exists() for f in files) else None
+
+
+# --- the command -------------------------------------------------------------------------------
+
+
+def prepare(
+    corpora: dict[str, Corpus],
+    tokenizer: TokenizerConfig = TokenizerConfig(),
+    data_dir: str = "data",
+) -> dict[str, dict]:
+    """Turn the configured corpora into a tokenizer and token shards under ``data_dir``.
+
+    Args:
+        corpora: Named corpora (``language``, ``code``, ``tools``...), each a list of sources.
+        tokenizer: How the tokenizer is trained (or which existing one to use).
+        data_dir: Where the tokenizer, the shards and the caches go.
+
+    Returns:
+        The manifest of every corpus, by name.
+    """
+    if not corpora:
+        raise StagewiseError("the data config names no corpora; add at least one under `corpora:`")
+    start = time.perf_counter()
+    root = Path(data_dir)
+    fingerprints = {
+        name: {s.name: s.fingerprint() for s in corpus.sources} for name, corpus in corpora.items()
+    }
+    for name, corpus in corpora.items():
+        if len(fingerprints[name]) != len(corpus.sources):
+            raise StagewiseError(f"corpus '{name}' has two sources with the same name; give each a `name:`")
+    tok_key = _sha(asdict(tokenizer), fingerprints, {n: asdict(c) | {"sources": None} for n, c in corpora.items()})
+
+    # Fast path: nothing changed since the last run.
+    tok_dir = Path(tokenizer.from_dir) if tokenizer.from_dir else root / "tokenizer"
+    key_file = tok_dir / "stagewise_key.txt"
+    if tokenizer.from_dir or (key_file.exists() and key_file.read_text() == tok_key):
+        if (tok_dir / "tokenizer.json").exists():
+            sha = tokenizer_sha256(tok_dir)
+            manifests = {
+                n: _manifest_if_current(root / n, _corpus_key(n, c, fingerprints[n], sha))
+                for n, c in corpora.items()
+            }
+            if all(manifests.values()):
+                print_table(manifests, console)
+                console.print(f"[green]data is up to date[/] in {root}/ ({time.perf_counter() - start:.1f}s)")
+                return manifests
+
+    progress = Progress(
+        TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console,
+    )
+    results: dict[str, list[SourceResult]] = {}
+    splits: dict[str, dict[str, list[Document]]] = {}
+    with progress:
+        for name, corpus in corpora.items():
+            cache_dir = root / ".cache" / "docs" / name
+            results[name] = [
+                _read_source(s, cache_dir, fingerprints[name][s.name], progress) for s in corpus.sources
+            ]
+            splits[name] = _split_corpus(name, corpus, results[name])
+    tok_dir, trained = _ensure_tokenizer(tokenizer, root, tok_key, splits)
+    tok = load_tokenizer(tok_dir)
+    sha = tokenizer_sha256(tok_dir)
+    if trained:
+        console.print(f"tokenizer trained: {len(tok)} tokens, sha256 {sha[:12]}… -> {tok_dir}")
+    manifests = {}
+    with progress:
+        for name, corpus in corpora.items():
+            key = _corpus_key(name, corpus, fingerprints[name], sha)
+            current = _manifest_if_current(root / name, key)
+            if current:
+                console.print(f"{name}: shards up to date")
+                manifests[name] = current
+                continue
+            manifests[name] = _write_shards(
+                name, corpus, root / name, splits[name], results[name], tok, sha, key, progress
+            )
+    print_table(manifests, console)
+    console.print(f"prepared {len(manifests)} corpora in {root}/ in {time.perf_counter() - start:.1f}s")
+    return manifests
+
+
+def _corpus_key(name: str, corpus: Corpus, fingerprints: dict[str, str], tok_sha: str) -> str:
+    config = {"kind": corpus.kind, "val": corpus.val_fraction, "test": corpus.test_fraction}
+    return _sha(name, config, fingerprints, tok_sha)
+
+
+def print_table(manifests: dict[str, dict], out: Console) -> None:
+    """The per-corpus, per-source table: documents, tokens, what was skipped and why."""
+    table = Table(title="prepared corpora")
+    for col in ("corpus", "source", "documents", "tokens", "train tokens", "val tokens", "test tokens", "skipped"):
+        table.add_column(col, justify="left" if col in ("corpus", "source", "skipped") else "right")
+    for name, m in manifests.items():
+        for src, s in m["sources"].items():
+            skipped = ", ".join(f"{k} {v:,}" for k, v in sorted(s.get("skipped", {}).items())) or "-"
+            table.add_row(name, src, f"{s['documents']:,}", f"{s['tokens']:,}", "", "", "", skipped)
+        t = m["tokens"]
+        table.add_row(
+            f"[bold]{name}[/]", "[bold]all[/]", f"{sum(m['documents'].values()):,}", f"{sum(t.values()):,}",
+            f"{t['train']:,}", f"{t['val']:,}", f"{t['test']:,}", "", end_section=True,
+        )
+    out.print(table)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``stagewise prepare -c configs/data/<name>.yaml``."""
+    from jsonargparse import CLI
+
+    CLI(prepare, args=args, as_positional=False)

@@ -1,0 +1,162 @@
+"""`stagewise report`: a markdown table and plots of an experiment's stages and baselines.
+
+Everything comes from what the runs wrote: ``models/<stage>/stage.json`` for the final numbers and
+TensorBoard event files under ``runs/<experiment>/<stage>/`` for the curves. Losses of different
+domains are never compared with each other: every table column and plot is one domain.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from callbacks.stage_record import read_stage_record
+from datamodules.errors import StagewiseError
+
+
+def read_scalars(run_dir: Path, prefix: str) -> dict[str, list[tuple[float, float, float]]]:
+    """All scalar series under ``run_dir`` whose tag starts with ``prefix``: tag -> [(step, value, wall_time)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    series: dict[str, list[tuple[float, float, float]]] = {}
+    for events in sorted(run_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            if tag.startswith(prefix):
+                series.setdefault(tag, []).extend((e.step, e.value, e.wall_time) for e in acc.Scalars(tag))
+    return {tag: sorted(points) for tag, points in series.items()}
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _table(records: dict[str, dict], domains: list[str]) -> list[str]:
+    head = ["run", "parent", "stage tokens", "total tokens", "wall time"]
+    head += [f"{d} loss" for d in domains] + ["tools json / name / call"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in records.items():
+        final = r.get("losses", {}).get("final", {})
+        tools = r.get("tools") or {}
+        scores = " / ".join(_fmt(tools.get(k), 2) for k in ("json_valid", "name_accuracy", "call_accuracy"))
+        parent = (r.get("parent") or {}).get("stage") or "–"
+        row = [name, parent, f"{r.get('tokens', {}).get('stage', 0):,}", f"{r.get('tokens', {}).get('total', 0):,}",
+               f"{r.get('wall_time_s', 0):.0f}s"]
+        row += [_fmt(final.get(d)) for d in domains] + [scores if tools else "–"]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _forgetting(records: dict[str, dict]) -> list[str]:
+    lines = []
+    for name, r in records.items():
+        for domain, f in (r.get("forgetting") or {}).items():
+            alarms = ", ".join(f"{a.get('level')}@{a.get('step')}" for a in f.get("alarms", [])) or "none"
+            lines.append(f"| {name} | {domain} | {_fmt(f.get('baseline'))} | {_fmt(f.get('final'))} | "
+                         f"{100 * f.get('max_rise', 0):+.1f}% (step {f.get('max_rise_step')}) | {alarms} |")
+    if not lines:
+        return []
+    return ["", "## Forgetting (held-out loss of earlier domains vs the stage's start)", "",
+            "| stage | domain | baseline | final | worst rise | alarms |", "|---|---|---|---|---|---|", *lines]
+
+
+def _plots(experiment_dir: Path, stages: list[str], baselines: list[str], domains: list[str]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {name: read_scalars(experiment_dir / name, "val") for name in stages + baselines}
+    files = []
+    # 1. Per-domain held-out loss against total tokens, the stages as one curve with boundaries.
+    fig, axes = plt.subplots(1, len(domains), figsize=(5 * len(domains), 3.6), squeeze=False)
+    for ax, domain in zip(axes[0], domains):
+        for name in stages + baselines:
+            points = runs[name].get(f"val_tokens/{domain}/loss")
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker=".",
+                        label=name, linestyle="--" if name in baselines else "-")
+                if name in stages:
+                    ax.axvline(points[0][0], color="grey", linewidth=0.5)
+        ax.set(title=f"{domain}: held-out loss", xlabel="total tokens seen", ylabel="loss")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(experiment_dir / "loss_vs_tokens.png", dpi=110)
+    files.append("loss_vs_tokens.png")
+    plt.close(fig)
+    # 2. The seed's "quality vs training time": staged path (stages back to back) vs baselines.
+    fig, axes = plt.subplots(1, len(domains), figsize=(5 * len(domains), 3.6), squeeze=False)
+    for ax, domain in zip(axes[0], domains):
+        offset, xs, ys = 0.0, [], []
+        for name in stages:
+            points = runs[name].get(f"val/{domain}/loss")
+            if not points:
+                continue
+            t0 = min(p[2] for s in runs[name].values() for p in s)
+            xs += [(offset + p[2] - t0) / 60 for p in points]
+            ys += [p[1] for p in points]
+            offset += max(p[2] for s in runs[name].values() for p in s) - t0
+        if xs:
+            ax.plot(xs, ys, marker=".", label="staged")
+        for name in baselines:
+            points = runs[name].get(f"val/{domain}/loss")
+            if points:
+                t0 = min(p[2] for s in runs[name].values() for p in s)
+                ax.plot([(p[2] - t0) / 60 for p in points], [p[1] for p in points], marker=".",
+                        linestyle="--", label=name)
+        ax.set(title=f"{domain}: quality vs training time", xlabel="wall time (min)", ylabel="held-out loss")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(experiment_dir / "quality_vs_time.png", dpi=110)
+    files.append("quality_vs_time.png")
+    plt.close(fig)
+    return files
+
+
+def write_report(experiment: str, stages: list[str], baselines: list[str] | None = None,
+                 models_dir: str = "models", runs_dir: str = "runs") -> Path:
+    """Write ``<runs_dir>/<experiment>/report.md`` (+ PNG plots) and return its path."""
+    baselines = baselines or []
+    records = {}
+    for name in stages + baselines:
+        record = read_stage_record(Path(models_dir), name)
+        if record is None:
+            raise StagewiseError(f"no record for stage '{name}' in {models_dir}/{name}/stage.json; run the stage first")
+        records[name] = record
+    domains: list[str] = []
+    for r in records.values():
+        domains += [d for d in r.get("losses", {}).get("final", {}) if d not in domains]
+    experiment_dir = Path(runs_dir) / experiment
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {experiment}: staged path {' → '.join(stages)}" + (f" vs {', '.join(baselines)}" if baselines else ""),
+             "", "Final held-out loss per domain (lower is better; compare within a column only).", ""]
+    lines += _table(records, domains)
+    lines += _forgetting(records)
+    plots = _plots(experiment_dir, stages, baselines, domains)
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    path = experiment_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def report(experiment: str, stages: list[str], baselines: list[str] | None = None,
+           models_dir: str = "models", runs_dir: str = "runs") -> None:
+    """Write and print the report of finished runs.
+
+    Args:
+        experiment: The experiment name (``runs/<experiment>/``).
+        stages: The staged path's stage names, in order.
+        baselines: Runs compared with the staged path (e.g. ``joint``).
+        models_dir: Where the ``<stage>/stage.json`` records are.
+        runs_dir: Root of the TensorBoard runs.
+    """
+    path = write_report(experiment, stages, baselines, models_dir, runs_dir)
+    print(path.read_text())
+    print(f"report: {path}")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``stagewise report --experiment demo --stages [language,code,tools] --baselines [joint]``."""
+    from jsonargparse import CLI
+
+    CLI(report, args=args, as_positional=False)
