@@ -1,3 +1,4 @@
 """stagewise: callbacks."""
 
 from callbacks.hparams_metrics import FinalMetricsToHparams  # noqa: F401
+from callbacks.forgetting import ForgettingMonitor  # noqa: F401
