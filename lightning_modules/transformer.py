@@ -1,0 +1,282 @@
+"""A dense decoder-only transformer, Llama style, in one file.
+
+RMSNorm, rotary position embeddings (the Hugging Face Llama convention: ``rotate_half`` over the two
+halves of each head, so the weights load into ``LlamaForCausalLM`` without permutation), SwiGLU,
+grouped-query attention through ``F.scaled_dot_product_attention``, no biases, optional weight tying.
+
+To change attention, subclass :class:`CausalSelfAttention` (usually just :meth:`~CausalSelfAttention.attend`)
+and pass the class as ``Transformer(config, attention=MyAttention)``; see
+``experiments/examples/sliding_window_attention.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from datamodules.errors import StagewiseError
+
+
+@dataclass
+class TransformerConfig:
+    """Shape and initialisation of a :class:`Transformer`."""
+
+    vocab_size: int = 8192
+    """Number of token ids (the tokenizer's vocabulary)."""
+    d_model: int = 384
+    """Width of the residual stream."""
+    n_layers: int = 10
+    """Number of transformer blocks."""
+    n_heads: int = 6
+    """Query heads per attention layer; ``d_model`` must be a multiple of it."""
+    n_kv_heads: int | None = None
+    """Key/value heads (grouped-query attention); ``None`` means ``n_heads`` (plain multi-head)."""
+    ffn_hidden: int = 1024
+    """Hidden width of the SwiGLU feed-forward layer."""
+    max_seq_len: int = 2048
+    """Longest sequence (prompt + generated tokens) the model accepts."""
+    rope_theta: float = 10000.0
+    """Base of the rotary embedding frequencies."""
+    norm_eps: float = 1e-5
+    """Epsilon of RMSNorm."""
+    tie_embeddings: bool = False
+    """Share the input embedding matrix with the output head."""
+    dropout: float = 0.0
+    """Dropout on attention weights and on each block's residual branches (0 for pretraining)."""
+    init_std: float = 0.02
+    """Std of the normal init; output projections get ``init_std / sqrt(2 * n_layers)``."""
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        problems = []
+        if self.d_model % self.n_heads:
+            problems.append(f"d_model={self.d_model} is not a multiple of n_heads={self.n_heads}")
+        elif (self.d_model // self.n_heads) % 2:
+            problems.append(f"head size d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE")
+        if self.n_heads % self.n_kv_heads:
+            problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if problems:
+            raise StagewiseError("invalid model shape: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_preset(cls, size: str, **overrides) -> TransformerConfig:
+        """The preset ``size`` (a key of ``PRESETS``) with some fields replaced, e.g. ``vocab_size``."""
+        if size not in PRESETS:
+            raise StagewiseError(f"unknown model size '{size}'; choose one of: {', '.join(PRESETS)}")
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - valid)
+        if unknown:
+            raise StagewiseError(
+                f"unknown model field(s) {', '.join(unknown)} in model_overrides; valid: {', '.join(sorted(valid))}"
+            )
+        return replace(PRESETS[size], **overrides)
+
+
+# Named sizes count parameters without the input embedding (the output head counts: it is a matmul) at
+# vocab 32768; tiny is meant for a small vocabulary (≈1M at vocab 8192). Head size 64 from small up.
+PRESETS: dict[str, TransformerConfig] = {
+    "tiny": TransformerConfig(d_model=64, n_layers=6, n_heads=4, n_kv_heads=2, ffn_hidden=256),  # ≈1M
+    "small": TransformerConfig(d_model=384, n_layers=10, n_heads=6, ffn_hidden=1024),  # ≈30M
+    "base": TransformerConfig(d_model=768, n_layers=12, n_heads=12, ffn_hidden=2048),  # ≈124M, GPT-2 small
+    "medium": TransformerConfig(d_model=1024, n_layers=24, n_heads=16, ffn_hidden=2816),  # ≈350M, GPT-2 medium
+    "large": TransformerConfig(d_model=1280, n_layers=36, n_heads=20, ffn_hidden=3456),  # ≈760M, GPT-2 large
+    "xl": TransformerConfig(d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_hidden=5632),  # ≈1.1B, TinyLlama
+}
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 like Llama."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+
+
+def rope_cos_sin(start: int, length: int, head_dim: int, theta: float, device: torch.device):
+    """cos and sin, [length, head_dim], for positions ``start .. start+length-1`` (float32)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(torch.arange(start, start + length, device=device, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)  # HF convention: the two halves share frequencies
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, heads, T, head_dim] by position (``rotate_half`` over split halves)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.type_as(x) + torch.cat((-x2, x1), dim=-1) * sin.type_as(x)
+
+
+class LayerCache:
+    """One layer's keys and values, preallocated to ``max_len`` positions."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device) -> None:
+        self.k = torch.zeros(batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v`` at positions ``start..``; return all keys and values up to the last one."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding; ``pos`` is the number of cached tokens."""
+
+    def __init__(self, config: TransformerConfig, batch: int, max_len: int, dtype, device) -> None:
+        self.max_len = max_len
+        self.pos = 0
+        self.layers = [
+            LayerCache(batch, config.n_kv_heads, max_len, config.head_dim, dtype, device)
+            for _ in range(config.n_layers)
+        ]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head (or grouped-query) causal self-attention with RoPE and a fused q/k/v projection."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.qkv = nn.Linear(config.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
+        self.out = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, cache: LayerCache | None = None, start: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        sizes = [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
+        q, k, v = self.qkv(x).split(sizes, dim=-1)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v, start)
+        y = self.attend(q, k, v, start)
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        """Causal attention of queries [B, H, T, hd] at positions ``start..start+T-1`` over keys and
+        values [B, KV, S, hd] at positions ``0..S-1`` (``S = start + T``). Returns [B, H, T, hd]."""
+        T, S = q.shape[2], k.shape[2]
+        mask = None
+        if T != S:  # decoding with a cache: query i sees keys up to start + i
+            mask = torch.arange(S, device=q.device) <= torch.arange(start, start + T, device=q.device)[:, None]
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+
+
+class SwiGLU(nn.Module):
+    """Feed-forward layer ``down(silu(gate(x)) * up(x))`` with gate and up fused in one matmul."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(config.d_model, 2 * config.ffn_hidden, bias=False)
+        self.down = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: TransformerConfig, attention: Callable[[TransformerConfig], nn.Module]) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = attention(config)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, cache: LayerCache | None = None, start: int = 0) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, start))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model: token ids [B, T] -> next-token logits [B, T, vocab_size].
+
+    Args:
+        config: The model's shape.
+        attention: Builds each layer's attention module from the config; swap it to change attention.
+    """
+
+    def __init__(
+        self, config: TransformerConfig, attention: Callable[[TransformerConfig], nn.Module] = CausalSelfAttention
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, attention) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_embeddings.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for matrices, output projections scaled down by sqrt(2 * n_layers), norms at 1."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                # residual-branch outputs add up over 2 * n_layers branches (GPT-2 scaled init)
+                scale = math.sqrt(2 * self.config.n_layers) if name.endswith((".out", ".down")) else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std / scale)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] for ``input_ids`` [B, T]; with a ``cache`` they continue after its ``pos``."""
+        B, T = input_ids.shape
+        start = cache.pos if cache is not None else 0
+        limit = cache.max_len if cache is not None else self.config.max_seq_len
+        if start + T > limit:
+            raise StagewiseError(
+                f"sequence of {start + T} tokens is longer than the model's limit of {limit}; "
+                "use shorter sequences or raise model_overrides.max_seq_len"
+            )
+        cos, sin = rope_cos_sin(start, T, self.config.head_dim, self.config.rope_theta, input_ids.device)
+        x = self.tok_embeddings(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, start)
+        if cache is not None:
+            cache.pos += T
+        return self.lm_head(self.norm(x))
+
+    def make_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` (default ``max_seq_len``) tokens."""
+        max_len = min(max_len or self.config.max_seq_len, self.config.max_seq_len)
+        p = self.lm_head.weight
+        return KVCache(self.config, batch, max_len, p.dtype, p.device)
+
+    def num_parameters(self, non_embedding: bool = True) -> int:
+        """Number of parameters. ``non_embedding`` leaves out the input embedding table but counts the
+        output head even when tied (it is a matmul every token pays for: the N of 6N FLOPs per token)."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied matrix once
+        if non_embedding:
+            n -= self.tok_embeddings.weight.numel()
+            if self.config.tie_embeddings:
+                n += self.lm_head.weight.numel()
+        return n
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {"dense": Transformer}
+"""Model families by ``CausalLM(architecture=...)`` name."""

@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from datamodules.errors import StagewiseError
+from lightning_modules.transformer import PRESETS, Transformer, TransformerConfig
+
+
+def tiny(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(TransformerConfig.from_preset("tiny", vocab_size=64, **overrides)).eval()
+
+
+def test_logits_shape():
+    ids = torch.randint(0, 64, (3, 10))
+    assert tiny()(ids).shape == (3, 10, 64)
+
+
+def test_causal_future_tokens_never_change_past_logits():
+    model = tiny()
+    ids = torch.randint(0, 64, (1, 12))
+    changed = ids.clone()
+    changed[0, 6:] = (changed[0, 6:] + 1) % 64
+    a, b = model(ids), model(changed)
+    torch.testing.assert_close(a[:, :6], b[:, :6])
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
+
+
+def test_gqa_equals_multi_head_with_repeated_kv_weights():
+    gqa = tiny(n_heads=4, n_kv_heads=2)
+    mha = tiny(n_heads=4, n_kv_heads=4)
+    state = gqa.state_dict()
+    hd = gqa.config.head_dim
+    for i in range(gqa.config.n_layers):
+        key = f"layers.{i}.attn.qkv.weight"
+        q, k, v = state[key].split([4 * hd, 2 * hd, 2 * hd])
+        # kv head j serves query heads 2j and 2j+1
+        rep = lambda w: w.view(2, hd, -1).repeat_interleave(2, dim=0).reshape(4 * hd, -1)  # noqa: E731
+        state[key] = torch.cat([q, rep(k), rep(v)])
+    mha.load_state_dict(state)
+    ids = torch.randint(0, 64, (2, 9))
+    torch.testing.assert_close(gqa(ids), mha(ids))
+
+
+@pytest.mark.parametrize(
+    "size,named,vocab",
+    [("tiny", 1e6, 8192), ("small", 30e6, 32768), ("base", 124e6, 32768), ("medium", 350e6, 32768),
+     ("large", 760e6, 32768), ("xl", 1.1e9, 32768)],
+)
+def test_preset_sizes_match_their_names(size, named, vocab):
+    with torch.device("meta"):
+        model = Transformer(TransformerConfig.from_preset(size, vocab_size=vocab))
+    assert abs(model.num_parameters(non_embedding=True) / named - 1) <= 0.15
+
+
+def test_tied_embeddings_share_one_matrix():
+    model = tiny(tie_embeddings=True)
+    assert model.lm_head.weight is model.tok_embeddings.weight
+    untied = tiny()
+    assert untied.num_parameters(False) - model.num_parameters(False) == 64 * model.config.d_model
+    assert untied.num_parameters(True) == model.num_parameters(True)
+
+
+def test_scaled_init_of_output_projections():
+    model = Transformer(TransformerConfig.from_preset("small", vocab_size=512, n_layers=8))
+    assert model.layers[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.layers[0].attn.out.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+    assert model.layers[0].mlp.down.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+
+
+def test_kv_cache_decoding_equals_full_recompute():
+    model = tiny()
+    ids = torch.randint(0, 64, (2, 7))
+    cache = model.make_cache(2, 16)
+    logits = [model(ids[:, :4], cache)]
+    logits += [model(ids[:, 4:6], cache), model(ids[:, 6:], cache)]  # a chunk, then one token
+    torch.testing.assert_close(torch.cat(logits, dim=1), model(ids), atol=1e-5, rtol=1e-5)
+    assert cache.pos == 7
+
+
+def test_too_long_sequence_is_a_clear_error():
+    with pytest.raises(StagewiseError, match="max_seq_len"):
+        tiny(max_seq_len=8)(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_unknown_size_or_field_lists_valid_choices():
+    with pytest.raises(StagewiseError, match="tiny, small, base, medium, large, xl"):
+        TransformerConfig.from_preset("huge")
+    with pytest.raises(StagewiseError, match="n_layers"):
+        TransformerConfig.from_preset("tiny", n_layer=3)
+    with pytest.raises(StagewiseError, match="n_kv_heads"):
+        TransformerConfig.from_preset("tiny", n_kv_heads=3)
+    assert set(PRESETS) == {"tiny", "small", "base", "medium", "large", "xl"}
