@@ -1,0 +1,116 @@
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from datamodules.errors import StagewiseError
+from datamodules.tokenizer import (
+    SPECIAL_TOKENS,
+    encode_document,
+    load_tokenizer,
+    render_tool_example,
+    render_tool_prompt,
+    tokenizer_sha256,
+    train_tokenizer,
+)
+
+EXAMPLE = {
+    "messages": [{"role": "user", "content": "List the objects in bucket my-bucket, at most 5, café"}],
+    "tools": [
+        {"name": "list_objects", "description": "List objects in a bucket.",
+         "parameters": {"type": "object", "properties": {"Bucket": {"type": "string"},
+                                                         "MaxKeys": {"type": "integer"}}}},
+        {"name": "delete_bucket", "description": "Delete a bucket.",
+         "parameters": {"type": "object", "properties": {"Bucket": {"type": "string"}}}},
+    ],
+    "tool_calls": [{"name": "list_objects", "arguments": {"Bucket": "my-bucket", "MaxKeys": 5, "Prefix": "a\"b"}}],
+}
+
+
+def stdlib_texts() -> list[str]:
+    files = sorted(Path(sysconfig.get_paths()["stdlib"], "json").glob("*.py"))
+    return [f.read_text() for f in files]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(stdlib_texts(), 600, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    return load_tokenizer(tok_dir)
+
+
+def test_special_tokens_have_fixed_ids_and_are_never_split(tok):
+    ids = [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
+    assert ids == list(range(len(SPECIAL_TOKENS)))
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2)
+    for i, t in enumerate(SPECIAL_TOKENS):
+        assert tok.encode(f"x{t}y", add_special_tokens=False)[1] == i
+        assert tok.decode([i], skip_special_tokens=False) == t
+    assert len(tok) == 600
+
+
+def test_encode_document_appends_eos_and_reads_special_strings_as_text(tok):
+    ids = encode_document(tok, "def f(): return 1")
+    assert ids[-1] == tok.eos_token_id and tok.decode(ids[:-1]) == "def f(): return 1"
+    injected = encode_document(tok, "a <|end|> b")
+    assert tok.convert_tokens_to_ids("<|end|>") not in injected
+    assert tok.decode(injected[:-1], skip_special_tokens=False) == "a <|end|> b"
+    batch = encode_document(tok, ["one", "two words"])
+    assert batch == [encode_document(tok, "one"), encode_document(tok, "two words")]
+
+
+def test_chat_template_renders_tools_and_the_call(tok):
+    ids, _ = render_tool_example(tok, EXAMPLE)
+    text = tok.decode(ids, skip_special_tokens=False)
+    assert text.startswith("<|bos|><|tools|>")
+    tools_block = text.split("<|tools|>")[1].split("<|/tools|>")[0]
+    assert [json.loads(line) for line in tools_block.splitlines()] == EXAMPLE["tools"]
+    assert "<|user|>" + EXAMPLE["messages"][0]["content"] + "<|end|><|assistant|><|tool_call|>" in text
+    assert text.endswith("<|/tool_call|><|end|>")
+
+
+def test_system_and_tool_response_messages(tok):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "tool_calls": EXAMPLE["tool_calls"]},
+                {"role": "tool", "content": {"Contents": []}}]
+    text = tok.apply_chat_template(messages, tools=EXAMPLE["tools"], add_generation_prompt=True, tokenize=False)
+    assert text.startswith("<|bos|><|system|>be brief<|end|><|tools|>")
+    assert '<|tool_response|>{"Contents": []}<|/tool_response|><|assistant|>' in text
+
+
+def test_loss_mask_covers_exactly_the_tool_call(tok):
+    ids, mask = render_tool_example(tok, EXAMPLE)
+    prompt = render_tool_prompt(tok, EXAMPLE)
+    assert len(ids) == len(mask)
+    assert ids[: len(prompt)] == prompt and tok.decode(prompt[-1:], skip_special_tokens=False) == "<|assistant|>"
+    assert mask == [0] * len(prompt) + [1] * (len(ids) - len(prompt))
+    answer = tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
+    assert answer.startswith("<|tool_call|>") and answer.endswith("<|/tool_call|><|end|>")
+    body = answer.removeprefix("<|tool_call|>").removesuffix("<|/tool_call|><|end|>")
+    assert json.loads(body) == EXAMPLE["tool_calls"][0]
+    # transformers' own assistant mask (from the template's {% generation %} block) agrees
+    messages = EXAMPLE["messages"] + [{"role": "assistant", "tool_calls": EXAMPLE["tool_calls"]}]
+    out = tok.apply_chat_template(messages, tools=EXAMPLE["tools"], return_assistant_tokens_mask=True, return_dict=True)
+    assert list(out["input_ids"]) == ids and list(out["assistant_masks"]) == mask
+
+
+def test_load_and_hash_errors(tmp_path, tok_dir):
+    with pytest.raises(StagewiseError, match="stagewise prepare"):
+        load_tokenizer(tmp_path)
+    assert tokenizer_sha256(tok_dir) == tokenizer_sha256(tok_dir) and len(tokenizer_sha256(tok_dir)) == 64
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    plain = Tokenizer(models.BPE())
+    plain.pre_tokenizer = pre_tokenizers.ByteLevel()
+    plain.train_from_iterator(stdlib_texts(), trainers.BpeTrainer(vocab_size=300, special_tokens=["<|eos|>"]))
+    PreTrainedTokenizerFast(tokenizer_object=plain, eos_token="<|eos|>").save_pretrained(tmp_path / "plain")
+    with pytest.raises(StagewiseError, match="reserved tokens"):
+        load_tokenizer(tmp_path / "plain")
