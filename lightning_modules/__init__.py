@@ -1,1 +1,6 @@
-"""stagewise: lightning_modules."""
+"""stagewise: the transformer, the LightningModules that train it, the CLI and HF export."""
+
+from lightning_modules.causal_lm import CausalLM
+from lightning_modules.transformer import Transformer, TransformerConfig
+
+__all__ = ["CausalLM", "Transformer", "TransformerConfig"]

@@ -1,0 +1,334 @@
+"""``CausalLM``: the LightningModule that trains a :class:`Transformer` on next-token prediction.
+
+Override points for experiments (see ``experiments/examples/``): :meth:`CausalLM.build_model` (the
+network), :meth:`CausalLM.compute_loss` (the training loss), :meth:`CausalLM.build_optimizer`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from datamodules.errors import StagewiseError, TokenizerMismatchError
+from lightning_modules.transformer import ARCHITECTURES, TransformerConfig
+
+
+def lr_factor(
+    step: int, total: int, warmup: int, schedule: str, min_ratio: float = 0.1, decay_fraction: float = 0.2
+) -> float:
+    """Multiplier of the peak LR at optimizer step ``step`` of ``total``: linear warmup over ``warmup``
+    steps, then ``constant``, ``cosine`` down to ``min_ratio`` at ``total``, or ``wsd`` (flat, then a
+    linear decay to ``min_ratio`` over the last ``decay_fraction`` of the steps)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "wsd":
+        decay_start = max(warmup, total - round(decay_fraction * total))
+        if step < decay_start:
+            return 1.0
+        return 1 - (1 - min_ratio) * min(1.0, (step - decay_start) / max(1, total - decay_start))
+    raise StagewiseError(f"unknown schedule '{schedule}'; choose one of: cosine, constant, wsd")
+
+
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token cross-entropy (float32) and the number of tokens it averages over; with a
+    ``loss_mask`` only positions where it is 1 count."""
+    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    if loss_mask is None:
+        return losses.mean(), torch.tensor(losses.numel(), device=losses.device, dtype=torch.float32)
+    mask = loss_mask.flatten().to(losses.dtype)
+    n = mask.sum()
+    return (losses * mask).sum() / n.clamp(min=1), n
+
+
+class CausalLM(L.LightningModule):
+    """A decoder-only language model trained on next-token prediction, one stage at a time.
+
+    Start a stage from another stage's weights with ``init_from`` (weights only: fresh optimizer and
+    schedule); resume an interrupted run with the Trainer's ``ckpt_path`` instead.
+
+    Args:
+        size: Model size preset: tiny (≈1M), small (≈30M), base (≈124M), medium (≈350M), large (≈760M),
+            xl (≈1.1B).
+        architecture: Model family; only ``dense`` (a Llama-style transformer) exists.
+        model_overrides: Fields of ``TransformerConfig`` that replace the preset's, e.g.
+            ``{n_layers: 4, max_seq_len: 1024, tie_embeddings: true}``.
+        vocab_size: Vocabulary size; the CLI links it from the data's tokenizer.
+        tokenizer_sha256: sha256 of the tokenizer.json the data was made with; linked from the data and
+            checked against ``init_from``'s.
+        lr: Peak learning rate.
+        weight_decay: AdamW weight decay, applied to matrices only (not to embeddings or norms).
+        betas: AdamW betas.
+        warmup_steps: Optimizer steps of linear LR warmup.
+        schedule: LR after warmup: ``cosine`` (down to ``min_lr_ratio``), ``constant``, or ``wsd``
+            (warmup-stable-decay: flat, then linear decay over the last ``decay_fraction``).
+        decay_fraction: Fraction of all steps spent decaying in the ``wsd`` schedule.
+        min_lr_ratio: Final LR as a fraction of ``lr`` (cosine and wsd).
+        max_steps: Optimizer steps the schedule spans; default: the Trainer's estimated stepping batches.
+        init_from: A checkpoint (``.ckpt``) whose model weights this stage starts from.
+        compile: ``torch.compile`` the transformer (state-dict keys stay unchanged).
+        fused_adamw: Use the fused AdamW kernel; ``None``: on CUDA unless fp16 loss scaling is on.
+    """
+
+    def __init__(
+        self,
+        size: str = "small",
+        architecture: str = "dense",
+        model_overrides: dict[str, Any] | None = None,
+        vocab_size: int = 8192,
+        tokenizer_sha256: str | None = None,
+        lr: float = 3e-4,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        schedule: Literal["cosine", "constant", "wsd"] = "cosine",
+        decay_fraction: float = 0.2,
+        min_lr_ratio: float = 0.1,
+        max_steps: int | None = None,
+        init_from: str | None = None,
+        compile: bool = False,
+        fused_adamw: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if architecture not in ARCHITECTURES:
+            raise StagewiseError(
+                f"unknown architecture '{architecture}'; choose one of: {', '.join(ARCHITECTURES)}"
+            )
+        # Build the config now so a bad size or override fails when the CLI parses, not mid-setup.
+        self.config = TransformerConfig.from_preset(size, vocab_size=vocab_size, **(model_overrides or {}))
+        self.model: nn.Module | None = None
+        self.val_metrics = nn.ModuleDict()  # domain -> token-weighted MeanMetric, created on first use
+        self.tokens_seen = 0  # tokens trained on in this stage, all ranks together
+        self.optimizer_steps = 0  # optimizer steps in this stage
+        self.parent_tokens = 0  # total tokens of the init_from checkpoint's lineage
+        self.parent_optimizer_steps = 0
+
+    @property
+    def total_tokens(self) -> int:
+        """Tokens trained on by this model's whole lineage: ``parent_tokens + tokens_seen``."""
+        return self.parent_tokens + self.tokens_seen
+
+    # ----------------------------------------------------------------------------------------- model
+    def build_model(self) -> nn.Module:
+        """The network; override to train a changed transformer (called once, from ``configure_model``)."""
+        return ARCHITECTURES[self.hparams.architecture](self.config)
+
+    def configure_model(self) -> None:
+        """Build the model once; under a Trainer, load ``init_from``'s weights; then compile if asked."""
+        if self.model is not None:
+            return
+        self.model = self.build_model()
+        # Without a Trainer (``load_from_checkpoint``) the weights come from that checkpoint instead.
+        if self.hparams.init_from and self._trainer is not None:
+            self.load_init_from(self.hparams.init_from)
+        if self.hparams.compile:
+            self.model.compile()  # compiles forward in place; state-dict keys get no ``_orig_mod.``
+
+    def load_init_from(self, path: str | Path) -> None:
+        """Load the model weights of checkpoint ``path`` (no optimizer, schedule or step) and record its
+        lineage's token count in ``parent_tokens``."""
+        path = Path(path)
+        hint = "train the previous stage first or pass --model.init_from <checkpoint>"
+        if not path.is_file():
+            raise StagewiseError(f"init_from: no checkpoint at {path}; {hint}")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise StagewiseError(f"init_from: {path} is not a readable checkpoint ({err}); {hint}") from None
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise StagewiseError(f"init_from: {path} is not a Lightning checkpoint (no 'state_dict'); {hint}")
+        theirs = (ckpt.get("hyper_parameters") or {}).get("tokenizer_sha256")
+        ours = self.hparams.tokenizer_sha256
+        if theirs and ours and theirs != ours:
+            raise TokenizerMismatchError(
+                f"init_from: {path} was trained with tokenizer {theirs[:12]}… but this stage's data uses "
+                f"{ours[:12]}…; prepare the data with the tokenizer of the first stage"
+            )
+        state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        expected = self.model.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise StagewiseError(
+                f"init_from: {path} holds another architecture (missing: {missing[:3]}, unexpected: "
+                f"{unexpected[:3]}); use the architecture and model_overrides it was trained with"
+            )
+        for name, tensor in expected.items():
+            if state[name].shape != tensor.shape:
+                raise StagewiseError(
+                    f"init_from: {path} has another model shape: tensor '{name}' is {tuple(state[name].shape)} "
+                    f"there but {tuple(tensor.shape)} here; use the size, vocab_size and model_overrides "
+                    f"it was trained with (its size was '{ckpt.get('hyper_parameters', {}).get('size')}')"
+                )
+        meta = any(p.is_meta for p in self.model.parameters())  # sharded strategies build on meta
+        self.model.load_state_dict(state, strict=True, assign=meta)
+        lineage = ckpt.get("stagewise", {})
+        self.parent_tokens = lineage.get("parent_tokens", 0) + lineage.get("tokens_seen", 0)
+        self.parent_optimizer_steps = lineage.get("parent_optimizer_steps", 0) + lineage.get("optimizer_steps", 0)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids)
+
+    # -------------------------------------------------------------------------------------- training
+    def compute_loss(
+        self, logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The training loss (override to change it): mean next-token cross-entropy in float32, over the
+        positions where ``loss_mask`` is 1 when there is one. Validation always reports plain
+        cross-entropy, so runs with different training losses stay comparable."""
+        return cross_entropy(logits, targets, loss_mask)[0]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self.model(batch["input_ids"])
+        loss = self.compute_loss(logits, batch["targets"], batch.get("loss_mask"))
+        # Host-side count (numel is known without a device sync); each rank sees an equal-sized batch.
+        self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/tokens", float(self.tokens_seen), batch_size=bs)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.optimizer_steps = self.trainer.global_step
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip with ``torch.nn.utils`` ourselves and log ``train/grad_norm`` (before clipping).
+
+        Lightning's mixed-precision plugin refuses any clipping with fused AdamW (it cannot know the
+        gradients are already unscaled); under bf16 they are, so clipping here is correct and lets the
+        fastest optimizer run. With fp16 loss scaling a fused optimizer unscales inside ``step``, too
+        late to clip, so that combination is an error.
+        """
+        fused = any(group.get("fused") for group in optimizer.param_groups)
+        if fused and getattr(self.trainer.precision_plugin, "scaler", None) is not None and gradient_clip_val:
+            raise StagewiseError(
+                "gradient clipping with fused AdamW needs bf16-mixed or 32-bit precision, not 16-mixed; "
+                "set --model.fused_adamw false or --trainer.precision bf16-mixed"
+            )
+        params = [p for p in self.parameters() if p.grad is not None]
+        if gradient_clip_algorithm == "value" and gradient_clip_val:
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            gradient_clip_val = None
+        norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val or float("inf"))
+        self.log("train/grad_norm", norm)
+
+    # ------------------------------------------------------------------------------------ validation
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        logits = self.model(batch["input_ids"])
+        loss, n_tokens = cross_entropy(logits, batch["targets"], batch.get("loss_mask"))
+        domain = self._domain(dataloader_idx)
+        if domain not in self.val_metrics:
+            self.val_metrics[domain] = MeanMetric().to(self.device)
+        self.val_metrics[domain].update(loss, weight=n_tokens)  # token-weighted over the epoch
+
+    def on_validation_epoch_end(self) -> None:
+        for domain, metric in self.val_metrics.items():
+            if metric.update_count == 0:
+                continue
+            loss = metric.compute()  # reduced across ranks by torchmetrics
+            metric.reset()
+            self.log(f"val/{domain}/loss", loss, add_dataloader_idx=False)
+            self.log(f"val/{domain}/ppl", torch.exp(loss), add_dataloader_idx=False)
+
+    def _domain(self, dataloader_idx: int) -> str:
+        domains = getattr(getattr(self._trainer, "datamodule", None), "val_domains", None) or []
+        return domains[dataloader_idx] if dataloader_idx < len(domains) else f"domain{dataloader_idx}"
+
+    # ------------------------------------------------------------------------------------- optimizer
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: weight decay on matrices (≥2-D) except embeddings; none on norms and embeddings."""
+        embeddings = {id(m.weight) for m in self.model.modules() if isinstance(m, nn.Embedding)}
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+        return [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over :meth:`param_groups`; override to train with another optimizer."""
+        fused = self.hparams.fused_adamw
+        if fused is None:
+            fused = self.device.type == "cuda" and getattr(self.trainer.precision_plugin, "scaler", None) is None
+        return torch.optim.AdamW(
+            self.param_groups(), lr=self.hparams.lr, betas=tuple(self.hparams.betas), fused=fused or None
+        )
+
+    def schedule_steps(self) -> int:
+        """Optimizer steps the LR schedule spans: ``max_steps`` or the Trainer's estimate."""
+        if self.hparams.max_steps:
+            return self.hparams.max_steps
+        steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(steps):
+            raise StagewiseError("cannot size the LR schedule: set --trainer.max_steps or --model.max_steps")
+        return int(steps)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.build_optimizer()
+        total, hp = self.schedule_steps(), self.hparams
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_factor(step, total, hp.warmup_steps, hp.schedule, hp.min_lr_ratio, hp.decay_fraction),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["stagewise"] = {
+            "tokens_seen": self.tokens_seen,
+            "optimizer_steps": self.optimizer_steps,
+            "parent_tokens": self.parent_tokens,
+            "parent_optimizer_steps": self.parent_optimizer_steps,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for key, value in checkpoint.get("stagewise", {}).items():
+            setattr(self, key, value)
+
+    # ------------------------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None
+    ) -> torch.Tensor:
+        """Greedy continuation of prompts ``input_ids`` [B, T] (equal lengths, no padding), using a KV
+        cache. Returns prompt + new tokens [B, T + n]; a sequence that emitted ``eos_token_id`` is padded
+        with it, and generation stops once all have."""
+        self.configure_model()
+        was_training = self.training
+        self.eval()
+        # ``forward`` directly: the compiled ``__call__`` would recompile for every cache length.
+        model = self.model.forward
+        input_ids = input_ids.to(self.device)
+        cache = self.model.make_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+        logits = model(input_ids, cache)
+        out, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
+        for i in range(max_new_tokens):
+            token = logits[:, -1].argmax(dim=-1)
+            if eos_token_id is not None:
+                token = torch.where(done, eos_token_id, token)
+                done |= token == eos_token_id
+            out.append(token[:, None])
+            if i == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+                break
+            logits = model(token[:, None], cache)
+        self.train(was_training)
+        return torch.cat(out, dim=1)
