@@ -1,0 +1,296 @@
+"""Hand one stage's result to the next: the best checkpoint, its record, and curves on one token axis."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from callbacks.stage_record import file_sha256, stage_of_checkpoint, stage_record_for_checkpoint, update_stage_record
+from datamodules.errors import StagewiseError, TokenizerMismatchError
+
+
+class StageHandoff(L.Callback):
+    """Make a stage's best checkpoint the next stage's starting point, and record how it was made.
+
+    When it acts:
+
+    - ``on_fit_start``: with ``model.init_from`` set, reads the parent's ``stage.json`` and refuses a parent
+      trained with another tokenizer (``TokenizerMismatchError``); logs the stage boundary to TensorBoard
+      (``stage/boundary`` = 1 and a text entry, at the lineage's total tokens).
+    - every ``log_every_n_steps`` optimizer steps: ``train_tokens/loss`` against the lineage's total tokens;
+    - ``on_validation_end``: ``val_tokens/<domain>/loss`` against the lineage's total tokens, so the
+      separate runs of the stages (``runs/<experiment>/<stage>/``) read as one curve per domain; remembers
+      the per-domain losses of the best validation (by the best ModelCheckpoint's monitor);
+    - ``on_fit_end`` (rank 0): makes sure the best checkpoint is ``<models_dir>/<stage>_model_best.ckpt``
+      (copies it there if the ModelCheckpoint wrote it elsewhere), exports it to
+      ``<models_dir>/<stage>/hf`` (transformers format), and writes ``<models_dir>/<stage>/stage.json``:
+      stage, experiment, checkpoint and parent (path, sha256), tokenizer sha256, tokens and optimizer
+      steps (of the best checkpoint, in this stage and in the lineage; and trained in all), wall time, final and best per-domain losses, precision, config.
+
+    Its state (best losses, wall time so far, parent) is saved in checkpoints, so a resumed stage
+    records the same numbers as an uninterrupted one.
+
+    Args:
+        stage: The stage's name: the checkpoint is ``<models_dir>/<stage>_model_best.ckpt``.
+        models_dir: Where best checkpoints and stage records live.
+        experiment: The experiment's name for the record. Default: the logger's name (``runs/<experiment>/``).
+        export_hf: Also export the best checkpoint as a transformers directory ``<models_dir>/<stage>/hf``.
+        log_every_n_steps: Optimizer steps between ``train_tokens/loss`` points. Default: the Trainer's
+            ``log_every_n_steps``.
+    """
+
+    def __init__(self, stage: str, models_dir: str = "models", experiment: str | None = None,
+                 export_hf: bool = True, log_every_n_steps: int | None = None) -> None:
+        self.stage = stage
+        self.models_dir = models_dir
+        self.experiment = experiment
+        self.export_hf = export_hf
+        self.log_every_n_steps = log_every_n_steps
+        self.best_score: float | None = None
+        self.best_losses: dict[str, float] = {}
+        self.best_step: int | None = None
+        self.parent: dict | None = None
+        self.boundary_logged = False
+        self._wall_before = 0.0  # wall time of earlier runs of this stage (before a resume)
+        self._t0: float | None = None
+        self._last_train_log = -1
+
+    @property
+    def best_path(self) -> Path:
+        return Path(self.models_dir) / f"{self.stage}_model_best.ckpt"
+
+    # ------------------------------------------------------------------------------------- fit start
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0 = time.perf_counter()
+        init_from = _hparam(pl_module, "init_from")
+        if init_from and self.parent is None:
+            self.parent = self._check_parent(init_from, _hparam(pl_module, "tokenizer_sha256"))
+        if trainer.is_global_zero and not self.boundary_logged:
+            tokens = _total_tokens(trainer, pl_module)
+            origin = f"from `{init_from}` ({self.parent['stage']})" if self.parent else "from scratch"
+            for tb in _tensorboards(trainer):
+                tb.add_scalar("stage/boundary", 1.0, global_step=tokens)
+                tb.add_text("stage/boundary", f"stage **{self.stage}** starts {origin} at {tokens:,} tokens",
+                            global_step=tokens)
+        self.boundary_logged = True
+
+    def _check_parent(self, init_from: str, tokenizer_sha: str | None) -> dict:
+        path = Path(init_from)
+        if not path.exists():
+            raise StagewiseError(f"init_from checkpoint '{init_from}' does not exist; run the earlier stage first "
+                                 "or point --model.init_args.init_from at an existing checkpoint")
+        record = stage_record_for_checkpoint(path) or {}
+        parent_sha = record.get("tokenizer_sha256")
+        if parent_sha is None:  # no record (a checkpoint from elsewhere): its hyperparameters say it
+            ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            parent_sha = (ckpt.get("hyper_parameters") or {}).get("tokenizer_sha256")
+        if parent_sha and tokenizer_sha and parent_sha != tokenizer_sha:
+            raise TokenizerMismatchError(
+                f"'{init_from}' was trained with tokenizer {parent_sha[:12]}…, but this stage's data uses "
+                f"tokenizer {tokenizer_sha[:12]}…; token ids would mean different things. Start this stage "
+                "from a checkpoint trained on data prepared with the same tokenizer, or re-prepare the data "
+                "with the parent's tokenizer (`tokenizer.from_dir` in the data config) and re-run the stages."
+            )
+        return {
+            "path": str(path),
+            "sha256": file_sha256(path),
+            "stage": record.get("stage") or stage_of_checkpoint(path),
+            "tokens": (record.get("tokens") or {}).get("total"),
+            "optimizer_steps": (record.get("optimizer_steps") or {}).get("total"),
+        }
+
+    # ------------------------------------------------------------------------------------- curves
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        every = self.log_every_n_steps or trainer.log_every_n_steps or 50
+        step = trainer.global_step
+        if not trainer.is_global_zero or step % every or step == self._last_train_log:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        self._last_train_log = step
+        for tb in _tensorboards(trainer):
+            tb.add_scalar("train_tokens/loss", float(loss), global_step=_total_tokens(trainer, pl_module))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        losses = _val_losses(trainer)
+        if trainer.is_global_zero:
+            tokens = _total_tokens(trainer, pl_module)
+            for tb in _tensorboards(trainer):
+                for domain, loss in losses.items():
+                    tb.add_scalar(f"val_tokens/{domain}/loss", loss, global_step=tokens)
+        monitor, mode = self._monitor(trainer)
+        current = trainer.callback_metrics.get(monitor)
+        if current is None:
+            return
+        current = float(current)
+        if self.best_score is None or (current < self.best_score if mode == "min" else current > self.best_score):
+            self.best_score, self.best_losses, self.best_step = current, losses, trainer.global_step
+
+    def _best_checkpoint_callback(self, trainer: L.Trainer) -> ModelCheckpoint | None:
+        for cb in trainer.checkpoint_callbacks:
+            if cb.dirpath and cb.filename and Path(cb.dirpath, cb.filename + cb.FILE_EXTENSION) == self.best_path:
+                return cb
+        return next((cb for cb in trainer.checkpoint_callbacks if cb.monitor), None)
+
+    def _monitor(self, trainer: L.Trainer) -> tuple[str, str]:
+        cb = self._best_checkpoint_callback(trainer)
+        if cb is not None and cb.monitor:
+            return cb.monitor, cb.mode
+        return f"val/{self.stage}/loss", "min"
+
+    # ------------------------------------------------------------------------------------- fit end
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        cb = self._best_checkpoint_callback(trainer)
+        best = Path(cb.best_model_path) if cb is not None and cb.best_model_path else None
+        if best is None or not best.exists():
+            rank_zero_warn(f"StageHandoff: no best checkpoint for stage '{self.stage}' (no validation ran?); "
+                           f"saving the final weights as {self.best_path}")
+            trainer.save_checkpoint(self.best_path)  # collective under sharded strategies: every rank calls it
+            best = self.best_path
+            self.best_losses = self.best_losses or _val_losses(trainer)
+        if not trainer.is_global_zero:
+            return
+        if best.resolve() != self.best_path.resolve():
+            _copy_atomic(best, self.best_path)
+        if self.export_hf:
+            self._export(trainer)
+        record = update_stage_record(self.models_dir, self.stage, self.record(trainer, pl_module))
+        rank_zero_info(f"StageHandoff: {self.best_path} + {Path(self.models_dir) / self.stage / 'stage.json'} "
+                       f"({record['tokens']['total']:,} tokens in the lineage)")
+
+    def _export(self, trainer: L.Trainer) -> None:
+        from lightning_modules.export import export_hf
+
+        tokenizer_dir = getattr(trainer.datamodule, "tokenizer_dir", None)
+        export_hf(str(self.best_path), str(Path(self.models_dir) / self.stage / "hf"), tokenizer_dir=tokenizer_dir)
+
+    def record(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        """The keys of ``stage.json`` this callback owns.
+
+        ``tokens`` and ``optimizer_steps`` describe the best checkpoint (``stage``: in this stage, ``total``:
+        in its whole lineage; the next stage counts on from ``total``); ``trained`` is what this stage
+        trained in all, up to its last step.
+        """
+        trained_tokens = int(getattr(pl_module, "tokens_seen", 0))
+        trained_steps = int(getattr(pl_module, "optimizer_steps", trainer.global_step))
+        parent = self.parent or {}
+        parent_tokens = int(getattr(pl_module, "parent_tokens", parent.get("tokens") or 0))
+        parent_steps = int(getattr(pl_module, "parent_optimizer_steps", parent.get("optimizer_steps") or 0))
+        saved = _checkpoint_counters(self.best_path)
+        tokens, steps = saved.get("tokens_seen", trained_tokens), saved.get("optimizer_steps", trained_steps)
+        return {
+            "stage": self.stage,
+            "experiment": self.experiment or _experiment_name(trainer),
+            "checkpoint": {"path": str(self.best_path), "sha256": file_sha256(self.best_path)},
+            "parent": {k: parent[k] for k in ("path", "sha256", "stage")} if self.parent else None,
+            "tokenizer_sha256": _hparam(pl_module, "tokenizer_sha256"),
+            "tokens": {"stage": tokens, "total": parent_tokens + tokens, "trained": trained_tokens},
+            "optimizer_steps": {"stage": steps, "total": parent_steps + steps, "trained": trained_steps},
+            "wall_time_s": round(self.wall_time_s(), 3),
+            "losses": {"final": _val_losses(trainer), "best": dict(self.best_losses)},
+            "best_step": self.best_step,
+            "precision": str(trainer.precision),
+            "config": _resolved_config(trainer, pl_module),
+        }
+
+    def wall_time_s(self) -> float:
+        """Seconds spent in fit for this stage, over every resume."""
+        return self._wall_before + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
+
+    # ------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best_score": self.best_score,
+            "best_losses": dict(self.best_losses),
+            "best_step": self.best_step,
+            "parent": self.parent,
+            "boundary_logged": self.boundary_logged,
+            "wall_time_s": self.wall_time_s(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_score = state_dict.get("best_score")
+        self.best_losses = dict(state_dict.get("best_losses") or {})
+        self.best_step = state_dict.get("best_step")
+        self.parent = state_dict.get("parent")
+        self.boundary_logged = bool(state_dict.get("boundary_logged"))
+        self._wall_before = float(state_dict.get("wall_time_s") or 0.0)
+        self._t0 = None
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _hparam(pl_module: L.LightningModule, name: str) -> Any:
+    return pl_module.hparams.get(name) if hasattr(pl_module.hparams, "get") else getattr(pl_module.hparams, name, None)
+
+
+def _total_tokens(trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+    """The lineage's tokens so far (``CausalLM.total_tokens``); optimizer steps for modules without it."""
+    return int(getattr(pl_module, "total_tokens", trainer.global_step))
+
+
+def _tensorboards(trainer: L.Trainer) -> list:
+    return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+
+def _val_losses(trainer: L.Trainer) -> dict[str, float]:
+    """``val/<domain>/loss`` of the latest validation, by domain (finite values only)."""
+    losses = {}
+    for name, value in trainer.callback_metrics.items():
+        parts = name.split("/")
+        if len(parts) == 3 and parts[0] == "val" and parts[2] == "loss" and value.numel() == 1:
+            if math.isfinite(float(value)):
+                losses[parts[1]] = float(value)
+    domains = getattr(trainer.datamodule, "val_domains", None) or []
+    return {d: losses[d] for d in domains if d in losses} | losses
+
+
+def _checkpoint_counters(path: Path) -> dict:
+    """The token and step counters ``CausalLM`` saves in its checkpoints (empty for other modules)."""
+    ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    return {k: int(v) for k, v in (ckpt.get("stagewise") or {}).items()}
+
+
+def _experiment_name(trainer: L.Trainer) -> str | None:
+    return trainer.logger.name if trainer.logger is not None else None
+
+
+def _resolved_config(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+    """The LightningCLI config saved in the log dir (complete and runnable), else the hyperparameters."""
+    import yaml
+
+    if trainer.log_dir:
+        path = Path(trainer.log_dir) / "config.yaml"
+        if path.exists():
+            return yaml.safe_load(path.read_text()) or {}
+    config = {"model": {"class_path": type(pl_module).__qualname__, "init_args": dict(pl_module.hparams)}}
+    if trainer.datamodule is not None:
+        config["data"] = {"class_path": type(trainer.datamodule).__qualname__,
+                          "init_args": dict(getattr(trainer.datamodule, "hparams", {}) or {})}
+    return config
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,227 @@
+"""Tool-call evaluation: generate the assistant's call for held-out requests and score it.
+
+Three numbers, each a fraction of the examples:
+
+- ``json_valid``: the answer holds a parseable JSON call object;
+- ``name_accuracy``: it calls the expected function;
+- ``call_accuracy``: it calls the expected function with exactly the expected arguments (key order is
+  irrelevant, ``1`` equals ``1.0``, but ``"1"`` does not equal ``1``).
+
+Only the first call of an example is scored (the corpora have one call per example).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from datamodules.errors import StagewiseError
+
+CALL_OPEN, CALL_CLOSE, END = "<|tool_call|>", "<|/tool_call|>", "<|end|>"
+
+
+# --------------------------------------------------------------------------------------------- parsing
+def _first_json_object(text: str) -> Any:
+    decoder = json.JSONDecoder()
+    start = text.find("{")
+    while start != -1:
+        try:
+            return decoder.raw_decode(text, start)[0]
+        except json.JSONDecodeError:
+            start = text.find("{", start + 1)
+    return None
+
+
+def _as_call(obj: Any) -> dict | None:
+    if isinstance(obj, list) and obj:
+        obj = obj[0]
+    if isinstance(obj, dict) and "function" in obj and "name" not in obj:  # {"function": {name, arguments}}
+        obj = obj["function"]
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    arguments = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(arguments, str):  # OpenAI style: arguments as a JSON string
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return {"name": obj["name"], "arguments": arguments}
+
+
+def parse_tool_call(text: str) -> dict | None:
+    """The first call in generated text, as ``{"name", "arguments"}``; None if there is none to parse.
+
+    Reads what is between ``<|tool_call|>`` and ``<|/tool_call|>`` (or after ``<|tool_call|>`` up to the
+    end, if generation stopped early); without the markers, the first JSON object in the text.
+    """
+    if CALL_OPEN in text:
+        body = text.split(CALL_OPEN, 1)[1].split(CALL_CLOSE, 1)[0].split(END, 1)[0].strip()
+        try:
+            return _as_call(json.loads(body))
+        except json.JSONDecodeError:
+            return _as_call(_first_json_object(body))
+    return _as_call(_first_json_object(text))
+
+
+# --------------------------------------------------------------------------------------------- scoring
+def _canonical(value: Any) -> Any:
+    """A hashable, order-free form of a JSON value in which numbers compare as numbers."""
+    if isinstance(value, dict):
+        return ("object", tuple(sorted((str(k), _canonical(v)) for k, v in value.items())))
+    if isinstance(value, (list, tuple)):
+        return ("array", tuple(_canonical(v) for v in value))
+    if isinstance(value, bool):  # before int: True is an int in Python, not in JSON
+        return ("bool", value)
+    if isinstance(value, (int, float)):
+        return ("number", value if not (isinstance(value, float) and math.isnan(value)) else "nan")
+    return (type(value).__name__, value)
+
+
+def calls_equal(predicted: dict | None, expected: dict) -> bool:
+    """Same function name and the same arguments after JSON normalisation."""
+    return (
+        predicted is not None
+        and predicted.get("name") == expected.get("name")
+        and _canonical(predicted.get("arguments", {})) == _canonical(expected.get("arguments", {}))
+    )
+
+
+def score_calls(predicted: list[dict | None], expected: list[dict]) -> dict:
+    """``json_valid``, ``name_accuracy``, ``call_accuracy`` (fractions) and ``n`` over paired calls."""
+    if len(predicted) != len(expected):
+        raise ValueError(f"{len(predicted)} predicted calls for {len(expected)} expected ones")
+    n = len(expected)
+    if n == 0:
+        return {"n": 0, "json_valid": 0.0, "name_accuracy": 0.0, "call_accuracy": 0.0}
+    return {
+        "n": n,
+        "json_valid": sum(p is not None for p in predicted) / n,
+        "name_accuracy": sum(p is not None and p.get("name") == e.get("name") for p, e in zip(predicted, expected)) / n,
+        "call_accuracy": sum(calls_equal(p, e) for p, e in zip(predicted, expected)) / n,
+    }
+
+
+# --------------------------------------------------------------------------------------------- examples
+def load_heldout_examples(data_dir: str | Path = "data", split: str = "val", limit: int | None = None,
+                          corpus: str = "tools", tokenizer=None) -> list[dict]:
+    """Held-out tool examples straight from the prepared shards of ``<data_dir>/<corpus>/``.
+
+    Each document's loss mask marks the assistant's answer, so the tokens before the first masked token
+    are exactly the prompt the model sees in training (``prompt_ids``), and the masked tokens decode to
+    the expected call (``tool_calls``, parsed like a generated answer). Nothing is re-rendered, so the
+    examples cannot drift from what the model was trained and validated on.
+
+    Returns:
+        Dicts with ``prompt_ids`` (list[int]), ``tool_calls`` ([{"name", "arguments"}]) and ``answer``
+        (the expected answer's text), in shard order, at most ``limit`` of them.
+    """
+    from datamodules.shards import open_split, read_manifest
+    from datamodules.tokenizer import load_tokenizer
+
+    corpus_dir = Path(data_dir) / corpus
+    manifest = read_manifest(corpus_dir)
+    if manifest.get("kind") != "tools":
+        raise StagewiseError(f"{corpus_dir} holds a '{manifest.get('kind')}' corpus, not tool examples")
+    tok = tokenizer if tokenizer is not None else load_tokenizer(Path(data_dir) / "tokenizer")
+    data = open_split(corpus_dir, split)
+    if data.mask is None:
+        raise StagewiseError(f"{corpus_dir}/{split}.mask.bin is missing; re-run `stagewise prepare`")
+    examples = []
+    for start, end in zip(data.offsets[:-1], data.offsets[1:]):
+        if limit is not None and len(examples) >= limit:
+            break
+        ids = data.tokens[start:end]
+        masked = data.mask[start:end].nonzero()[0]
+        if len(masked) == 0:
+            continue
+        first, last = int(masked[0]), int(masked[-1]) + 1
+        answer = tok.decode(ids[first:last].tolist(), skip_special_tokens=False)
+        call = parse_tool_call(answer)
+        if call is None:
+            raise StagewiseError(f"{corpus_dir}/{split}: document at offset {int(start)} has no parseable call "
+                                 f"in its answer ({answer[:80]!r}); re-run `stagewise prepare`")
+        examples.append({"prompt_ids": ids[:first].tolist(), "tool_calls": [call], "answer": answer})
+    return examples
+
+
+# --------------------------------------------------------------------------------------------- generation
+def stop_token_ids(tokenizer) -> list[int]:
+    """The ids that end an answer: ``<|/tool_call|>``, ``<|end|>`` and eos."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in (CALL_CLOSE, END)] + [tokenizer.eos_token_id]
+    unk = tokenizer.unk_token_id
+    return list(dict.fromkeys(i for i in ids if i is not None and (unk is None or i != unk)))
+
+
+def prompt_ids_of(tokenizer, example: dict) -> list[int]:
+    """The prompt of an example: its ``prompt_ids``, or ``render_tool_prompt`` of its messages and tools."""
+    if "prompt_ids" in example:
+        return list(example["prompt_ids"])
+    from datamodules.tokenizer import render_tool_prompt
+
+    return list(render_tool_prompt(tokenizer, example))
+
+
+@torch.no_grad()
+def greedy_continuation(model, prompt: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
+    """Greedy new tokens after ``prompt``, up to and including the first of ``stop_ids``.
+
+    The prompt is cut from the left to leave room for ``max_new_tokens`` in the model's context.
+    """
+    context = getattr(getattr(model, "config", None), "max_seq_len", None)
+    if context and len(prompt) + max_new_tokens > context:
+        prompt = prompt[-max(1, context - max_new_tokens):]
+        max_new_tokens = min(max_new_tokens, context - len(prompt))
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    # generate() stops at one id; the first stop id (``<|/tool_call|>`` when the tokenizer has it) ends a
+    # well-formed answer, the others are cut below.
+    out = model.generate(input_ids, max_new_tokens=max_new_tokens, eos_token_id=stop_ids[0] if stop_ids else None)
+    new = out[0, len(prompt):].tolist()
+    for i, t in enumerate(new):
+        if t in stop_ids:
+            return new[: i + 1]
+    return new
+
+
+def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: int = 128,
+                        limit: int | None = None, num_samples: int = 3) -> dict:
+    """Generate the call for each example (greedy, KV cache) and score it against the expected call.
+
+    Args:
+        model: A ``CausalLM`` (anything with ``generate(input_ids, max_new_tokens, eos_token_id)``).
+        tokenizer: The tokenizer the model was trained with.
+        examples: Tool examples: ``{"messages", "tools", "tool_calls"}`` or ``load_heldout_examples`` dicts.
+        max_new_tokens: Longest answer generated; generation stops earlier at ``<|/tool_call|>``,
+            ``<|end|>`` or eos.
+        limit: Evaluate only the first ``limit`` examples.
+        num_samples: How many (prompt tail, generated, expected) triples to return for reading.
+
+    Returns:
+        The scores of :func:`score_calls` plus ``samples``.
+    """
+    examples = examples[:limit] if limit is not None else examples
+    stop_ids = stop_token_ids(tokenizer)
+    was_training = model.training
+    model.eval()
+    predicted, expected, samples = [], [], []
+    try:
+        for ex in examples:
+            prompt = prompt_ids_of(tokenizer, ex)
+            new = greedy_continuation(model, prompt, max_new_tokens, stop_ids)
+            text = tokenizer.decode(new, skip_special_tokens=False)
+            call = parse_tool_call(text)
+            predicted.append(call)
+            expected.append(ex["tool_calls"][0])
+            if len(samples) < num_samples:
+                tail = tokenizer.decode(prompt[-48:], skip_special_tokens=False)
+                samples.append({"prompt_tail": tail, "generated": text, "expected": ex["tool_calls"][0],
+                                "correct": calls_equal(call, ex["tool_calls"][0])})
+    finally:
+        model.train(was_training)
+    return {**score_calls(predicted, expected), "samples": samples}
