@@ -26,12 +26,16 @@ RULES = {"old": lambda t: (t + 1) % V, "own": lambda t: (3 * t + 7) % V}  # same
 
 
 class Data(L.LightningDataModule):
-    """Trains on "own"; validates on ["old", "own"] (one loader each, like CorpusDataModule)."""
+    """Trains on ``corpus`` ("own"); validates on ["old", "own"] (one loader each, like CorpusDataModule)."""
 
     val_domains = ["old", "own"]
 
+    def __init__(self, corpus: str = "own") -> None:
+        super().__init__()
+        self.corpus = corpus
+
     def train_dataloader(self):
-        x = _sequences(RULES["own"], 256, 0)
+        x = _sequences(RULES[self.corpus], 256, 0)
         return DataLoader([{"input_ids": r[:-1], "targets": r[1:]} for r in x], batch_size=8, shuffle=True)
 
     def val_dataloader(self):
@@ -208,3 +212,21 @@ def test_baseline_comes_from_the_parent_stage_record(tmp_path):
 
     events = EventAccumulator(trainer.logger.log_dir).Reload()
     assert events.Scalars("val/old/loss")[0].step > 0  # no extra validation before the first step
+
+
+def test_causal_lm_stage_two_at_absurd_lr_stops_and_records(tmp_path):
+    from lightning_modules.causal_lm import CausalLM
+
+    hp = {"size": "tiny", "model_overrides": {"n_layers": 2}, "vocab_size": V, "warmup_steps": 1, "schedule": "constant"}
+    torch.manual_seed(0)
+    parent = CausalLM(lr=1e-2, **hp)
+    t = L.Trainer(max_steps=30, limit_val_batches=0, logger=False, enable_checkpointing=False, accelerator="cpu",
+                  enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    t.fit(parent, datamodule=Data("old"))
+    t.save_checkpoint(tmp_path / "old.ckpt")
+    m = monitor(tmp_path, action="stop")
+    trainer = fit(CausalLM(lr=1.0, init_from=str(tmp_path / "old.ckpt"), **hp), m, tmp_path)
+    stop = [a for a in m.alarms["old"] if a["level"] == "stop"]
+    assert stop and stop[0]["step"] <= 10 + 2 * 5 and trainer.global_step == stop[0]["step"]
+    record = (tmp_path / "models" / "own" / "stage.json").read_text()
+    assert '"level": "stop"' in record
