@@ -219,3 +219,59 @@ def test_unknown_architecture_or_size_is_a_clear_error():
         CausalLM(architecture="moe")
     with pytest.raises(StagewiseError, match="tiny, small, base"):
         CausalLM(size="giant")
+
+
+# --- examples that override CausalLM's hooks (experiments/examples/) --------------------------------
+
+
+def test_label_smoothing_example_changes_the_training_loss_only(tmp_path, make_batch):
+    from jsonargparse import ArgumentParser
+
+    from experiments.examples.label_smoothing import LabelSmoothingLM
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(LabelSmoothingLM, "model")  # what `stagewise fit --model ...` relies on
+    cfg = parser.parse_args(["--model.label_smoothing", "0.2", "--model.size", "tiny", "--model.lr", "0.01"])
+    assert cfg.model.label_smoothing == 0.2 and cfg.model.size == "tiny"
+
+    model = LabelSmoothingLM(label_smoothing=0.2, size="tiny", vocab_size=VOCAB, warmup_steps=1)
+    assert model.hparams.label_smoothing == 0.2 and model.hparams.size == "tiny"
+    batch = make_batch(with_mask=True)
+    logits = torch.randn(2, 16, VOCAB)
+    plain = cross_entropy(logits, batch["targets"], batch["loss_mask"])[0]
+    keep = batch["loss_mask"].bool()
+    uniform = -torch.log_softmax(logits, -1)[keep].mean()  # cross-entropy against the uniform distribution
+    expected = 0.8 * plain + 0.2 * uniform
+    assert model.compute_loss(logits, batch["targets"], batch["loss_mask"]).item() == pytest.approx(expected.item())
+    trainer(tmp_path, max_steps=2).fit(model, loader(make_batch))
+    assert model.optimizer_steps == 2
+
+
+def test_sliding_window_example(tmp_path, make_batch):
+    from experiments.examples.sliding_window_attention import SlidingWindowLM
+
+    dense = tiny_lm(model_overrides={"n_layers": 1})
+    dense.configure_model()
+    windowed = SlidingWindowLM(window=4, size="tiny", vocab_size=VOCAB, model_overrides={"n_layers": 1})
+    windowed.configure_model()
+    windowed.model.load_state_dict(dense.model.state_dict())
+    wide = SlidingWindowLM(window=64, size="tiny", vocab_size=VOCAB, model_overrides={"n_layers": 1})
+    wide.configure_model()
+    wide.model.load_state_dict(dense.model.state_dict())
+
+    ids = torch.randint(0, VOCAB, (1, 12))
+    changed = ids.clone()
+    changed[0, 3] = (changed[0, 3] + 1) % VOCAB
+    with torch.no_grad():
+        torch.testing.assert_close(wide.model(ids), dense.model(ids))  # window >= T: plain causal attention
+        a, b = windowed.model(ids), windowed.model(changed)
+    torch.testing.assert_close(a[:, 7:], b[:, 7:])  # position 7 sees 4..7, not 3
+    assert not torch.allclose(a[:, 3:7], b[:, 3:7])
+
+    out = windowed.generate(ids[:, :5], max_new_tokens=5)  # cached decoding keeps the window
+    seq = ids[:, :5]
+    for _ in range(5):
+        with torch.no_grad():
+            seq = torch.cat([seq, windowed.model(seq)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, seq)
+    trainer(tmp_path, max_steps=2).fit(windowed, loader(make_batch))

@@ -1,0 +1,1 @@
+"""Runnable studies and examples built on stagewise's modules."""

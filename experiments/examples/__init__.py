@@ -1,0 +1,1 @@
+"""Examples that subclass stagewise's modules; each trains through ``stagewise fit --model <class path>``."""
