@@ -292,6 +292,7 @@ _DIRECTIVE = re.compile(r"^(\s*)\.\.\s+([\w:.+-]+)::\s*(.*)$")
 _EXPLICIT = re.compile(r"^(\s*)\.\.(\s|$)")  # any other explicit markup: comment, label, substitution
 _FOOTNOTE = re.compile(r"^\s*\.\.\s+\[[^\]]+\]\s")
 _OPTION = re.compile(r"^\s+:[\w .-]+:(\s.*)?$")
+_SPDX = re.compile(r"^(\.\.\s+)?SPDX-License-Identifier:")  # a file's own tag; indented examples stay
 _UNDERLINE_CHARS = "=-~^*#\"+`'.:_"
 _UNDERLINE = re.compile(r"^([=\-~^*#\"+`'.:_])\1{2,}$")
 _ROLE = re.compile(r":[\w:.+-]+:`([~!]?)([^`<]*?)\s*(?:<[^`>]*>)?`")
@@ -327,7 +328,7 @@ def clean_rst(text: str) -> str:
         line = lines[i]
         stripped = line.strip()
         i += 1
-        if stripped[:1] in _UNDERLINE_CHARS and _UNDERLINE.match(stripped) or stripped == "::" or "SPDX-" in line:
+        if stripped[:1] in _UNDERLINE_CHARS and _UNDERLINE.match(stripped) or stripped == "::" or _SPDX.match(line):
             continue
         if stripped.startswith(".."):
             m = _DIRECTIVE.match(line)

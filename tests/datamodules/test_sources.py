@@ -211,7 +211,8 @@ def test_clean_rst_keeps_prose_and_code_and_drops_markup():
     assert "Clone it with:\n\n    git clone git://git.kernel.org/linux.git" in text
     assert "   int main(void) { return 0; }" in text
     assert "   Read the whole thing." in text
-    for gone in ("SPDX", "_process_howto", "toctree", "maxdepth", "intro", "editors", "====", "----",
+    assert text.endswith("Tag new files like this:\n\n    // SPDX-License-Identifier: GPL-2.0")  # an example stays
+    for gone in ("_process_howto", "toctree", "maxdepth", "intro", "editors", "====", "----",
                  "code-block", ":caption:", "note::", "replace::", ":ref:", "<https"):  # fmt: skip
         assert gone not in text, gone
 
