@@ -128,7 +128,7 @@ def load_heldout_examples(data_dir: str | Path = "data", split: str = "val", lim
     manifest = read_manifest(corpus_dir)
     if manifest.get("kind") != "tools":
         raise StagewiseError(f"{corpus_dir} holds a '{manifest.get('kind')}' corpus, not tool examples")
-    tok = tokenizer if tokenizer is not None else load_tokenizer(Path(data_dir) / "tokenizer")
+    tok = tokenizer if tokenizer is not None else load_tokenizer(manifest.get("tokenizer_dir") or Path(data_dir) / "tokenizer")
     data = open_split(corpus_dir, split)
     if data.mask is None:
         raise StagewiseError(f"{corpus_dir}/{split}.mask.bin is missing; re-run `stagewise prepare`")

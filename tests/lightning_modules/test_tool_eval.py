@@ -63,3 +63,188 @@ def test_nested_arguments_and_booleans():
 def test_score_lengths_must_match():
     with pytest.raises(ValueError):
         score_calls([None], [CALL, CALL])
+
+
+# --------------------------------------------------------------------------- held-out examples, generation
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from datamodules.shards import ShardWriter, write_manifest  # noqa: E402
+from datamodules.tokenizer import (  # noqa: E402
+    encode_document, load_tokenizer, render_tool_example, render_tool_prompt, tokenizer_sha256, train_tokenizer,
+)
+from lightning_modules.tool_eval import evaluate_tool_calls, load_heldout_examples  # noqa: E402
+
+TOOLS = [
+    {"name": "get_weather", "description": "Weather forecast for a city",
+     "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                    "required": ["city"]}},
+    {"name": "convert_currency", "description": "Convert an amount between currencies",
+     "parameters": {"type": "object", "properties": {"amount": {"type": "number"}, "to": {"type": "string"}},
+                    "required": ["amount", "to"]}},
+]
+CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Quito", "Accra", "Hanoi"]
+
+
+def tool_examples() -> list[dict]:
+    out = []
+    for i, city in enumerate(CITIES):
+        out.append({"messages": [{"role": "user", "content": f"What is the weather in {city} for {i + 1} days?"}],
+                    "tools": TOOLS, "tool_calls": [{"name": "get_weather", "arguments": {"city": city, "days": i + 1}}]})
+        out.append({"messages": [{"role": "user", "content": f"Convert {10 * i + 5} dollars to EUR for my trip to {city}"}],
+                    "tools": TOOLS,
+                    "tool_calls": [{"name": "convert_currency", "arguments": {"amount": 10 * i + 5, "to": "EUR"}}]})
+    return out
+
+
+PROSE = ["The quick brown fox jumps over the lazy dog. " * 20, "It was the best of times, it was the worst. " * 20]
+CODE = ["def add(a, b):\n    return a + b\n" * 20, "for i in range(10):\n    print(i)\n" * 20]
+
+
+def prepare_tiny(root: Path) -> Path:
+    """A data dir as `stagewise prepare` leaves it: tokenizer + language, code and tools shards."""
+    examples = tool_examples()
+    tok = train_tokenizer(PROSE + CODE + [json.dumps(e) for e in examples], 400, root / "tokenizer")
+    sha = tokenizer_sha256(root / "tokenizer")
+    for name, docs in {"language": PROSE, "code": CODE}.items():
+        for split in ("train", "val", "test"):
+            with ShardWriter(root / name, split, "uint16") as w:
+                for doc in docs:
+                    w.add(np.array(encode_document(tok, doc)))
+        write_manifest(root / name, {"dtype": "uint16", "kind": "text", "tokenizer_sha256": sha})
+    splits = {"train": examples, "val": examples[:6], "test": examples[6:8]}
+    for split, exs in splits.items():
+        with ShardWriter(root / "tools", split, "uint16", with_mask=True) as w:
+            for ex in exs:
+                ids, mask = render_tool_example(tok, ex)
+                w.add(np.array(ids), np.array(mask, dtype=np.uint8))
+    write_manifest(root / "tools", {"dtype": "uint16", "kind": "tools", "tokenizer_sha256": sha})
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepare_tiny(tmp_path_factory.mktemp("data"))
+
+
+def test_heldout_examples_are_the_prompts_and_calls_of_the_val_split(data_dir):
+    tok = load_tokenizer(data_dir / "tokenizer")
+    examples = load_heldout_examples(data_dir, "val")
+    expected = tool_examples()[:6]
+    assert [e["tool_calls"] for e in examples] == [e["tool_calls"] for e in expected]
+    assert [e["prompt_ids"] for e in examples] == [render_tool_prompt(tok, e) for e in expected]
+    assert len(load_heldout_examples(data_dir, "val", limit=2)) == 2
+
+
+class Oracle(torch.nn.Module):
+    """Answers each prompt with a scripted answer (the expected one, or a wrong one)."""
+
+    def __init__(self, tok, answers: dict[tuple, str]):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.tok, self.answers = tok, answers
+
+    def generate(self, input_ids, max_new_tokens, eos_token_id=None):
+        answer = self.tok.encode(self.answers[tuple(input_ids[0].tolist())], add_special_tokens=False)
+        return torch.cat([input_ids, torch.tensor([answer[:max_new_tokens]])], dim=1)
+
+
+def test_evaluate_scores_generated_calls(data_dir):
+    tok = load_tokenizer(data_dir / "tokenizer")
+    examples = load_heldout_examples(data_dir, "val", limit=4)
+    answers = {tuple(e["prompt_ids"]): e["answer"] for e in examples}
+    wrong = dict(examples[1]["tool_calls"][0], name="get_weather")
+    answers[tuple(examples[1]["prompt_ids"])] = f"<|tool_call|>{json.dumps(wrong)}<|/tool_call|><|end|>"
+    answers[tuple(examples[2]["prompt_ids"])] = '<|tool_call|>{"name": "get_wea'  # cut off: not JSON
+    scores = evaluate_tool_calls(Oracle(tok, answers), tok, examples)
+    assert {k: scores[k] for k in ("n", "json_valid", "name_accuracy", "call_accuracy")} == {
+        "n": 4, "json_valid": 0.75, "name_accuracy": 0.5, "call_accuracy": 0.5}
+    first = scores["samples"][0]
+    # generation stops at the end of the call; the closing <|end|> of the scripted answer is not kept
+    assert first["correct"] and first["generated"] == examples[0]["answer"].removesuffix("<|end|>")
+
+
+def test_evaluate_with_tiny_causal_lm_stops_and_restores_train_mode(data_dir):
+    from lightning_modules.causal_lm import CausalLM
+
+    tok = load_tokenizer(data_dir / "tokenizer")
+    model = CausalLM(size="tiny", vocab_size=448, model_overrides={"n_layers": 1, "max_seq_len": 512})
+    model.configure_model()
+    model.train()
+    scores = evaluate_tool_calls(model, tok, load_heldout_examples(data_dir, "val"), max_new_tokens=8)
+    assert scores["n"] == 6 and 0.0 <= scores["call_accuracy"] <= scores["name_accuracy"] <= scores["json_valid"]
+    assert model.training
+
+
+# --------------------------------------------------------------------------- in a tool stage, and evaluate
+import lightning as L  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+from callbacks.stage_handoff import StageHandoff  # noqa: E402
+from callbacks.stage_record import read_stage_record  # noqa: E402
+from callbacks.tool_call_eval import ToolCallEval  # noqa: E402
+from datamodules.datamodule import ToolDataModule  # noqa: E402
+from lightning_modules.causal_lm import CausalLM  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tool_stage(data_dir, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path_factory.mktemp("run"))
+        dm = ToolDataModule(data_dir=str(data_dir), seq_len=32, batch_size=2)
+        model = CausalLM(size="tiny", vocab_size=dm.vocab_size, tokenizer_sha256=dm.tokenizer_sha256,
+                         model_overrides={"n_layers": 1, "max_seq_len": 256}, warmup_steps=1)
+        trainer = L.Trainer(
+            max_steps=4, val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+            logger=TensorBoardLogger("runs", name="exp", version="tools", default_hp_metric=False),
+            callbacks=[ModelCheckpoint(dirpath="models", filename="tools_model_best", monitor="val/tools/loss",
+                                       auto_insert_metric_name=False, enable_version_counter=False),
+                       StageHandoff("tools"),
+                       ToolCallEval(data_dir=str(data_dir), num_examples=6, max_new_tokens=16)],
+            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", use_distributed_sampler=False,
+        )
+        trainer.fit(model, datamodule=dm)
+        yield trainer, Path.cwd()
+
+
+def test_tool_call_eval_logs_scores_and_records_them(tool_stage):
+    trainer, run = tool_stage
+    acc = EventAccumulator(str(run / "runs/exp/tools"))
+    acc.Reload()
+    for name in ("json_valid", "name_accuracy", "call_accuracy"):
+        assert [e.step for e in acc.Scalars(f"tools/{name}")] == [2, 4]
+        assert float(trainer.callback_metrics[f"tools/{name}"]) == acc.Scalars(f"tools/{name}")[-1].value
+    tools = read_stage_record(run / "models", "tools")["tools"]
+    assert tools["n"] == 6 and tools["split"] == "val" and len(tools["history"]) == 2
+    best = min(tools["history"], key=lambda e: e["val/tools/loss"])
+    assert tools["step"] == best["step"] and tools["call_accuracy"] == best["call_accuracy"]
+    assert "tools/samples/text_summary" in acc.Tags()["tensors"]
+
+
+def test_tool_stage_exports_the_best_checkpoint(tool_stage):
+    _, run = tool_stage
+    record = read_stage_record(run / "models", "tools")
+    assert set(record["losses"]["final"]) == {"language", "code", "tools"}
+    assert (run / "models/tools/hf/config.json").exists() and (run / "models/tools/hf/tokenizer.json").exists()
+
+
+def test_evaluate_reports_losses_of_every_domain_and_tool_scores(tool_stage, data_dir, tmp_path):
+    from lightning_modules.evaluate import main
+
+    trainer, run = tool_stage
+    ckpt = run / "models/tools_model_best.ckpt"
+    out = tmp_path / "eval.json"
+    main(["--ckpt", str(ckpt), "--data_dir", str(data_dir), "--limit", "3", "--max_new_tokens", "8",
+          "--out", str(out), "--accelerator", "cpu"])
+    result = json.loads(out.read_text())
+    assert list(result["losses"]) == ["language", "code", "tools"]
+    assert result["seq_len"] == 32  # the training run's, from the checkpoint
+    assert result["tools"]["n"] == 3
+    # the same numbers as the run's validation at the best checkpoint
+    best = read_stage_record(run / "models", "tools")["losses"]["best"]
+    assert result["losses"] == pytest.approx(best, rel=1e-5)

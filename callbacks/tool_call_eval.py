@@ -1,0 +1,149 @@
+"""Score the model's tool calls on held-out requests during the tool stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from callbacks.stage_record import update_stage_record
+
+SCORES = ("json_valid", "name_accuracy", "call_accuracy")
+
+
+class ToolCallEval(L.Callback):
+    """Generate the assistant's tool call for held-out requests and log how many are right.
+
+    When it acts:
+
+    - ``on_fit_start``: reads the held-out examples (``<data_dir>/tools/<split>`` shards, see
+      ``lightning_modules.tool_eval.load_heldout_examples``), so a missing tool corpus fails at once.
+    - ``on_validation_end`` (every ``every_n_validations``-th validation, not the sanity check): rank 0
+      greedily generates a call for each example (KV cache, stops at ``<|/tool_call|>``) and scores it;
+      the scores are broadcast so every rank logs the same ``tools/json_valid``, ``tools/name_accuracy``
+      and ``tools/call_accuracy`` (also put in ``trainer.callback_metrics``, so a ModelCheckpoint may
+      monitor them); a few (request, generated, expected) samples go to TensorBoard's text tab.
+    - ``on_fit_end`` (rank 0): writes ``tools`` into ``<models_dir>/<stage>/stage.json``: the scores of
+      the validation with the best monitored loss (the best checkpoint's), ``final`` (the last
+      validation's) and ``history`` (every evaluation's step, tokens and scores).
+
+    Generation runs on rank 0 only: use it with single-device or DDP training, not with sharded
+    (FSDP) strategies.
+
+    Args:
+        data_dir: Where ``stagewise prepare`` wrote the shards and tokenizer.
+        num_examples: Held-out examples scored at each evaluation (the first ones of the split).
+        max_new_tokens: Longest answer generated per example.
+        every_n_validations: Evaluate at every n-th validation (generation costs more than a loss).
+        stage: The stage whose ``stage.json`` gets the ``tools`` section.
+        models_dir: Where stage records live.
+        split: The held-out split the examples come from (``val`` or ``test``).
+        monitor: The metric whose lowest value marks the best checkpoint; default: the monitor of the
+            Trainer's first ModelCheckpoint that has one.
+    """
+
+    def __init__(self, data_dir: str = "data", num_examples: int = 100, max_new_tokens: int = 128,
+                 every_n_validations: int = 1, stage: str = "tools", models_dir: str = "models",
+                 split: str = "val", monitor: str | None = None) -> None:
+        self.data_dir = data_dir
+        self.num_examples = num_examples
+        self.max_new_tokens = max_new_tokens
+        self.every_n_validations = max(1, every_n_validations)
+        self.stage = stage
+        self.models_dir = models_dir
+        self.split = split
+        self.monitor = monitor
+        self.validations = 0
+        self.history: list[dict[str, Any]] = []
+        self._examples: list[dict] | None = None
+        self._tokenizer = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._load(trainer)
+
+    def _load(self, trainer: L.Trainer) -> None:
+        from datamodules.tokenizer import load_tokenizer
+        from lightning_modules.tool_eval import load_heldout_examples
+
+        if self._examples is None:
+            tok_dir = getattr(trainer.datamodule, "tokenizer_dir", None) or Path(self.data_dir) / "tokenizer"
+            self._tokenizer = load_tokenizer(tok_dir)
+            self._examples = load_heldout_examples(self.data_dir, self.split, self.num_examples,
+                                                   tokenizer=self._tokenizer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.validations += 1
+        if self.validations % self.every_n_validations:
+            return
+        result = None
+        if trainer.is_global_zero:
+            from lightning_modules.tool_eval import evaluate_tool_calls
+
+            self._load(trainer)
+            with trainer.precision_plugin.forward_context():
+                result = evaluate_tool_calls(pl_module, self._tokenizer, self._examples, self.max_new_tokens)
+        scores = trainer.strategy.broadcast({k: result[k] for k in SCORES} if result else None, src=0)
+        monitor = self._monitor(trainer)
+        entry = {"step": trainer.global_step, "tokens": int(getattr(pl_module, "total_tokens", trainer.global_step)),
+                 **scores}
+        if monitor in trainer.callback_metrics:
+            entry[monitor] = float(trainer.callback_metrics[monitor])
+        self.history.append(entry)
+        for name, value in scores.items():
+            trainer.callback_metrics[f"tools/{name}"] = torch.tensor(value)
+        for logger in trainer.loggers:
+            logger.log_metrics({f"tools/{k}": v for k, v in scores.items()}, step=trainer.global_step)
+            if isinstance(logger, TensorBoardLogger) and result is not None:
+                logger.experiment.add_text("tools/samples", _samples_markdown(result), global_step=trainer.global_step)
+
+    def _monitor(self, trainer: L.Trainer) -> str | None:
+        if self.monitor:
+            return self.monitor
+        return next((cb.monitor for cb in trainer.checkpoint_callbacks if cb.monitor), None)
+
+    def summary(self, trainer: L.Trainer) -> dict[str, Any]:
+        """The ``tools`` section of ``stage.json``."""
+        monitor = self._monitor(trainer)
+        ranked = [e for e in self.history if monitor and monitor in e]
+        at_best = min(ranked, key=lambda e: e[monitor]) if ranked else self.history[-1]
+        return {
+            **{k: at_best[k] for k in SCORES},
+            "step": at_best["step"],
+            "tokens": at_best["tokens"],
+            "split": self.split,
+            "n": len(self._examples) if self._examples is not None else self.num_examples,
+            "max_new_tokens": self.max_new_tokens,
+            "final": self.history[-1],
+            "history": self.history,
+        }
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and self.history:
+            update_stage_record(self.models_dir, self.stage, {"tools": self.summary(trainer)})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"validations": self.validations, "history": list(self.history)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.validations = int(state_dict.get("validations", 0))
+        self.history = list(state_dict.get("history", []))
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines() or [""])
+
+
+def _samples_markdown(result: dict) -> str:
+    parts = [f"json_valid {result['json_valid']:.3f} · name {result['name_accuracy']:.3f} · "
+             f"call {result['call_accuracy']:.3f} (n={result['n']})"]
+    for s in result["samples"]:
+        parts += [f"**{'right' if s['correct'] else 'wrong'}** — request (tail):", _indent(s["prompt_tail"]),
+                  "generated:", _indent(s["generated"]), "expected:", _indent(json.dumps(s["expected"]))]
+    return "\n\n".join(parts)

@@ -1,0 +1,172 @@
+"""`stagewise evaluate --ckpt CKPT [-c data-or-stage.yaml]`: held-out loss per domain and tool-call scores.
+
+The losses come from the same code as training's validation (``CorpusDataModule`` val loaders and
+``CausalLM.validation_step`` under a ``Trainer.validate``), over every prepared corpus, so they are
+directly comparable with the ``val/<domain>/loss`` curves. The tool-call scores come from
+``lightning_modules.tool_eval`` on the tool corpus's held-out examples.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from datamodules.errors import StagewiseError, TokenizerMismatchError
+
+KNOWN_ORDER = ("language", "code", "tools")
+
+
+def _settings_from_config(path: str) -> dict[str, Any]:
+    """data_dir (and seq_len, batch_size, val_max_windows, domains) from a stage or a data config."""
+    if not Path(path).exists():
+        raise StagewiseError(f"config '{path}' does not exist")
+    cfg = yaml.safe_load(Path(path).read_text()) or {}
+    if isinstance(cfg.get("data"), dict):  # a stage config: data.init_args
+        data = cfg["data"].get("init_args", cfg["data"])
+        return {k: data[k] for k in ("data_dir", "seq_len", "batch_size", "val_max_windows") if k in data}
+    if "corpora" in cfg or "data_dir" in cfg:  # a data config
+        settings: dict[str, Any] = {"data_dir": cfg.get("data_dir", "data")}
+        if isinstance(cfg.get("corpora"), dict):
+            settings["domains"] = list(cfg["corpora"])
+        return settings
+    raise StagewiseError(f"{path} is neither a stage config (with `data:`) nor a data config (with `corpora:`)")
+
+
+def prepared_domains(data_dir: str | Path) -> list[str]:
+    """Every corpus prepared under ``data_dir`` (language, code, tools first, then by name)."""
+    names = [p.parent.name for p in Path(data_dir).glob("*/manifest.json")]
+    return sorted(names, key=lambda n: (KNOWN_ORDER.index(n) if n in KNOWN_ORDER else len(KNOWN_ORDER), n))
+
+
+def load_model(ckpt: str | Path, map_location: str = "cpu"):
+    """The ``CausalLM`` (or subclass) of a checkpoint, weights loaded, in eval mode."""
+    from lightning_modules.causal_lm import CausalLM
+
+    if not Path(ckpt).is_file():
+        raise StagewiseError(f"no checkpoint at {ckpt}; train a stage first or pass --ckpt <file.ckpt>")
+    hp = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False).get("hyper_parameters") or {}
+    class_path = hp.get("_class_path")
+    if class_path:  # a subclass saved by LightningCLI: import it so Lightning may build it
+        importlib.import_module(class_path.rsplit(".", 1)[0])
+    model = CausalLM.load_from_checkpoint(ckpt, map_location=map_location)
+    return model.eval()
+
+
+def evaluate(
+    ckpt: str,
+    config: str | None = None,
+    data_dir: str | None = None,
+    domains: list[str] | None = None,
+    limit: int | None = None,
+    out: str | None = None,
+    seq_len: int | None = None,
+    batch_size: int | None = None,
+    val_max_windows: int | None = None,
+    max_new_tokens: int = 128,
+    accelerator: str = "auto",
+    precision: str = "32-true",
+) -> dict[str, Any]:
+    """Held-out loss of a checkpoint on every prepared domain, and its tool-call scores.
+
+    Settings come from, in increasing priority: the checkpoint's own data settings, ``config``, the flags.
+
+    Args:
+        ckpt: The checkpoint to evaluate (e.g. ``models/tools_model_best.ckpt``).
+        config: A stage config (its ``data:`` section) or a data config (its ``data_dir`` and corpora).
+        data_dir: Where ``stagewise prepare`` wrote the corpora (default ``data``).
+        domains: The corpora to evaluate (default: every corpus prepared under ``data_dir``).
+        limit: Score at most this many held-out tool examples (default: all of the val split).
+        out: Also write the results as JSON to this file.
+        seq_len: Tokens per evaluation window (default: the training run's).
+        batch_size: Windows per batch.
+        val_max_windows: At most this many windows per domain (default: the whole val split).
+        max_new_tokens: Longest tool call generated.
+        accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
+        precision: Lightning precision (``32-true``, ``bf16-mixed``...).
+
+    Returns:
+        ``{"checkpoint", "data_dir", "losses": {domain: loss}, "tools": scores or None}``.
+    """
+    import lightning as L
+
+    from datamodules.datamodule import CorpusDataModule
+    from datamodules.tokenizer import load_tokenizer
+    from lightning_modules.tool_eval import evaluate_tool_calls, load_heldout_examples
+
+    if not Path(ckpt).is_file():
+        raise StagewiseError(f"no checkpoint at {ckpt}; train a stage first or pass --ckpt <file.ckpt>")
+    saved = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
+    settings = {k: v for k, v in (saved.get("datamodule_hyper_parameters") or {}).items()
+                if k in ("data_dir", "seq_len", "batch_size", "val_max_windows")}
+    del saved
+    if config:
+        settings.update(_settings_from_config(config))
+    flags = {"data_dir": data_dir, "domains": domains, "seq_len": seq_len, "batch_size": batch_size,
+             "val_max_windows": val_max_windows}
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    root = Path(settings.get("data_dir", "data"))
+    names = settings.get("domains") or prepared_domains(root)
+    if not names:
+        raise StagewiseError(f"no prepared corpora under {root}/; run `stagewise prepare -c configs/data/demo.yaml`")
+
+    model = load_model(ckpt)
+    dm = CorpusDataModule(corpus=names[0], val_domains=names, data_dir=str(root),
+                          seq_len=min(settings.get("seq_len", 512), model.config.max_seq_len),
+                          batch_size=settings.get("batch_size", 8), val_max_windows=settings.get("val_max_windows"))
+    theirs = model.hparams.get("tokenizer_sha256")
+    if theirs and theirs != dm.tokenizer_sha256:
+        raise TokenizerMismatchError(
+            f"{ckpt} was trained with tokenizer {theirs[:12]}… but the data in {root}/ uses "
+            f"{dm.tokenizer_sha256[:12]}…; evaluate on data prepared with the checkpoint's tokenizer"
+        )
+    trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
+    losses = {d: float(metrics[f"val/{d}/loss"]) for d in names if f"val/{d}/loss" in metrics}
+
+    tools = None
+    if "tools" in names:
+        tok = load_tokenizer(dm.tokenizer_dir)
+        examples = load_heldout_examples(root, "val", limit, tokenizer=tok)
+        with trainer.precision_plugin.forward_context():
+            tools = evaluate_tool_calls(model, tok, examples, max_new_tokens=max_new_tokens)
+    result = {"checkpoint": str(ckpt), "data_dir": str(root), "seq_len": dm.seq_len, "losses": losses,
+              "tools": tools}
+    _print(result)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _print(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['checkpoint']} (held-out val, seq_len {result['seq_len']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for domain, loss in result["losses"].items():
+        table.add_row(f"{domain} loss", f"{loss:.4f}")
+    if result["tools"]:
+        for key in ("json_valid", "name_accuracy", "call_accuracy"):
+            table.add_row(f"tools {key}", f"{result['tools'][key]:.3f}")
+        table.add_row("tools examples", str(result["tools"]["n"]))
+    Console().print(table)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``stagewise evaluate --ckpt CKPT [-c CONFIG] [--data_dir data] [--limit N] [--out FILE]``."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="stagewise evaluate", description=evaluate.__doc__.splitlines()[0])
+    parser.add_function_arguments(evaluate, skip={"config"}, as_group=False)
+    parser.add_argument("-c", "--config", type=str | None, default=None,
+                        help="a stage config (its data: section) or a data config (data_dir, corpora)")
+    cfg = parser.parse_args(args)
+    evaluate(**{k: v for k, v in cfg.as_dict().items() if k != "__path__"})
