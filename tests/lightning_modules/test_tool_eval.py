@@ -187,6 +187,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from callbacks.stage_handoff import StageHandoff  # noqa: E402
 from callbacks.stage_record import read_stage_record  # noqa: E402
+from callbacks.text_samples import TextSamples  # noqa: E402
 from callbacks.tool_call_eval import ToolCallEval  # noqa: E402
 from datamodules.datamodule import ToolDataModule  # noqa: E402
 from lightning_modules.causal_lm import CausalLM  # noqa: E402
@@ -205,7 +206,8 @@ def tool_stage(data_dir, tmp_path_factory):
             callbacks=[ModelCheckpoint(dirpath="models", filename="tools_model_best", monitor="val/tools/loss",
                                        auto_insert_metric_name=False, enable_version_counter=False),
                        StageHandoff("tools"),
-                       ToolCallEval(data_dir=str(data_dir), num_examples=6, max_new_tokens=16)],
+                       ToolCallEval(data_dir=str(data_dir), num_examples=6, max_new_tokens=16),
+                       TextSamples(max_new_tokens=4)],
             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", use_distributed_sampler=False,
         )
         trainer.fit(model, datamodule=dm)
@@ -248,3 +250,13 @@ def test_evaluate_reports_losses_of_every_domain_and_tool_scores(tool_stage, dat
     # the same numbers as the run's validation at the best checkpoint
     best = read_stage_record(run / "models", "tools")["losses"]["best"]
     assert result["losses"] == pytest.approx(best, rel=1e-5)
+
+
+def test_text_samples_default_prompts_include_a_heldout_tool_request(tool_stage):
+    _, run = tool_stage
+    acc = EventAccumulator(str(run / "runs/exp/tools"))
+    acc.Reload()
+    assert {"samples/language/text_summary", "samples/code/text_summary", "samples/tools/text_summary"} <= set(
+        acc.Tags()["tensors"])
+    text = acc.Tensors("samples/tools/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "What is the weather in Paris for 1 days?<|end|><|assistant|>" in text

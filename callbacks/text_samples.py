@@ -1,0 +1,98 @@
+"""Greedy text samples in TensorBoard's text tab, so a run's progress can be read, not only plotted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
+
+DEFAULT_PROMPTS = {
+    "language": "The purpose of this chapter is to explain how the",
+    "code": "def read_config(path):\n    \"\"\"Read a configuration file and return a dict.\"\"\"\n",
+}
+
+
+class TextSamples(L.Callback):
+    """Write greedy continuations of a few prompts to TensorBoard (``samples/<name>``) at validation end.
+
+    Acts in ``on_validation_end`` (every ``every_n_validations``-th validation, not the sanity check).
+    Every rank generates (a few short prompts; safe under sharded strategies), rank 0 writes. Each entry
+    shows the prompt and its continuation at the current optimizer step.
+
+    Args:
+        prompts: Name -> prompt text. Default: a prose opening (``language``), a Python ``def`` opening
+            (``code``) and, when the tool corpus is prepared, the request of the first held-out tool
+            example (``tools``, rendered with the chat template).
+        max_new_tokens: Tokens generated per prompt.
+        every_n_validations: Write samples at every n-th validation.
+        data_dir: Where the tokenizer and the tool corpus are (used when the datamodule does not say).
+    """
+
+    def __init__(self, prompts: dict[str, str] | None = None, max_new_tokens: int = 48,
+                 every_n_validations: int = 1, data_dir: str = "data") -> None:
+        self.prompts = prompts
+        self.max_new_tokens = max_new_tokens
+        self.every_n_validations = max(1, every_n_validations)
+        self.data_dir = data_dir
+        self.validations = 0
+        self._tokenizer = None
+        self._prompt_ids: dict[str, list[int]] | None = None
+
+    def _prepare(self, trainer: L.Trainer) -> None:
+        from datamodules.tokenizer import load_tokenizer
+
+        tok_dir = getattr(trainer.datamodule, "tokenizer_dir", None) or Path(self.data_dir) / "tokenizer"
+        self._tokenizer = tok = load_tokenizer(tok_dir)
+        if self.prompts is not None:
+            self._prompt_ids = {k: tok.encode(v, add_special_tokens=False) for k, v in self.prompts.items()}
+            return
+        self._prompt_ids = {k: tok.encode(v, add_special_tokens=False) for k, v in DEFAULT_PROMPTS.items()}
+        data_dir = getattr(trainer.datamodule, "data_dir", None) or self.data_dir
+        if (Path(data_dir) / "tools" / "manifest.json").exists():
+            from lightning_modules.tool_eval import load_heldout_examples
+
+            examples = load_heldout_examples(data_dir, "val", limit=1, tokenizer=tok)
+            if examples:
+                self._prompt_ids["tools"] = examples[0]["prompt_ids"]
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.validations += 1
+        if self.validations % self.every_n_validations:
+            return
+        if self._prompt_ids is None:
+            self._prepare(trainer)
+        from lightning_modules.tool_eval import greedy_continuation, stop_token_ids
+
+        tok, stops = self._tokenizer, stop_token_ids(self._tokenizer)
+        texts = {}
+        with trainer.precision_plugin.forward_context():
+            for name, ids in self._prompt_ids.items():
+                new = greedy_continuation(pl_module, ids, self.max_new_tokens, stops)
+                texts[name] = _markdown(tok.decode(ids, skip_special_tokens=False),
+                                        tok.decode(new, skip_special_tokens=False), trainer.global_step, len(new))
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                for name, text in texts.items():
+                    logger.experiment.add_text(f"samples/{name}", text, global_step=trainer.global_step)
+
+    def state_dict(self) -> dict:
+        return {"validations": self.validations}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.validations = int(state_dict.get("validations", 0))
+
+
+def _indent(text: str) -> str:
+    # An indented block is shown verbatim by TensorBoard's markdown (whitespace and <|tokens|> intact).
+    return "\n".join("    " + line for line in text.splitlines() or [""])
+
+
+def _markdown(prompt: str, continuation: str, step: int, n_tokens: int) -> str:
+    tail = prompt if len(prompt) <= 600 else "…" + prompt[-600:]
+    return (f"**prompt**\n\n{_indent(tail)}\n\n**greedy continuation** (step {step}, {n_tokens} tokens)\n\n"
+            f"{_indent(continuation)}")
