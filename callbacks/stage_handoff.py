@@ -31,14 +31,14 @@ class StageHandoff(L.Callback):
     - every ``log_every_n_steps`` optimizer steps: ``train_tokens/loss`` against the lineage's total tokens;
     - ``on_validation_end``: ``val_tokens/<domain>/loss`` against the lineage's total tokens, so the
       separate runs of the stages (``runs/<experiment>/<stage>/``) read as one curve per domain; remembers
-      the per-domain losses of the best validation (by the best ModelCheckpoint's monitor);
+      each validation's per-domain losses by step (the best checkpoint's step picks its losses at fit end);
     - ``on_fit_end`` (rank 0): makes sure the best checkpoint is ``<models_dir>/<stage>_model_best.ckpt``
       (copies it there if the ModelCheckpoint wrote it elsewhere), exports it to
       ``<models_dir>/<stage>/hf`` (transformers format), and writes ``<models_dir>/<stage>/stage.json``:
       stage, experiment, checkpoint and parent (path, sha256), tokenizer sha256, tokens and optimizer
       steps (of the best checkpoint, in this stage and in the lineage; and trained in all), wall time, final and best per-domain losses, precision, config.
 
-    Its state (best losses, wall time so far, parent) is saved in checkpoints, so a resumed stage
+    Its state (per-validation losses, wall time so far, parent) is saved in checkpoints, so a resumed stage
     records the same numbers as an uninterrupted one.
 
     Args:
@@ -57,9 +57,7 @@ class StageHandoff(L.Callback):
         self.experiment = experiment
         self.export_hf = export_hf
         self.log_every_n_steps = log_every_n_steps
-        self.best_score: float | None = None
-        self.best_losses: dict[str, float] = {}
-        self.best_step: int | None = None
+        self.val_history: dict[str, dict[str, float]] = {}  # optimizer step -> per-domain val losses
         self.parent: dict | None = None
         self.boundary_logged = False
         self._wall_before = 0.0  # wall time of earlier runs of this stage (before a resume)
@@ -133,25 +131,13 @@ class StageHandoff(L.Callback):
             for tb in _tensorboards(trainer):
                 for domain, loss in losses.items():
                     tb.add_scalar(f"val_tokens/{domain}/loss", loss, global_step=tokens)
-        monitor, mode = self._monitor(trainer)
-        current = trainer.callback_metrics.get(monitor)
-        if current is None:
-            return
-        current = float(current)
-        if self.best_score is None or (current < self.best_score if mode == "min" else current > self.best_score):
-            self.best_score, self.best_losses, self.best_step = current, losses, trainer.global_step
+        self.val_history[str(trainer.global_step)] = losses
 
     def _best_checkpoint_callback(self, trainer: L.Trainer) -> ModelCheckpoint | None:
         for cb in trainer.checkpoint_callbacks:
             if cb.dirpath and cb.filename and Path(cb.dirpath, cb.filename + cb.FILE_EXTENSION) == self.best_path:
                 return cb
         return next((cb for cb in trainer.checkpoint_callbacks if cb.monitor), None)
-
-    def _monitor(self, trainer: L.Trainer) -> tuple[str, str]:
-        cb = self._best_checkpoint_callback(trainer)
-        if cb is not None and cb.monitor:
-            return cb.monitor, cb.mode
-        return f"val/{self.stage}/loss", "min"
 
     # ------------------------------------------------------------------------------------- fit end
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -162,7 +148,6 @@ class StageHandoff(L.Callback):
                            f"saving the final weights as {self.best_path}")
             trainer.save_checkpoint(self.best_path)  # collective under sharded strategies: every rank calls it
             best = self.best_path
-            self.best_losses = self.best_losses or _val_losses(trainer)
         if not trainer.is_global_zero:
             return
         if best.resolve() != self.best_path.resolve():
@@ -191,8 +176,16 @@ class StageHandoff(L.Callback):
         parent = self.parent or {}
         parent_tokens = int(getattr(pl_module, "parent_tokens", parent.get("tokens") or 0))
         parent_steps = int(getattr(pl_module, "parent_optimizer_steps", parent.get("optimizer_steps") or 0))
-        saved = _checkpoint_counters(self.best_path)
-        tokens, steps = saved.get("tokens_seen", trained_tokens), saved.get("optimizer_steps", trained_steps)
+        saved = torch.load(self.best_path, map_location="cpu", mmap=True, weights_only=False)
+        counters = {k: int(v) for k, v in (saved.get("stagewise") or {}).items()}
+        tokens = counters.get("tokens_seen", trained_tokens)
+        steps = counters.get("optimizer_steps", trained_steps)
+        best_step = int(saved.get("global_step", trainer.global_step))
+        final = _val_losses(trainer)
+        best = self.val_history.get(str(best_step))
+        if best is None:
+            rank_zero_warn(f"StageHandoff: no validation at step {best_step}, where {self.best_path} was saved; "
+                           "recording the final losses as its losses")
         return {
             "stage": self.stage,
             "experiment": self.experiment or _experiment_name(trainer),
@@ -202,8 +195,8 @@ class StageHandoff(L.Callback):
             "tokens": {"stage": tokens, "total": parent_tokens + tokens, "trained": trained_tokens},
             "optimizer_steps": {"stage": steps, "total": parent_steps + steps, "trained": trained_steps},
             "wall_time_s": round(self.wall_time_s(), 3),
-            "losses": {"final": _val_losses(trainer), "best": dict(self.best_losses)},
-            "best_step": self.best_step,
+            "losses": {"final": final, "best": best if best is not None else final},
+            "best_step": best_step,
             "precision": str(trainer.precision),
             "config": _resolved_config(trainer, pl_module),
         }
@@ -215,18 +208,14 @@ class StageHandoff(L.Callback):
     # ------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         return {
-            "best_score": self.best_score,
-            "best_losses": dict(self.best_losses),
-            "best_step": self.best_step,
+            "val_history": dict(self.val_history),
             "parent": self.parent,
             "boundary_logged": self.boundary_logged,
             "wall_time_s": self.wall_time_s(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.best_score = state_dict.get("best_score")
-        self.best_losses = dict(state_dict.get("best_losses") or {})
-        self.best_step = state_dict.get("best_step")
+        self.val_history = dict(state_dict.get("val_history") or {})
         self.parent = state_dict.get("parent")
         self.boundary_logged = bool(state_dict.get("boundary_logged"))
         self._wall_before = float(state_dict.get("wall_time_s") or 0.0)
@@ -257,12 +246,6 @@ def _val_losses(trainer: L.Trainer) -> dict[str, float]:
                 losses[parts[1]] = float(value)
     domains = getattr(trainer.datamodule, "val_domains", None) or []
     return {d: losses[d] for d in domains if d in losses} | losses
-
-
-def _checkpoint_counters(path: Path) -> dict:
-    """The token and step counters ``CausalLM`` saves in its checkpoints (empty for other modules)."""
-    ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    return {k: int(v) for k, v in (ckpt.get("stagewise") or {}).items()}
 
 
 def _experiment_name(trainer: L.Trainer) -> str | None:

@@ -160,10 +160,28 @@ def test_best_checkpoint_copied_into_models_dir(tmp_path, monkeypatch):
     assert record["checkpoint"]["sha256"] == file_sha256(elsewhere.best_model_path)
 
 
-def test_resume_keeps_best_losses_and_wall_time():
+def test_resume_keeps_losses_and_wall_time():
     a = StageHandoff("code")
-    a.best_score, a.best_losses, a._wall_before = 1.5, {"code": 1.5, "language": 2.0}, 12.0
+    a.val_history, a._wall_before = {"250": {"code": 1.5, "language": 2.0}}, 12.0
     b = StageHandoff("code")
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
-    assert b.best_losses == {"code": 1.5, "language": 2.0} and b.best_score == 1.5
+    assert b.val_history == {"250": {"code": 1.5, "language": 2.0}}
     assert b.wall_time_s() == pytest.approx(12.0)
+
+
+def test_best_losses_are_those_of_the_checkpointed_step_not_of_a_step0_baseline(tmp_path, monkeypatch):
+    """A validation before the first step (ForgettingMonitor's baseline pass) is never checkpointed."""
+    monkeypatch.chdir(tmp_path)
+
+    class ValidateAtStart(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            trainer.validating = True
+            trainer.fit_loop.epoch_loop.val_loop.run()
+            trainer.training = True
+
+    run_stage("language", ["language"], callbacks=[ValidateAtStart()])
+    record = read_stage_record("models", "language")
+    saved = torch.load("models/language_model_best.ckpt", weights_only=False)
+    assert record["best_step"] == saved["global_step"] > 0
+    assert record["losses"]["best"]["language"] == pytest.approx(float(saved["callbacks"][next(
+        k for k in saved["callbacks"] if k.startswith("ModelCheckpoint"))]["best_model_score"]))
