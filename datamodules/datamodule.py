@@ -156,7 +156,8 @@ class CorpusDataModule(L.LightningDataModule):
         data_dir: Where ``stagewise prepare`` wrote the tokenizer and the corpora.
         seq_len: Tokens per training example (the model's context during training).
         batch_size: Examples per batch, per device.
-        num_workers: DataLoader worker processes per device (0 reads in the main process).
+        num_workers: Training DataLoader worker processes per device (0 reads in the main process); validation
+            always reads in the main process.
         seed: Seed of the training order: each epoch's order is fixed by (seed, epoch).
         val_max_windows: Validate on at most this many windows per domain (default: the whole held-out split).
     """
@@ -222,10 +223,10 @@ class CorpusDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _loader_kwargs(self) -> dict:
+    def _loader_kwargs(self, num_workers: int) -> dict:
         return {
-            "num_workers": self.num_workers,
-            "persistent_workers": self.num_workers > 0,
+            "num_workers": num_workers,
+            "persistent_workers": num_workers > 0,
             "pin_memory": torch.cuda.is_available(),
         }
 
@@ -241,14 +242,16 @@ class CorpusDataModule(L.LightningDataModule):
                 "data.batch_size, or prepare more data"
             )
         sampler = WindowSampler(len(dataset), self.seed, rank, world, shuffle=True)
-        return ResumableDataLoader(dataset, sampler, self.batch_size, **self._loader_kwargs())
+        return ResumableDataLoader(dataset, sampler, self.batch_size, **self._loader_kwargs(self.num_workers))
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         self.manifests()
         loaders = []
         for domain in self.val_domains:
             dataset = TokenWindows(self.data_dir / domain, split, self.seq_len, self.val_max_windows)
-            loaders.append(DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **self._loader_kwargs()))
+            # Read in the main process: a window is one memmap slice (tens of M tokens/s, see
+            # experiments/benchmark_prepare.py), so workers per domain would only hold memory.
+            loaders.append(DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **self._loader_kwargs(0)))
         return loaders
 
     def val_dataloader(self) -> list[DataLoader]:
