@@ -64,11 +64,11 @@ class TextSamples(L.Callback):
             return
         if self._prompt_ids is None:
             self._prepare(trainer)
-        from lightning_modules.tool_eval import greedy_continuation, stop_token_ids
+        from lightning_modules.tool_eval import decoding_threads, greedy_continuation, stop_token_ids
 
         tok, stops = self._tokenizer, stop_token_ids(self._tokenizer)
         texts = {}
-        with trainer.precision_plugin.forward_context():
+        with trainer.precision_plugin.forward_context(), decoding_threads(pl_module):
             for name, ids in self._prompt_ids.items():
                 new = greedy_continuation(pl_module, ids, self.max_new_tokens, stops)
                 texts[name] = _markdown(tok.decode(ids, skip_special_tokens=False),
