@@ -394,6 +394,19 @@ class _Extractor:
 
         self._session_initialized = False
         self.driver._emit_session_event = emit_once
+        # ec2's boolean customization registers an `operation-args-parsed.ec2.*` check for the operation whose
+        # arguments it just built; left in place it breaks every later ec2 command: drop it after each command.
+        emitter = session.get_component("event_emitter")
+        register = emitter.register
+        self._per_command_handlers: list[tuple[str, Any]] = []
+
+        def register_tracked(event_name, handler, *args, **kwargs):
+            if event_name.startswith("operation-args-parsed."):
+                self._per_command_handlers.append((event_name, handler))
+            return register(event_name, handler, *args, **kwargs)
+
+        emitter.register = register_tracked
+        self._emitter = emitter
         self.commands = {
             name: cmd for name, cmd in self.driver._get_command_table().items() if isinstance(cmd, ServiceCommand)
         }
@@ -466,6 +479,10 @@ class _Extractor:
                 rc = self.driver.main(args)
         except (Exception, SystemExit):  # argparse exits on bad arguments
             return "cli_error"
+        finally:
+            for event_name, handler in self._per_command_handlers:
+                self._emitter.unregister(event_name, handler)
+            self._per_command_handlers.clear()
         calls = [c for c in self.calls if c[1] == operation]
         if rc != 0 or len(calls) != 1:
             return "cli_error" if rc != 0 else "no_api_call"
