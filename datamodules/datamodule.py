@@ -174,7 +174,6 @@ class CorpusDataModule(L.LightningDataModule):
         val_max_windows: int | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
         self.corpus = corpus
         self.val_domains = list(val_domains) if val_domains else [corpus]
         self.data_dir = Path(data_dir)
