@@ -1,0 +1,51 @@
+"""Throughput: tokens/s, MFU (6N + 12·L·d·T over peak FLOP/s), step time, logged every N batches."""
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import Logger
+from torch.utils.data import DataLoader
+
+from callbacks.throughput import Throughput
+from lightning_modules.causal_lm import CausalLM
+
+VOCAB, SEQ, BATCH = 64, 16, 4
+
+
+class Capture(Logger):
+    """Keeps every (step, metrics) a Trainer logs."""
+
+    name, version = "capture", 0
+
+    def __init__(self):
+        super().__init__()
+        self.logged: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics, step=None):
+        self.logged.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def test_logs_tokens_per_s_and_mfu_every_n_steps(tmp_path):
+    # tiny preset, one layer: d=64, 4 heads of 16, 2 kv heads, ffn 256, untied head over 64 ids
+    model = CausalLM(size="tiny", vocab_size=VOCAB, model_overrides={"n_layers": 1, "max_seq_len": 32}, warmup_steps=1)
+    d, heads, kv, hd, ffn = 64, 4, 2, 16, 256
+    n_by_hand = d * (heads + 2 * kv) * hd + d * d + d * 2 * ffn + ffn * d + 2 * d + d + d * VOCAB
+    flops_per_token = 6 * n_by_hand + 12 * 1 * d * SEQ
+    ids = torch.randint(0, VOCAB, (6 * BATCH, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    data = DataLoader([{"input_ids": w[:-1], "targets": w[1:]} for w in ids], batch_size=BATCH)
+    logger, monitor = Capture(), Throughput(log_every_n_steps=2, peak_flops=1e9)
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=logger, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor],
+                        default_root_dir=tmp_path)
+    trainer.fit(model, data)
+
+    points = [(step, m) for step, m in logger.logged if "throughput/tokens_per_s" in m]
+    assert [step for step, _ in points] == [2, 4, 6]
+    for _, m in points:
+        assert m["throughput/tokens_per_s"] > 0
+        # tokens/s × seconds per step = the tokens of one batch
+        assert m["throughput/tokens_per_s"] * m["throughput/step_time_s"] == pytest.approx(BATCH * SEQ)
+        assert m["throughput/mfu"] == pytest.approx(m["throughput/tokens_per_s"] * flops_per_token / 1e9)
