@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Literal, Optional, Union
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -36,6 +37,20 @@ class StagewiseCLI(LightningCLI):
         # The model's embedding size and tokenizer check come from the prepared data, never by hand.
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.tokenizer_sha256", "model.init_args.tokenizer_sha256", apply_on="instantiate")
+        # `precision: auto` (resolved in before_instantiate_classes): widen the Trainer's Literal type.
+        action = next(a for a in parser._actions if a.dest == "trainer.precision")
+        action._typehint = Optional[Union[action._typehint, Literal["auto"]]]
+        action.default = "auto"
+
+    def before_instantiate_classes(self) -> None:
+        """Resolve ``trainer.precision: auto`` to bf16-mixed / 16-mixed / 32-true for this machine."""
+        from callbacks.precision import resolve_precision
+
+        trainer = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
+        if trainer.get("plugins") and trainer.precision == "auto":
+            trainer.precision = None  # a precision plugin (e.g. Float8MixedPrecision) chooses instead
+        elif trainer.precision == "auto":
+            trainer.precision = resolve_precision("auto", trainer.accelerator)
 
 
 def persistent_callbacks() -> list:
