@@ -1,0 +1,88 @@
+"""DDP on CPU (gloo, 2 processes): ranks train on different windows, and the step matches one process
+training on the same global batch (loss = mean of the ranks' losses, all-reduced grads = its grads).
+
+The test runs this file as a script: Lightning's DDP launcher re-runs the script for rank 1.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ, BATCH, VOCAB, WINDOWS, STEPS = 8, 2, 256, 24, 2
+
+
+def write_corpus(data_dir: Path) -> None:
+    """Token i of the train split is id i, so a window is known by its first token // SEQ."""
+    from datamodules.shards import ShardWriter, write_manifest
+
+    n = {"train": WINDOWS * SEQ + 1, "val": 2 * SEQ + 1, "test": SEQ + 1}
+    for split, count in n.items():
+        with ShardWriter(data_dir / "language", split, "uint16", with_mask=False) as w:
+            w.add(np.arange(count))
+    write_manifest(data_dir / "language", {"dtype": "uint16", "kind": "text", "tokens": n, "tokenizer_sha256": "a" * 64})
+
+
+def train(data_dir: str, out: str, devices: int, batch_size: int) -> None:
+    """Two steps of a tiny CausalLM; each rank saves its batches' windows, losses and (reduced) grads."""
+    import lightning as L
+
+    from datamodules.datamodule import LanguageDataModule
+    from lightning_modules.causal_lm import CausalLM
+
+    record = {"windows": [], "loss": [], "grad": []}
+
+    class Recorder(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            record["windows"].append((batch["input_ids"][:, 0] // SEQ).tolist())
+            record["loss"].append(float(outputs["loss"]))
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            record["grad"].append(torch.cat([p.grad.flatten() for p in pl_module.parameters()]).clone())
+
+    L.seed_everything(0)
+    model = CausalLM(size="tiny", vocab_size=VOCAB, model_overrides={"n_layers": 1, "max_seq_len": 16},
+                     warmup_steps=1, lr=1e-2)
+    data = LanguageDataModule(data_dir=data_dir, seq_len=SEQ, batch_size=batch_size, seed=3)
+    trainer = L.Trainer(
+        max_steps=STEPS, accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+        use_distributed_sampler=False, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Recorder()],
+    )
+    trainer.fit(model, datamodule=data)
+    torch.save(record, Path(out) / f"world{devices}_rank{trainer.global_rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    write_corpus(root / "data")
+    for devices, batch in [(2, BATCH), (1, 2 * BATCH)]:
+        proc = subprocess.run([sys.executable, __file__, str(root / "data"), str(root), str(devices), str(batch)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return {name: torch.load(root / f"{name}.pt") for name in ("world2_rank0", "world2_rank1", "world1_rank0")}
+
+
+def test_ranks_see_different_windows_that_make_up_the_global_batch(runs):
+    r0, r1, single = runs["world2_rank0"], runs["world2_rank1"], runs["world1_rank0"]
+    for step in range(STEPS):
+        assert not set(r0["windows"][step]) & set(r1["windows"][step])
+        assert sorted(r0["windows"][step] + r1["windows"][step]) == sorted(single["windows"][step])
+
+
+def test_ddp_loss_and_grads_match_one_process_on_the_global_batch(runs):
+    r0, r1, single = runs["world2_rank0"], runs["world2_rank1"], runs["world1_rank0"]
+    for step in range(STEPS):  # step 1 also checks that both setups took the same optimizer step
+        assert (r0["loss"][step] + r1["loss"][step]) / 2 == pytest.approx(single["loss"][step], rel=1e-5)
+        torch.testing.assert_close(r0["grad"][step], r1["grad"][step])  # all-reduced: identical
+        torch.testing.assert_close(r0["grad"][step], single["grad"][step], rtol=1e-4, atol=1e-6)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    train(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
