@@ -1,0 +1,246 @@
+"""Training throughput on GPU: our stack against the shared reference, one process per row.
+
+Rows (each in its own subprocess, so compile caches and memory never leak between them):
+  stagewise  CausalLM under the Lightning Trainer: bf16-mixed (``precision: auto``), compile, fused
+             AdamW with clipping at 1.0, the Throughput callback logging every 10 steps
+  fp8        the same with ``Float8MixedPrecision`` (torchao float8 linears, output head in bf16)
+  raw        our Transformer + the same loss and optimizer in a plain PyTorch loop
+  reference  ``throughput_reference.py`` (``RUNS=gpt:raw FUSED=1``: hand-written model, raw loop, fused AdamW)
+
+Sizes: ``base`` (124M, T=1024, B=32) and ``xl`` (1.1B, T=2048, B=8), vocab 32768, random tokens from
+memory. Every row times ``--steps`` steps after ``--warmup`` steps, like the reference.
+
+    python -m experiments.benchmark_throughput --sizes base xl --rows stagewise raw reference fp8
+    python -m experiments.benchmark_throughput --sizes base --rows stagewise --devices 2   # DDP
+
+Prints a table (tokens/s, MFU, peak memory, ratio to the reference of the same size) and writes
+``throughput_<date>.json`` and ``.md`` to ``experiments/results/`` and to ``$OUT`` when set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "experiments" / "reference" / "throughput_reference.py"
+# size: (preset, seq_len, micro_batch, the reference's name for it)
+SIZES = {"base": ("base", 1024, 32, "124M"), "xl": ("xl", 2048, 8, "1B"), "smoke": ("base", 256, 4, None)}
+VOCAB = 32768
+
+
+def model_config(size: str):
+    from lightning_modules.transformer import TransformerConfig
+
+    preset, seq_len, _, _ = SIZES[size]
+    overrides = {"n_layers": 2} if size == "smoke" else {}
+    return TransformerConfig.from_preset(preset, vocab_size=VOCAB, max_seq_len=max(seq_len, 2048), **overrides)
+
+
+def random_windows(n: int, seq_len: int, seed: int = 0) -> list[dict]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, seq_len + 1), generator=g)
+    return [{"input_ids": w[:-1], "targets": w[1:]} for w in ids]
+
+
+def row_stagewise(size: str, steps: int, warmup: int, devices: int, fp8: bool) -> dict:
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from callbacks.precision import Float8MixedPrecision, MixedPrecisionMonitor, resolve_precision
+    from callbacks.throughput import Throughput
+    from lightning_modules.causal_lm import CausalLM
+
+    _, seq_len, batch, _ = SIZES[size]
+    cfg = model_config(size)
+    overrides = {k: getattr(cfg, k) for k in ("n_layers", "max_seq_len")}
+    model = CausalLM(size=SIZES[size][0], vocab_size=VOCAB, model_overrides=overrides, compile=True,
+                     warmup_steps=10, max_steps=1000)
+    times: list[float] = []
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == warmup:
+                torch.cuda.synchronize()
+                times.append(time.perf_counter())
+
+        def on_train_end(self, trainer, pl_module):
+            torch.cuda.synchronize()
+            times.append(time.perf_counter())
+
+    throughput = Throughput(log_every_n_steps=10)
+    precision = {"plugins": [Float8MixedPrecision()]} if fp8 else {"precision": resolve_precision("auto")}
+    trainer = L.Trainer(
+        accelerator="gpu", devices=devices, max_steps=warmup + steps, gradient_clip_val=1.0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[Timer(), throughput, MixedPrecisionMonitor()], use_distributed_sampler=devices > 1,
+        **precision,
+    )
+    windows = random_windows((warmup + steps) * batch * devices, seq_len)
+    trainer.fit(model, DataLoader(windows, batch_size=batch, pin_memory=True, drop_last=True))
+    dt = (times[1] - times[0]) / steps
+    row = measured(size, dt, batch * seq_len * devices, devices)
+    row["precision"] = "fp8 (torchao tensorwise) + bf16-mixed" if fp8 else str(trainer.precision)
+    row["throughput_callback"] = {k.split("/")[1]: round(v, 4) for k, v in throughput.metrics.items()}
+    row["final_loss"] = round(float(trainer.callback_metrics["train/loss"]), 4)
+    return row
+
+
+def row_raw(size: str, steps: int, warmup: int) -> dict:
+    import torch
+
+    from lightning_modules.causal_lm import cross_entropy
+    from lightning_modules.transformer import Transformer
+
+    torch.set_float32_matmul_precision("high")
+    _, seq_len, batch, _ = SIZES[size]
+    model = Transformer(model_config(size)).cuda()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "tok_embeddings" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "tok_embeddings" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=3e-4, betas=(0.9, 0.95), fused=True)
+
+    @torch.compile
+    def loss_fn(x, y):
+        return cross_entropy(model(x), y)[0]
+
+    windows = random_windows(batch * 4, seq_len)
+    batches = [{k: torch.stack([w[k] for w in windows[i * batch:(i + 1) * batch]]).cuda() for k in windows[0]}
+               for i in range(4)]
+    for i in range(warmup + steps):
+        if i == warmup:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        b = batches[i % 4]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(b["input_ids"], b["targets"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    row = measured(size, (time.perf_counter() - t0) / steps, batch * seq_len, 1)
+    row["precision"] = "bf16 autocast"
+    return row
+
+
+def measured(size: str, step_s: float, tokens_per_step: int, devices: int) -> dict:
+    import torch
+
+    from callbacks.throughput import H100_BF16_DENSE_FLOPS, flops_per_token
+    from lightning_modules.transformer import Transformer
+
+    cfg = model_config(size)
+    with torch.device("meta"):
+        n = Transformer(cfg).num_parameters(non_embedding=True)
+    tokens_per_s = tokens_per_step / step_s
+    flops = flops_per_token(n, cfg.n_layers, cfg.d_model, SIZES[size][1])
+    return {
+        "step_ms": round(step_s * 1e3, 1), "tokens_per_s": int(tokens_per_s),
+        "mfu_pct": round(100 * tokens_per_s / devices * flops / H100_BF16_DENSE_FLOPS, 1),
+        "peak_mem_GB": round(torch.cuda.max_memory_allocated() / 2**30, 1), "devices": devices,
+    }
+
+
+def run_reference(size: str) -> dict:
+    """The shared reference script in its own process; its JSON row, renamed to our keys."""
+    name = SIZES[size][3]
+    env = {**os.environ, "RUNS": "gpt:raw", "FUSED": "1"}
+    env.pop("OUT", None)
+    proc = subprocess.run([sys.executable, str(REFERENCE), name], env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"reference failed: {proc.stdout[-1500:]}{proc.stderr[-1500:]}")
+    ref = json.loads(lines[-1])
+    return {"step_ms": ref["step_ms"], "tokens_per_s": ref["tokens_per_s"], "mfu_pct": ref["mfu_pct"],
+            "peak_mem_GB": ref["peak_mem_GB"], "devices": 1, "precision": "bf16 autocast (FUSED=1)"}
+
+
+def worker(args: argparse.Namespace) -> None:
+    row, size = args.worker
+    if row == "reference":
+        result = run_reference(size)
+    elif row == "raw":
+        result = row_raw(size, args.steps, args.warmup)
+    else:
+        result = row_stagewise(size, args.steps, args.warmup, args.devices, fp8=row == "fp8")
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("RANK", "0")) == 0:
+        print("ROW " + json.dumps({"size": size, "row": row, **result}), flush=True)
+
+
+def card() -> str:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+    names = out.stdout.strip().splitlines()
+    return f"{len(names)}x {names[0]}" if names else "unknown"
+
+
+def table(rows: list[dict]) -> str:
+    refs = {r["size"]: r["tokens_per_s"] for r in rows if r["row"] == "reference" and "tokens_per_s" in r}
+    lines = ["| size | row | GPUs | precision | tokens/s | MFU % | peak mem GiB | vs reference |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['size']} | {r['row']} | | failed: {r['error'][:80]} | | | | |")
+            continue
+        ratio = f"{r['tokens_per_s'] / refs[r['size']]:.3f}×" if r["size"] in refs else "–"
+        lines.append(f"| {r['size']} | {r['row']} | {r['devices']} | {r['precision']} | {r['tokens_per_s']:,} | "
+                     f"{r['mfu_pct']} | {r['peak_mem_GB']} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["base", "xl"], choices=list(SIZES))
+    parser.add_argument("--rows", nargs="+", default=["reference", "stagewise", "raw", "fp8"],
+                        choices=["reference", "stagewise", "raw", "fp8"])
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation)")
+    parser.add_argument("--devices", type=int, default=1, help="GPUs for the stagewise/fp8 rows (DDP if > 1)")
+    parser.add_argument("--tag", default="", help="suffix of the result files' names")
+    parser.add_argument("--worker", nargs=2, metavar=("ROW", "SIZE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args)
+
+    rows = []
+    for size in args.sizes:
+        for row in args.rows:
+            if row == "reference" and (SIZES[size][3] is None or not REFERENCE.exists()):
+                continue
+            cmd = [sys.executable, "-m", "experiments.benchmark_throughput", "--worker", row, size,
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--devices", str(args.devices)]
+            start = time.time()
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            found = [json.loads(ln[4:]) for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+            result = found[0] if found else {"size": size, "row": row,
+                                             "error": (proc.stderr or proc.stdout)[-2000:].strip()}
+            result["wall_s"] = round(time.time() - start, 1)
+            rows.append(result)
+            print(json.dumps(result), flush=True)
+
+    date = datetime.date.today().isoformat()
+    report = {"card": card(), "date": date, "command": " ".join(["python -m experiments.benchmark_throughput",
+                                                                    *(argv if argv is not None else sys.argv[1:])]),
+              "steps": args.steps, "warmup": args.warmup, "rows": rows}
+    text = table(rows)
+    md = f"Card: {report['card']}; date: {date}; `{report['command']}`\n\n{text}\n"
+    name = f"throughput_{date}{'_' + args.tag if args.tag else ''}"
+    for folder in [ROOT / "experiments" / "results", Path(os.environ["OUT"]) if os.environ.get("OUT") else None]:
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+            (folder / f"{name}.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
