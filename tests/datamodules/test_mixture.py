@@ -149,3 +149,38 @@ def test_unknown_or_mismatched_domains_are_refused(data_dir):
                            data_dir=str(data_dir))
     with pytest.raises(TokenizerMismatchError):
         dm.manifests()
+
+
+def test_fit_resumes_mid_epoch_with_lightning(data_dir, tmp_path):
+    """Lightning saves the mixture loader's position in the checkpoint and restores it on `ckpt_path`."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Recorder(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append((self.current_epoch, *windows([batch])))
+            return (self.w * batch["input_ids"].float().mean()).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def fit(ckpt_path=None):
+        dm = MixtureDataModule(corpus="tools", mixture={"tools": 0.5, "language": 0.5}, data_dir=str(data_dir),
+                               seq_len=SEQ, batch_size=2, seed=3)
+        model = Recorder()
+        every_7 = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=7, save_top_k=-1)
+        trainer = L.Trainer(max_steps=16, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=tmp_path, use_distributed_sampler=False,
+                            callbacks=[every_7])
+        trainer.fit(model, dm, ckpt_path=ckpt_path)
+        return model.seen
+
+    whole = fit()  # 10 batches per epoch: crosses into epoch 1
+    assert whole[0][0] == 0 and whole[-1][0] == 1
+    assert fit(ckpt_path=tmp_path / "step=7.ckpt") == whole[7:]
+    assert fit(ckpt_path=tmp_path / "step=14.ckpt") == whole[14:]
