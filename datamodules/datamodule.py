@@ -182,6 +182,15 @@ class CorpusDataModule(L.LightningDataModule):
         self._manifests: dict[str, dict] | None = None
         self._vocab_size: int | None = None
 
+    def state_dict(self) -> dict:
+        """The data settings, stored in every checkpoint (``stagewise evaluate`` reads them back); the loader's
+        position is saved separately by the fit loop."""
+        return {"corpus": self.corpus, "val_domains": list(self.val_domains), "data_dir": str(self.data_dir),
+                "seq_len": self.seq_len, "batch_size": self.batch_size, "val_max_windows": self.val_max_windows}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Settings come from the config, not the checkpoint: nothing to restore."""
+
     # --- what the model needs to know, from the prepared data -----------------------------------------
     def manifests(self) -> dict[str, dict]:
         """The manifests of the training corpus and every validation domain, checked for one shared tokenizer."""

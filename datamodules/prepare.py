@@ -365,6 +365,6 @@ def print_table(manifests: dict[str, dict], out: Console) -> None:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``stagewise prepare -c configs/data/<name>.yaml``."""
-    from jsonargparse import CLI
+    from datamodules.command import run_function
 
-    CLI(prepare, args=args, as_positional=False)
+    run_function(prepare, args, "stagewise prepare")

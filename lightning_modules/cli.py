@@ -98,6 +98,7 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Dispatch ``stagewise <command> ...``."""
+    from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     try:
         if command in LIGHTNING_SUBCOMMANDS:
-            run_lightning([command, *rest])
+            run_lightning(None if from_sys else [command, *rest])  # None: LightningCLI reads sys.argv
         elif command in COMMANDS:
             module, function, _ = COMMANDS[command]
             try:

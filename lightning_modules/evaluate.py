@@ -101,8 +101,9 @@ def evaluate(
     if not Path(ckpt).is_file():
         raise StagewiseError(f"no checkpoint at {ckpt}; train a stage first or pass --ckpt <file.ckpt>")
     saved = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
-    settings = {k: v for k, v in (saved.get("datamodule_hyper_parameters") or {}).items()
-                if k in ("data_dir", "seq_len", "batch_size", "val_max_windows")}
+    # A CorpusDataModule's state_dict (its settings) is stored under its class name.
+    data_state = next((v for v in saved.values() if isinstance(v, dict) and "seq_len" in v and "corpus" in v), {})
+    settings = {k: v for k, v in data_state.items() if k in ("data_dir", "seq_len", "batch_size", "val_max_windows")}
     del saved
     if config:
         settings.update(_settings_from_config(config))

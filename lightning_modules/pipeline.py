@@ -168,6 +168,6 @@ def pipeline(
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``stagewise pipeline -c configs/pipelines/<name>.yaml``."""
-    from jsonargparse import CLI
+    from datamodules.command import run_function
 
-    CLI(pipeline, args=args, as_positional=False)
+    run_function(pipeline, args, "stagewise pipeline")

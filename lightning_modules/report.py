@@ -157,6 +157,6 @@ def report(experiment: str, stages: list[str], baselines: list[str] | None = Non
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``stagewise report --experiment demo --stages [language,code,tools] --baselines [joint]``."""
-    from jsonargparse import CLI
+    from datamodules.command import run_function
 
-    CLI(report, args=args, as_positional=False)
+    run_function(report, args, "stagewise report")
