@@ -40,6 +40,8 @@ from datamodules.tokenizer import (
 
 SPLITS = ("train", "val", "test")
 console = Console(stderr=True)
+if not console.is_terminal:  # logs and CI: keep the table readable instead of 80 columns
+    console.width = 160
 
 
 @dataclass
