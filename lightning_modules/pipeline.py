@@ -61,15 +61,15 @@ def _key(spec: StageSpec, parent_ckpt: Path | None, data_dir: Path) -> str:
 def _run_stage(spec: StageSpec, experiment: str, parent: Path | None, models_dir: Path, runs_dir: Path,
                data_dir: Path) -> str:
     """Run (or skip, or resume) one stage; returns what happened."""
+    for cfg in spec.configs:
+        if not Path(cfg).exists():
+            raise StagewiseError(f"stage '{spec.name}' names config '{cfg}', which does not exist")
     key = _key(spec, parent, data_dir)
     record = read_stage_record(models_dir, spec.name)
     best = models_dir / f"{spec.name}_model_best.ckpt"
     if record and record.get("pipeline_key") == key and best.exists():
         console.print(f"[green]{spec.name}[/]: up to date (models/{spec.name}/stage.json matches), skipped")
         return "skipped"
-    for cfg in spec.configs:
-        if not Path(cfg).exists():
-            raise StagewiseError(f"stage '{spec.name}' names config '{cfg}', which does not exist")
     run_dir = runs_dir / experiment / spec.name
     key_file = run_dir / "pipeline_key.txt"
     last = run_dir / "checkpoints" / "last.ckpt"

@@ -1,0 +1,116 @@
+"""The pipeline's skip / resume / restart decisions, and the report's contents.
+
+The stages' training itself is covered elsewhere; here `subprocess.run` is replaced by a fake stage that
+records its command line and writes what a real `stagewise fit` leaves behind.
+"""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from callbacks.stage_record import update_stage_record
+from datamodules.errors import StagewiseError
+from lightning_modules import pipeline as pl
+from lightning_modules.report import write_report
+
+
+@pytest.fixture
+def fake_fit(monkeypatch, tmp_path):
+    """A stand-in for the `stagewise fit` subprocess: records argv, writes the best ckpt and stage.json."""
+    monkeypatch.chdir(tmp_path)
+    calls: list[list[str]] = []
+
+    def run(cmd, env=None):
+        calls.append(cmd)
+        version = next(a.split("=", 1)[1] for a in cmd if a.startswith("--trainer.logger.init_args.version="))
+        Path("models").mkdir(exist_ok=True)
+        Path(f"models/{version}_model_best.ckpt").write_bytes(f"weights of {version} {len(calls)}".encode())
+        parent = next((a.split("=", 1)[1] for a in cmd if a.startswith("--model.init_args.init_from=")), None)
+        update_stage_record(Path("models"), version, {"stage": version, "parent": {"path": parent} if parent else None,
+                                                      "losses": {"final": {"language": 3.0}}})
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(pl.subprocess, "run", run)
+    Path("stage.yaml").write_text("trainer: {max_steps: 3}\n")
+    return calls
+
+
+def _stages():
+    return [pl.StageSpec("language", ["stage.yaml"]), pl.StageSpec("code", ["stage.yaml"], ["--trainer.max_steps=2"])]
+
+
+def test_stages_chain_from_the_previous_best_and_rerun_is_skipped(fake_fit):
+    assert pl.pipeline(_stages(), experiment="t", report=False) == {"language": "trained", "code": "trained"}
+    assert not any(a.startswith("--model.init_args.init_from") for a in fake_fit[0])
+    assert "--model.init_args.init_from=models/language_model_best.ckpt" in fake_fit[1]
+    assert "--trainer.max_steps=2" in fake_fit[1]
+    assert pl.pipeline(_stages(), experiment="t", report=False) == {"language": "skipped", "code": "skipped"}
+    assert len(fake_fit) == 2
+
+
+def test_changed_config_reruns_that_stage_and_its_children(fake_fit):
+    pl.pipeline(_stages(), experiment="t", report=False)
+    Path("runs/t/language/events").write_text("old run")
+    Path("stage.yaml").write_text("trainer: {max_steps: 4}\n")
+    assert pl.pipeline(_stages(), experiment="t", report=False) == {"language": "trained", "code": "trained"}
+    moved = [p for p in Path("runs/t").iterdir() if p.name.startswith("language.")]
+    assert len(moved) == 1 and (moved[0] / "events").read_text() == "old run"  # kept aside, not overwritten
+
+
+def test_interrupted_stage_resumes_from_its_last_checkpoint(fake_fit):
+    pl.pipeline(_stages(), experiment="t", report=False)
+    # code was interrupted: no matching record, but its run dir has the same key and a last.ckpt
+    update_stage_record(Path("models"), "code", {"pipeline_key": "stale"})
+    (Path("runs/t/code/checkpoints")).mkdir(parents=True)
+    Path("runs/t/code/checkpoints/last.ckpt").write_bytes(b"x")
+    assert pl.pipeline(_stages(), experiment="t", report=False) == {"language": "skipped", "code": "resumed"}
+    assert fake_fit[-1][-2:] == ["--ckpt_path", "runs/t/code/checkpoints/last.ckpt"]
+
+
+def test_bad_pipelines_are_refused(fake_fit):
+    with pytest.raises(StagewiseError, match="does not exist"):
+        pl.pipeline([pl.StageSpec("language", ["missing.yaml"])], report=False)
+    with pytest.raises(StagewiseError, match="not an earlier stage"):
+        pl.pipeline([pl.StageSpec("code", ["stage.yaml"], init_from="language")], report=False)
+    with pytest.raises(StagewiseError, match="unique"):
+        pl.pipeline([pl.StageSpec("a", ["stage.yaml"]), pl.StageSpec("a", ["stage.yaml"])], report=False)
+
+
+def test_report_has_a_column_per_domain_forgetting_and_plots(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    models, runs = tmp_path / "models", tmp_path / "runs"
+    records = {
+        "language": {"tokens": {"stage": 100, "total": 100}, "wall_time_s": 10,
+                     "losses": {"final": {"language": 4.25}}},
+        "code": {"parent": {"stage": "language"}, "tokens": {"stage": 50, "total": 150}, "wall_time_s": 5,
+                 "losses": {"final": {"language": 4.5, "code": 3.75}},
+                 "forgetting": {"language": {"baseline": 4.25, "final": 4.5, "max_rise": 0.0588,
+                                             "max_rise_step": 40, "alarms": [{"level": "warn", "step": 40}]}}},
+        "joint": {"tokens": {"stage": 150, "total": 150}, "wall_time_s": 14,
+                  "losses": {"final": {"language": 4.0, "code": 4.125}},
+                  "tools": {"json_valid": 0.5, "name_accuracy": 0.25, "call_accuracy": 0.125}},
+    }
+    for name, record in records.items():
+        update_stage_record(models, name, record)
+        writer = SummaryWriter(runs / "exp" / name)
+        for step, tokens in ((1, 50), (2, 100)):
+            for domain in record["losses"]["final"]:
+                writer.add_scalar(f"val/{domain}/loss", 5.0 - step, step)
+                writer.add_scalar(f"val_tokens/{domain}/loss", 5.0 - step, tokens)
+        writer.close()
+    path = write_report("exp", ["language", "code"], ["joint"], models_dir=str(models), runs_dir=str(runs))
+    text = path.read_text()
+    assert "| language loss | code loss |" in text
+    assert "| code | language | 50 | 150 | 5s | 4.500 | 3.750 | – |" in text
+    assert "0.50 / 0.25 / 0.12" in text  # joint's tool-call scores
+    assert "+5.9% (step 40) | warn@40" in text
+    for png in ("loss_vs_tokens.png", "quality_vs_time.png"):
+        assert (path.parent / png).stat().st_size > 10_000 and f"]({png})" in text
+
+
+def test_report_refuses_a_stage_that_has_not_run(tmp_path):
+    with pytest.raises(StagewiseError, match="run the stage first"):
+        write_report("exp", ["language"], models_dir=str(tmp_path / "models"), runs_dir=str(tmp_path / "runs"))
