@@ -119,6 +119,13 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"stagewise: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
             raise SystemExit(2)
-    except StagewiseError as err:
-        print(f"stagewise {command}: error: {err}", file=sys.stderr)
+    except Exception as err:
+        # jsonargparse wraps an error raised while instantiating a class (e.g. an unknown model size) in a
+        # ValueError whose __cause__ is the original: report the user's error, not the wrapper.
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, StagewiseError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        print(f"stagewise {command}: error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
