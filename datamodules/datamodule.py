@@ -32,13 +32,23 @@ class TokenWindows(Dataset):
         split: ``train``, ``val`` or ``test``.
         seq_len: Tokens per training example.
         max_windows: Use only the first ``max_windows`` windows.
+        align_to_documents: Window ``i`` instead ends where document ``i`` ends (tool examples: every
+            window holds one whole assistant answer, left-truncated context before it; the very first
+            documents are left-padded with the pad token, masked out).
     """
 
-    def __init__(self, corpus_dir: str | Path, split: str, seq_len: int, max_windows: int | None = None):
+    PAD_ID = 2  # the reserved <|pad|> (datamodules.tokenizer.SPECIAL_TOKENS)
+
+    def __init__(self, corpus_dir: str | Path, split: str, seq_len: int, max_windows: int | None = None,
+                 align_to_documents: bool = False):
         self.corpus_dir, self.split, self.seq_len = Path(corpus_dir), split, seq_len
         self._data = open_split(self.corpus_dir, split)
         self.has_mask = self._data.mask is not None
-        n = (len(self._data.tokens) - 1) // seq_len if len(self._data.tokens) > seq_len else 0
+        self.align = align_to_documents
+        if self.align:
+            n = len(self._data.offsets) - 1
+        else:
+            n = (len(self._data.tokens) - 1) // seq_len if len(self._data.tokens) > seq_len else 0
         self.num_windows = n if max_windows is None else min(n, max_windows)
 
     def __len__(self) -> int:
@@ -51,11 +61,17 @@ class TokenWindows(Dataset):
         if self._data is None:
             self._data = open_split(self.corpus_dir, self.split)
         start = i * self.seq_len
-        window = torch.from_numpy(self._data.tokens[start : start + self.seq_len + 1].astype(np.int64))
+        end = start + self.seq_len + 1
+        if self.align:
+            end = int(self._data.offsets[i + 1])
+            start = end - self.seq_len - 1
+        pad = max(0, -start)
+        tokens = self._data.tokens[max(0, start) : end].astype(np.int64)
+        window = torch.from_numpy(np.concatenate([np.full(pad, self.PAD_ID, np.int64), tokens]))
         item = {"input_ids": window[:-1], "targets": window[1:]}
         if self.has_mask:
-            mask = self._data.mask[start + 1 : start + self.seq_len + 1].astype(np.float32)
-            item["loss_mask"] = torch.from_numpy(mask)
+            mask = np.concatenate([np.zeros(pad, np.float32), self._data.mask[max(0, start) : end].astype(np.float32)])
+            item["loss_mask"] = torch.from_numpy(mask[1:])
         return item
 
 
@@ -160,6 +176,8 @@ class CorpusDataModule(L.LightningDataModule):
             always reads in the main process.
         seed: Seed of the training order: each epoch's order is fixed by (seed, epoch).
         val_max_windows: Validate on at most this many windows per domain (default: the whole held-out split).
+        align_tool_examples: For tool corpora, one window per example ending at its answer, instead of
+            packed windows (where an answer of ~50 tokens after ~2K tokens of schemas often falls in no window).
     """
 
     def __init__(
@@ -172,8 +190,10 @@ class CorpusDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 1234,
         val_max_windows: int | None = None,
+        align_tool_examples: bool = True,
     ):
         super().__init__()
+        self.align_tool_examples = align_tool_examples
         self.corpus = corpus
         self.val_domains = list(val_domains) if val_domains else [corpus]
         self.data_dir = Path(data_dir)
@@ -238,10 +258,13 @@ class CorpusDataModule(L.LightningDataModule):
             "pin_memory": torch.cuda.is_available(),
         }
 
+    def _align(self, domain: str) -> bool:
+        return self.align_tool_examples and self.manifests()[domain].get("kind") == "tools"
+
     def train_dataloader(self) -> ResumableDataLoader:
         """Shuffled training windows of this rank (deterministic per seed and epoch, resumable mid-epoch)."""
         self.manifests()
-        dataset = TokenWindows(self.data_dir / self.corpus, "train", self.seq_len)
+        dataset = TokenWindows(self.data_dir / self.corpus, "train", self.seq_len, align_to_documents=self._align(self.corpus))
         rank, world = self._rank_world()
         if len(dataset) // world < self.batch_size:
             raise StagewiseError(
@@ -256,7 +279,8 @@ class CorpusDataModule(L.LightningDataModule):
         self.manifests()
         loaders = []
         for domain in self.val_domains:
-            dataset = TokenWindows(self.data_dir / domain, split, self.seq_len, self.val_max_windows)
+            dataset = TokenWindows(self.data_dir / domain, split, self.seq_len, self.val_max_windows,
+                                   align_to_documents=self._align(domain))
             # Read in the main process: a window is one memmap slice (tens of M tokens/s, see
             # experiments/benchmark_prepare.py), so workers per domain would only hold memory.
             loaders.append(DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **self._loader_kwargs(0)))

@@ -60,7 +60,8 @@ def test_batches_are_shifted_windows(data_dir):
 
 
 def test_tool_batches_carry_the_shifted_loss_mask(data_dir):
-    batch = next(iter(ToolDataModule(data_dir=str(data_dir), seq_len=SEQ, batch_size=3).train_dataloader()))
+    dm = ToolDataModule(data_dir=str(data_dir), seq_len=SEQ, batch_size=3, align_tool_examples=False)
+    batch = next(iter(dm.train_dataloader()))
     assert batch["loss_mask"].dtype == torch.float32
     assert torch.equal(batch["loss_mask"], (batch["targets"] % 3 == 0).float())
 
@@ -109,7 +110,7 @@ def test_resume_with_another_seed_is_refused(data_dir):
 
 
 def test_val_iterates_each_domain_once_in_order(data_dir):
-    dm = ToolDataModule(data_dir=str(data_dir), seq_len=SEQ, batch_size=2)
+    dm = ToolDataModule(data_dir=str(data_dir), seq_len=SEQ, batch_size=2, align_tool_examples=False)
     loaders = dm.val_dataloader()
     assert len(loaders) == 3
     for dl, n in zip(loaders, [5, 3, 2]):
@@ -164,3 +165,21 @@ def test_fit_resumes_mid_epoch_with_lightning(data_dir, tmp_path):
     assert whole[0][0] == 0 and whole[-1][0] == 1
     assert fit(ckpt_path=tmp_path / "step=7.ckpt") == whole[7:]  # mid-epoch 0
     assert fit(ckpt_path=tmp_path / "step=14.ckpt") == whole[14:]  # mid-epoch 1
+
+
+def test_aligned_tool_windows_end_with_each_examples_answer(tmp_path):
+    from datamodules.datamodule import TokenWindows
+
+    lengths = [3, 9, 6]  # example i: ids 100*(i+1) + k, answer = its last 2 tokens (mask 1)
+    with ShardWriter(tmp_path / "tools", "train", "uint32", with_mask=True) as w:
+        for i, n in enumerate(lengths):
+            w.add(100 * (i + 1) + np.arange(n), (np.arange(n) >= n - 2).astype(np.uint8))
+    windows = TokenWindows(tmp_path / "tools", "train", seq_len=4, align_to_documents=True)
+    assert len(windows) == 3
+    first, second, third = (windows[i] for i in range(3))
+    # the first example is shorter than a window: left-padded with <|pad|>, padding never in the loss
+    assert first["input_ids"].tolist() == [2, 2, 100, 101] and first["targets"].tolist() == [2, 100, 101, 102]
+    assert first["loss_mask"].tolist() == [0, 0, 1, 1]
+    # a long example is left-truncated: the window ends exactly at its answer
+    assert second["targets"].tolist() == [205, 206, 207, 208] and second["loss_mask"].tolist() == [0, 0, 1, 1]
+    assert third["targets"].tolist()[-2:] == [304, 305] and third["loss_mask"].sum() == 2
