@@ -199,6 +199,8 @@ class StageHandoff(L.Callback):
             "best_step": best_step,
             "precision": str(trainer.precision),
             "config": _resolved_config(trainer, pl_module),
+            # token fractions of the training mixture (replay / joint), when the data module mixes domains
+            "replay": getattr(trainer.datamodule, "mixture_fractions", None),
         }
 
     def wall_time_s(self) -> float:
