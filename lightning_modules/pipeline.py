@@ -161,8 +161,8 @@ def pipeline(
 
         path = write_report(experiment, [s.name for s in stages], [b.name for b in baselines or []],
                             models_dir=models_dir, runs_dir=runs_dir)
-        console.print(path.read_text())
-        console.print(f"report: {path}")
+        print(path.read_text())  # plain: markdown brackets are not rich markup
+        print(f"report: {path}")
     return outcome
 
 

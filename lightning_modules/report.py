@@ -67,6 +67,7 @@ def _plots(experiment_dir: Path, stages: list[str], baselines: list[str], domain
     import matplotlib.pyplot as plt
 
     runs = {name: read_scalars(experiment_dir / name, "val") for name in stages + baselines}
+    color = {name: f"C{i}" for i, name in enumerate(stages + baselines)}  # one colour per run in every panel
     files = []
     # 1. Per-domain held-out loss against total tokens, the stages as one curve with boundaries.
     fig, axes = plt.subplots(1, len(domains), figsize=(5 * len(domains), 3.6), squeeze=False)
@@ -74,11 +75,11 @@ def _plots(experiment_dir: Path, stages: list[str], baselines: list[str], domain
         for name in stages + baselines:
             points = runs[name].get(f"val_tokens/{domain}/loss")
             if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker=".",
+                ax.plot([p[0] / 1e6 for p in points], [p[1] for p in points], marker=".", color=color[name],
                         label=name, linestyle="--" if name in baselines else "-")
                 if name in stages:
-                    ax.axvline(points[0][0], color="grey", linewidth=0.5)
-        ax.set(title=f"{domain}: held-out loss", xlabel="total tokens seen", ylabel="loss")
+                    ax.axvline(points[0][0] / 1e6, color="grey", linewidth=0.5)
+        ax.set(title=f"{domain}: held-out loss", xlabel="total tokens seen (M)", ylabel="loss")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(experiment_dir / "loss_vs_tokens.png", dpi=110)
@@ -88,22 +89,23 @@ def _plots(experiment_dir: Path, stages: list[str], baselines: list[str], domain
     fig, axes = plt.subplots(1, len(domains), figsize=(5 * len(domains), 3.6), squeeze=False)
     for ax, domain in zip(axes[0], domains):
         offset, xs, ys = 0.0, [], []
-        for name in stages:
-            points = runs[name].get(f"val/{domain}/loss")
-            if not points:
+        for name in stages:  # the clock runs through every stage, also those that don't validate this domain
+            stamps = [p[2] for series in runs[name].values() for p in series]
+            if not stamps:
                 continue
-            t0 = min(p[2] for s in runs[name].values() for p in s)
+            t0 = min(stamps)
+            points = runs[name].get(f"val/{domain}/loss", [])
             xs += [(offset + p[2] - t0) / 60 for p in points]
             ys += [p[1] for p in points]
-            offset += max(p[2] for s in runs[name].values() for p in s) - t0
+            offset += max(stamps) - t0
         if xs:
-            ax.plot(xs, ys, marker=".", label="staged")
+            ax.plot(xs, ys, marker=".", label="staged", color="C0")
         for name in baselines:
             points = runs[name].get(f"val/{domain}/loss")
             if points:
                 t0 = min(p[2] for s in runs[name].values() for p in s)
                 ax.plot([(p[2] - t0) / 60 for p in points], [p[1] for p in points], marker=".",
-                        linestyle="--", label=name)
+                        linestyle="--", label=name, color=color[name])
         ax.set(title=f"{domain}: quality vs training time", xlabel="wall time (min)", ylabel="held-out loss")
         ax.legend(fontsize=8)
     fig.tight_layout()
