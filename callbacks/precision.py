@@ -21,7 +21,6 @@ import torch.nn as nn
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks.stage_record import update_stage_record
 from datamodules.errors import StagewiseError
 
 
@@ -37,29 +36,31 @@ def resolve_precision(precision: str | int | None = "auto", accelerator: str | N
     return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
 
 
-class MixedPrecisionMonitor(L.Callback):
-    """Records which precision a run trains in and watches its numerics.
+def precision_label(trainer: L.Trainer) -> str:
+    """The precision a run trains in, as recorded in stage.json and logs (``fp8-mixed`` for the float8 plugin)."""
+    return "fp8-mixed" if isinstance(trainer.precision_plugin, Float8MixedPrecision) else str(trainer.precision)
 
-    At fit start it logs the Trainer's precision to the console and the TensorBoard text tab and writes
-    it to ``<models_dir>/<stage>/stage.json`` (key ``precision``). Under ``16-mixed`` it logs the
+
+class MixedPrecisionMonitor(L.Callback):
+    """Reports which precision a run trains in and watches its numerics.
+
+    At fit start it logs the precision (:func:`precision_label`) to the console and the TensorBoard text
+    tab (``StageHandoff`` records the same label in stage.json). Under ``16-mixed`` it logs the
     gradient scaler's scale as ``train/grad_scale`` every ``log_every_n_steps`` optimizer steps (a read
     of the scale syncs with the GPU, so not on every step). The global gradient norm is
     ``train/grad_norm``, logged by ``CausalLM`` on every step whether or not it clips.
 
     Args:
-        stage: Name of the stage whose stage.json gets the precision; ``None`` writes no record.
-        models_dir: Directory holding ``<stage>/stage.json``.
         log_every_n_steps: Optimizer steps between ``train/grad_scale`` points.
     """
 
-    def __init__(self, stage: str | None = None, models_dir: str = "models", log_every_n_steps: int = 50) -> None:
-        self.stage, self.models_dir, self.log_every_n_steps = stage, models_dir, log_every_n_steps
+    def __init__(self, log_every_n_steps: int = 50) -> None:
+        self.log_every_n_steps = log_every_n_steps
         self.precision: str | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         torch.set_float32_matmul_precision("high")
-        plugin = trainer.precision_plugin
-        self.precision = "fp8-mixed" if isinstance(plugin, Float8MixedPrecision) else str(trainer.precision)
+        self.precision = precision_label(trainer)
         tf32 = torch.get_float32_matmul_precision()
         rank_zero_info(f"precision: {self.precision} (float32 matmuls: {tf32})")
         if not trainer.is_global_zero:
@@ -67,8 +68,6 @@ class MixedPrecisionMonitor(L.Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_text"):  # TensorBoard
             experiment.add_text("precision", f"`{self.precision}` (float32 matmul precision `{tf32}`)", 0)
-        if self.stage:
-            update_stage_record(self.models_dir, self.stage, {"precision": self.precision})
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)

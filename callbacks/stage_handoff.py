@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from callbacks.precision import precision_label
 from callbacks.stage_record import file_sha256, stage_of_checkpoint, stage_record_for_checkpoint, update_stage_record
 from datamodules.errors import StagewiseError, TokenizerMismatchError
 
@@ -197,7 +198,7 @@ class StageHandoff(L.Callback):
             "wall_time_s": round(self.wall_time_s(), 3),
             "losses": {"final": final, "best": best if best is not None else final},
             "best_step": best_step,
-            "precision": str(trainer.precision),
+            "precision": precision_label(trainer),
             "config": _resolved_config(trainer, pl_module),
             # token fractions of the training mixture (replay / joint), when the data module mixes domains
             "replay": getattr(trainer.datamodule, "mixture_fractions", None),

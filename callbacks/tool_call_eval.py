@@ -35,7 +35,7 @@ class ToolCallEval(L.Callback):
     (FSDP) strategies.
 
     Args:
-        data_dir: Where ``stagewise prepare`` wrote the shards and tokenizer.
+        data_dir: Where ``stagewise prepare`` wrote the shards and tokenizer, when the data module has no ``data_dir``.
         num_examples: Held-out examples scored at each evaluation (the first ones of the split).
         max_new_tokens: Longest answer generated per example.
         every_n_validations: Evaluate at every n-th validation (generation costs more than a loss).
@@ -71,9 +71,10 @@ class ToolCallEval(L.Callback):
         from lightning_modules.tool_eval import load_heldout_examples
 
         if self._examples is None:
-            tok_dir = getattr(trainer.datamodule, "tokenizer_dir", None) or Path(self.data_dir) / "tokenizer"
+            data_dir = getattr(trainer.datamodule, "data_dir", None) or self.data_dir  # the run's data first
+            tok_dir = getattr(trainer.datamodule, "tokenizer_dir", None) or Path(data_dir) / "tokenizer"
             self._tokenizer = load_tokenizer(tok_dir)
-            self._examples = load_heldout_examples(self.data_dir, self.split, self.num_examples,
+            self._examples = load_heldout_examples(data_dir, self.split, self.num_examples,
                                                    tokenizer=self._tokenizer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

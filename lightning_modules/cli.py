@@ -55,14 +55,13 @@ class StagewiseCLI(LightningCLI):
 
 def persistent_callbacks() -> list:
     """Callbacks every stage gets in addition to its config's: ``last.ckpt`` (for ``--ckpt_path last``)
-    in the run's ``checkpoints/`` dir, the LR on every step, and final losses in the HPARAMS tab."""
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    in the run's ``checkpoints/`` dir and the final losses in the HPARAMS tab (``CausalLM`` logs the LR)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from callbacks import FinalMetricsToHparams
 
     return [
         ModelCheckpoint(save_last=True, save_top_k=0),
-        LearningRateMonitor(logging_interval="step"),
         FinalMetricsToHparams(),
     ]
 

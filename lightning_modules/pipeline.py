@@ -147,8 +147,8 @@ def pipeline(
     models, runs, data_root = Path(models_dir), Path(runs_dir), Path(data_dir)
     outcome: dict[str, str] = {}
     previous: str | None = None
-    for spec in stages + (baselines or []):
-        is_baseline = spec in (baselines or [])
+    plan = [(spec, False) for spec in stages] + [(spec, True) for spec in baselines or []]
+    for spec, is_baseline in plan:
         parent_name = {"previous": None if is_baseline else previous, "none": None}.get(spec.init_from, spec.init_from)
         if parent_name is not None and parent_name not in outcome:
             raise StagewiseError(f"stage '{spec.name}' starts from '{parent_name}', which is not an earlier stage")

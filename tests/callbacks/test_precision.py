@@ -8,8 +8,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
 
-from callbacks.precision import MixedPrecisionMonitor, float8_filter, resolve_precision
-from callbacks.stage_record import read_stage_record
+from callbacks.precision import MixedPrecisionMonitor, float8_filter, precision_label, resolve_precision
 from lightning_modules.causal_lm import CausalLM
 from lightning_modules.cli import StagewiseCLI
 
@@ -77,10 +76,10 @@ def test_monitor_records_precision_and_grad_norm_is_logged(tmp_path):
     trainer = L.Trainer(
         max_steps=4, accelerator="cpu", logger=logger, log_every_n_steps=1, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-        callbacks=[MixedPrecisionMonitor(stage="language", models_dir=str(tmp_path / "models"))],
+        callbacks=[monitor := MixedPrecisionMonitor()],
     )
     trainer.fit(model, datamodule=TinyData())
-    assert read_stage_record(tmp_path / "models", "language")["precision"] == "32-true"
+    assert monitor.precision == precision_label(trainer) == "32-true"
     norms = [m["train/grad_norm"] for _, m in logger.logged if "train/grad_norm" in m]
     assert len(norms) == 4 and all(n > 0 for n in norms)  # logged on every step, without clipping
 
