@@ -60,7 +60,14 @@ class Throughput(L.Callback):
         self._shape = model_shape(pl_module)
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
-        self._t0, self._batches, self._tokens = None, 0, 0
+        self._t0, self._batches, self._tokens, self._elapsed = None, 0, 0, 0.0
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Validation (and whatever callbacks do there) is not training time: pause the clock.
+        if self._t0 is not None and not trainer.sanity_checking:
+            self._sync(pl_module)
+            self._elapsed += time.perf_counter() - self._t0
+            self._t0 = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._t0 is None:
@@ -77,12 +84,12 @@ class Throughput(L.Callback):
         if self._batches < self.log_every_n_steps:
             return
         self._sync(pl_module)
-        elapsed = time.perf_counter() - self._t0
+        elapsed = self._elapsed + time.perf_counter() - self._t0
         self.metrics = self.compute(self._tokens, self._batches, elapsed, trainer.world_size, pl_module.device)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(self.metrics, step=trainer.global_step)
-        self._t0, self._batches, self._tokens = time.perf_counter(), 0, 0
+        self._t0, self._batches, self._tokens, self._elapsed = time.perf_counter(), 0, 0, 0.0
 
     def compute(self, tokens: int, batches: int, elapsed: float, world_size: int, device: torch.device) -> dict[str, float]:
         """The metrics of one window: ``tokens`` trained by all ranks in ``batches`` batches over ``elapsed`` s."""

@@ -49,3 +49,24 @@ def test_logs_tokens_per_s_and_mfu_every_n_steps(tmp_path):
         # tokens/s × seconds per step = the tokens of one batch
         assert m["throughput/tokens_per_s"] * m["throughput/step_time_s"] == pytest.approx(BATCH * SEQ)
         assert m["throughput/mfu"] == pytest.approx(m["throughput/tokens_per_s"] * flops_per_token / 1e9)
+
+
+def test_validation_time_is_not_counted_as_training_time(tmp_path):
+    import time
+
+    class SlowValidation(CausalLM):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            time.sleep(1.0)  # far longer than the training steps of this tiny model
+
+    model = SlowValidation(size="tiny", vocab_size=VOCAB, model_overrides={"n_layers": 1, "max_seq_len": 32},
+                           warmup_steps=1)
+    ids = torch.randint(0, VOCAB, (4 * BATCH, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    data = DataLoader([{"input_ids": w[:-1], "targets": w[1:]} for w in ids], batch_size=BATCH)
+    logger = Capture()
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=logger, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        val_check_interval=2, limit_val_batches=1, callbacks=[Throughput(log_every_n_steps=4)],
+                        default_root_dir=tmp_path)
+    trainer.fit(model, data, data)
+    (step, m), = [(s, m) for s, m in logger.logged if "throughput/step_time_s" in m]
+    assert step == 4 and m["throughput/step_time_s"] < 0.25  # a validation inside the window would add 0.25 s/step
