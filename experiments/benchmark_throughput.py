@@ -5,6 +5,11 @@ Rows (each in its own subprocess, so compile caches and memory never leak betwee
              AdamW with clipping at 1.0, the Throughput callback logging every 10 steps
   fp8        the same with ``Float8MixedPrecision`` (torchao float8 linears, output head in bf16)
   raw        our Transformer + the same loss and optimizer in a plain PyTorch loop
+  raw_before the raw row with transformer.py's earlier RMSNorm (float32 upcast by hand) and RoPE
+             (``x·cos + rotate_half(x)·sin``), patched in: what the change of 2026-11-25 bought
+  fsdp       the stagewise row under Lightning's ``FSDPStrategy`` (blocks wrapped, full shard), with
+             ``--devices`` GPUs; then a full checkpoint is saved, loaded back into a fresh model, and
+             training resumes from it for 2 steps
   reference  ``throughput_reference.py`` (``RUNS=gpt:raw FUSED=1``: hand-written model, raw loop, fused AdamW)
 
 Sizes: ``base`` (124M, T=1024, B=32) and ``xl`` (1.1B, T=2048, B=8), vocab 32768, random tokens from
@@ -12,6 +17,7 @@ memory. Every row times ``--steps`` steps after ``--warmup`` steps, like the ref
 
     python -m experiments.benchmark_throughput --sizes base xl --rows stagewise raw reference fp8
     python -m experiments.benchmark_throughput --sizes base --rows stagewise --devices 2   # DDP
+    python -m experiments.benchmark_throughput --sizes xl --rows fsdp --devices 2
 
 Prints a table (tokens/s, MFU, peak memory, ratio to the reference of the same size) and writes
 ``throughput_<date>.json`` and ``.md`` to ``experiments/results/`` and to ``$OUT`` when set.
@@ -51,7 +57,7 @@ def random_windows(n: int, seq_len: int, seed: int = 0) -> list[dict]:
     return [{"input_ids": w[:-1], "targets": w[1:]} for w in ids]
 
 
-def row_stagewise(size: str, steps: int, warmup: int, devices: int, fp8: bool) -> dict:
+def row_stagewise(size: str, steps: int, warmup: int, devices: int, fp8: bool, fsdp: bool = False) -> dict:
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
@@ -79,23 +85,72 @@ def row_stagewise(size: str, steps: int, warmup: int, devices: int, fp8: bool) -
 
     throughput = Throughput(log_every_n_steps=10)
     precision = {"plugins": [Float8MixedPrecision()]} if fp8 else {"precision": resolve_precision("auto")}
+    strategy = fsdp_strategy() if fsdp else "auto"
     trainer = L.Trainer(
-        accelerator="gpu", devices=devices, max_steps=warmup + steps, gradient_clip_val=1.0,
+        accelerator="gpu", devices=devices, max_steps=warmup + steps, gradient_clip_val=1.0, strategy=strategy,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[Timer(), throughput, MixedPrecisionMonitor()], use_distributed_sampler=devices > 1,
         **precision,
     )
-    windows = random_windows((warmup + steps) * batch * devices, seq_len)
+    windows = random_windows((warmup + steps + 2) * batch * devices, seq_len)
     trainer.fit(model, DataLoader(windows, batch_size=batch, pin_memory=True, drop_last=True))
     dt = (times[1] - times[0]) / steps
     row = measured(size, dt, batch * seq_len * devices, devices)
     row["precision"] = "fp8 (torchao tensorwise) + bf16-mixed" if fp8 else str(trainer.precision)
+    row["strategy"] = type(trainer.strategy).__name__
+    if fsdp:
+        row.update(fsdp_checkpoint_round_trip(trainer, model, windows, batch, warmup + steps))
     row["throughput_callback"] = {k.split("/")[1]: round(v, 4) for k, v in throughput.metrics.items()}
     row["final_loss"] = round(float(trainer.callback_metrics["train/loss"]), 4)
     return row
 
 
-def row_raw(size: str, steps: int, warmup: int) -> dict:
+def fsdp_strategy():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_modules.transformer import Block
+
+    # use_orig_params: torch.compile and per-parameter optimizer groups (no decay on norms) need it.
+    return FSDPStrategy(auto_wrap_policy={Block}, sharding_strategy="FULL_SHARD", state_dict_type="full",
+                        use_orig_params=True)
+
+
+def fsdp_checkpoint_round_trip(trainer, model, windows, batch: int, done_steps: int) -> dict:
+    """Save a full checkpoint of the sharded run, load it into a fresh unsharded model (every tensor equal
+    to the gathered shards) and resume the sharded run from it for 2 steps."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from lightning_modules.causal_lm import CausalLM
+
+    path = Path(os.environ.get("OUT") or "/tmp") / "fsdp_benchmark.ckpt"
+    start = time.perf_counter()
+    trainer.save_checkpoint(path)
+    saved_s = time.perf_counter() - start
+    result = {"checkpoint_save_s": round(saved_s, 1), "checkpoint_GB": round(path.stat().st_size / 1e9, 2)}
+    if trainer.global_rank == 0:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        fresh = CausalLM(**{k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")})
+        fresh.configure_model()
+        state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        fresh.model.load_state_dict(state, strict=True)
+        result["checkpoint_loads"] = True
+        result["checkpoint_optimizer_state"] = "optimizer_states" in ckpt and bool(ckpt["optimizer_states"])
+    resumed = L.Trainer(accelerator="gpu", devices=trainer.num_devices, max_steps=done_steps + 2,
+                        gradient_clip_val=1.0, strategy=fsdp_strategy(), precision=trainer.precision,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=True)
+    again = CausalLM(**{k: v for k, v in model.hparams.items()})
+    resumed.fit(again, DataLoader(windows, batch_size=batch, drop_last=True), ckpt_path=path)
+    result["resumed_to_step"] = resumed.global_step
+    result["resumed_loss"] = round(float(resumed.callback_metrics["train/loss"]), 4)
+    if trainer.global_rank == 0:
+        path.unlink()
+    return result
+
+
+def row_raw(size: str, steps: int, warmup: int, before: bool = False) -> dict:
     import torch
 
     from lightning_modules.causal_lm import cross_entropy
@@ -103,6 +158,8 @@ def row_raw(size: str, steps: int, warmup: int) -> dict:
 
     torch.set_float32_matmul_precision("high")
     _, seq_len, batch, _ = SIZES[size]
+    if before:
+        patch_earlier_model()
     model = Transformer(model_config(size)).cuda()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "tok_embeddings" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "tok_embeddings" not in n)]
@@ -131,6 +188,24 @@ def row_raw(size: str, steps: int, warmup: int) -> dict:
     row = measured(size, (time.perf_counter() - t0) / steps, batch * seq_len, 1)
     row["precision"] = "bf16 autocast"
     return row
+
+
+def patch_earlier_model() -> None:
+    """transformer.py's RMSNorm and RoPE as they were before 2026-11-25's speed change (same math)."""
+    import torch
+    import torch.nn.functional as F
+
+    from lightning_modules import transformer
+
+    def norm_forward(self, x):
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+
+    def apply_rope(x, cos, sin):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos.type_as(x) + torch.cat((-x2, x1), dim=-1) * sin.type_as(x)
+
+    transformer.RMSNorm.forward = norm_forward
+    transformer.apply_rope = apply_rope
 
 
 def measured(size: str, step_s: float, tokens_per_step: int, devices: int) -> dict:
@@ -167,14 +242,17 @@ def run_reference(size: str) -> dict:
 
 def worker(args: argparse.Namespace) -> None:
     row, size = args.worker
+    if args.batch_size and row != "reference":
+        preset, seq_len, _, name = SIZES[size]
+        SIZES[size] = (preset, seq_len, args.batch_size, name)
     if row == "reference":
         result = run_reference(size)
-    elif row == "raw":
-        result = row_raw(size, args.steps, args.warmup)
+    elif row in ("raw", "raw_before"):
+        result = row_raw(size, args.steps, args.warmup, before=row == "raw_before")
     else:
-        result = row_stagewise(size, args.steps, args.warmup, args.devices, fp8=row == "fp8")
+        result = row_stagewise(size, args.steps, args.warmup, args.devices, fp8=row == "fp8", fsdp=row == "fsdp")
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("RANK", "0")) == 0:
-        print("ROW " + json.dumps({"size": size, "row": row, **result}), flush=True)
+        print("ROW " + json.dumps({"size": size, "row": row, "micro_batch": SIZES[size][2], **result}), flush=True)
 
 
 def card() -> str:
@@ -185,14 +263,15 @@ def card() -> str:
 
 def table(rows: list[dict]) -> str:
     refs = {r["size"]: r["tokens_per_s"] for r in rows if r["row"] == "reference" and "tokens_per_s" in r}
-    lines = ["| size | row | GPUs | precision | tokens/s | MFU % | peak mem GiB | vs reference |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| size | row | GPUs | micro-batch | precision | tokens/s | MFU % | peak mem GiB/GPU | vs reference |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['size']} | {r['row']} | | failed: {r['error'][:80]} | | | | |")
+            lines.append(f"| {r['size']} | {r['row']} | | | failed: {r['error'][-80:]} | | | | |")
             continue
         ratio = f"{r['tokens_per_s'] / refs[r['size']]:.3f}×" if r["size"] in refs else "–"
-        lines.append(f"| {r['size']} | {r['row']} | {r['devices']} | {r['precision']} | {r['tokens_per_s']:,} | "
+        lines.append(f"| {r['size']} | {r['row']} | {r['devices']} | {r.get('micro_batch', '')} | {r['precision']} | "
+                     f"{r['tokens_per_s']:,} | "
                      f"{r['mfu_pct']} | {r['peak_mem_GB']} | {ratio} |")
     return "\n".join(lines)
 
@@ -201,10 +280,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["base", "xl"], choices=list(SIZES))
     parser.add_argument("--rows", nargs="+", default=["reference", "stagewise", "raw", "fp8"],
-                        choices=["reference", "stagewise", "raw", "fp8"])
+                        choices=["reference", "stagewise", "raw", "raw_before", "fp8", "fsdp"])
     parser.add_argument("--steps", type=int, default=30, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation)")
-    parser.add_argument("--devices", type=int, default=1, help="GPUs for the stagewise/fp8 rows (DDP if > 1)")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="GPUs for the stagewise/fp8 rows (DDP if > 1) and the fsdp row")
+    parser.add_argument("--batch-size", type=int, help="micro-batch of our rows (default: the size's)")
     parser.add_argument("--tag", default="", help="suffix of the result files' names")
     parser.add_argument("--worker", nargs=2, metavar=("ROW", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -218,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             cmd = [sys.executable, "-m", "experiments.benchmark_throughput", "--worker", row, size,
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--devices", str(args.devices)]
+            if args.batch_size:
+                cmd += ["--batch-size", str(args.batch_size)]
             start = time.time()
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             found = [json.loads(ln[4:]) for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
