@@ -60,6 +60,26 @@ def _forgetting(records: dict[str, dict]) -> list[str]:
             "| stage | domain | baseline | final | worst rise | alarms |", "|---|---|---|---|---|---|", *lines]
 
 
+def plot_loss_vs_tokens(ax, domain: str, runs: dict[str, dict[str, list]], stages: list[str], baselines: list[str],
+                        color: dict[str, str], starts: dict[str, float] | None = None) -> None:
+    """Draw one domain's held-out loss against the lineage's total tokens (``val_tokens/<domain>/loss``) on ``ax``.
+
+    ``runs`` maps a run's name to its scalars (``read_scalars``). Stages are solid lines with a grey
+    vertical line where each starts: at ``starts[name]`` tokens when ``starts`` is given (stages absent
+    from it get none), else at the stage's first validation. Baselines are dashed.
+    """
+    for name in stages + baselines:
+        points = runs[name].get(f"val_tokens/{domain}/loss")
+        if points:
+            ax.plot([p[0] / 1e6 for p in points], [p[1] for p in points], marker=".", color=color[name],
+                    label=name, linestyle="--" if name in baselines else "-")
+            start = points[0][0] if starts is None else starts.get(name)
+            if name in stages and start is not None:
+                ax.axvline(start / 1e6, color="grey", linewidth=0.5)
+    ax.set(title=f"{domain}: held-out loss", xlabel="total tokens seen (M)", ylabel="loss")
+    ax.legend(fontsize=8)
+
+
 def _plots(experiment_dir: Path, stages: list[str], baselines: list[str], domains: list[str]) -> list[str]:
     import matplotlib
 
@@ -72,15 +92,7 @@ def _plots(experiment_dir: Path, stages: list[str], baselines: list[str], domain
     # 1. Per-domain held-out loss against total tokens, the stages as one curve with boundaries.
     fig, axes = plt.subplots(1, len(domains), figsize=(5 * len(domains), 3.6), squeeze=False)
     for ax, domain in zip(axes[0], domains):
-        for name in stages + baselines:
-            points = runs[name].get(f"val_tokens/{domain}/loss")
-            if points:
-                ax.plot([p[0] / 1e6 for p in points], [p[1] for p in points], marker=".", color=color[name],
-                        label=name, linestyle="--" if name in baselines else "-")
-                if name in stages:
-                    ax.axvline(points[0][0] / 1e6, color="grey", linewidth=0.5)
-        ax.set(title=f"{domain}: held-out loss", xlabel="total tokens seen (M)", ylabel="loss")
-        ax.legend(fontsize=8)
+        plot_loss_vs_tokens(ax, domain, runs, stages, baselines, color)
     fig.tight_layout()
     fig.savefig(experiment_dir / "loss_vs_tokens.png", dpi=110)
     files.append("loss_vs_tokens.png")
