@@ -32,7 +32,7 @@ class Run:
         scalars: Every scalar series of its event files: tag -> [(step, value, wall_time)].
         start_tokens: The lineage's tokens when the run started (its ``stage/boundary``): 0 from scratch.
         parent: The stage whose best checkpoint it started from, or None.
-        record: Its ``stage.json`` when the models directory holds one of this experiment, else None.
+        record: Its ``stage.json`` when the models directory holds one of this experiment (see ``load_runs``).
         baseline: A from-scratch run that no other run continues, in an experiment that has a staged path.
         children: The runs of the experiment that started from this one's best checkpoint.
     """
@@ -54,8 +54,9 @@ def load_runs(runs_dir: str | Path = "runs", experiment: str | None = None,
               models_dir: str | Path = "models") -> dict[str, dict[str, Run]]:
     """Every run of ``experiment`` (None: of every experiment) under ``runs_dir``: experiment -> name -> Run.
 
-    Runs are ordered as a reader wants them: staged runs by where they start on the token axis, then
-    baselines. Raises StagewiseError when there is nothing to load.
+    A run's ``stage.json`` is ``<models_dir>/<run>/stage.json`` (when it names this experiment) or the only
+    one under ``<models_dir>/<experiment>/<run>/``. Runs are ordered as a reader wants them: staged runs by
+    where they start on the token axis, then baselines. Raises StagewiseError when there is nothing to load.
     """
     runs_dir = Path(runs_dir)
     names = [experiment] if experiment else sorted(p.name for p in runs_dir.glob("*") if p.is_dir())
@@ -83,9 +84,7 @@ def _load_experiment(experiment_dir: Path, experiment: str, models_dir: Path) ->
         scalars = read_scalars(run_dir, "")
         if not scalars:
             continue
-        record = read_stage_record(models_dir, run_dir.name)
-        if record is not None and record.get("experiment") not in (None, experiment):
-            record = None  # the models directory holds another experiment's run of this name
+        record = _record(models_dir, experiment, run_dir.name)
         name = run_dir.name
         runs[name] = Run(name, scalars, _start_tokens(scalars, record), _parent(run_dir, record), record)
     for run in runs.values():
@@ -95,6 +94,16 @@ def _load_experiment(experiment_dir: Path, experiment: str, models_dir: Path) ->
     for run in runs.values():
         run.baseline = staged_path and not run.parent and not run.children and run.start_tokens == 0
     return dict(sorted(runs.items(), key=lambda kv: (kv[1].baseline, kv[1].start_tokens, kv[0])))
+
+
+def _record(models_dir: Path, experiment: str, name: str) -> dict | None:
+    """``<models_dir>/<run>/stage.json`` of this experiment, else the one record under
+    ``<models_dir>/<experiment>/<run>/`` (experiments/staged_vs_joint.py's ``models/<condition>/seed<k>/``)."""
+    record = read_stage_record(models_dir, name)
+    if record is not None and record.get("experiment") in (None, experiment):
+        return record  # (a record of another experiment's run of this name is not this run's)
+    nested = list((models_dir / experiment / name).glob("*/stage.json"))
+    return read_stage_record(nested[0].parents[1], nested[0].parent.name) if len(nested) == 1 else None
 
 
 def _start_tokens(scalars: dict[str, Series], record: dict | None) -> int:

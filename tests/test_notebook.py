@@ -115,6 +115,15 @@ def test_without_stage_records_the_event_files_and_hparams_say_it_all(tiny_run):
         assert row["wall_time_s"] == pytest.approx(max(stamps) - min(stamps))
 
 
+def test_records_in_per_run_models_dirs_are_found(tiny_run, tmp_path):
+    """experiments/staged_vs_joint.py keeps each run's models apart: models/<condition>/seed<k>/<stage>/."""
+    for name in ("language", "code", "joint"):
+        (tmp_path / "exp" / name / name).mkdir(parents=True)
+        (tmp_path / "exp" / name / name / "stage.json").write_text(json.dumps(_record(tiny_run, name)))
+    flat = comparison_rows(load_runs(tiny_run / "runs", models_dir=tiny_run / "models")["exp"])
+    assert comparison_rows(load_runs(tiny_run / "runs", models_dir=tmp_path)["exp"]) == flat
+
+
 def test_nothing_to_load_says_what_to_do(tmp_path):
     with pytest.raises(StagewiseError, match="no TensorBoard event files.*RUNS_DIR"):
         load_runs(tmp_path / "runs")
