@@ -2,7 +2,7 @@
 token axis, its parent, and its stage record; then the per-domain comparison table and loss-vs-tokens plots.
 
 Layout read: ``<runs_dir>/<experiment>/<run>/events.out.tfevents.*`` (what ``TensorBoardLogger(runs_dir,
-name=experiment, version=stage)`` writes) and, where present, ``<models_dir>/<run>/stage.json``.
+name=experiment, version=stage)`` writes) and, where present, each run's ``stage.json`` (``load_runs``).
 ``notebooks/compare_runs.ipynb`` is these functions plus their output.
 """
 
