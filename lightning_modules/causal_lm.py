@@ -7,6 +7,7 @@ network), :meth:`CausalLM.compute_loss` (the training loss), :meth:`CausalLM.bui
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from datamodules.errors import StagewiseError, TokenizerMismatchError
@@ -81,6 +83,10 @@ class CausalLM(L.LightningModule):
         init_from: A checkpoint (``.ckpt``) whose model weights this stage starts from.
         compile: ``torch.compile`` the forward pass together with the loss (state-dict keys stay unchanged).
         fused_adamw: Use the fused AdamW kernel; ``None``: on CUDA unless fp16 loss scaling is on.
+        max_bad_steps: A step whose loss or gradient norm is not finite is skipped (weights and optimizer
+            state unchanged; it still counts for the LR schedule and ``max_steps``) and counted in
+            ``train/skipped_steps``; after this many in a row the stage stops with an error, leaving the
+            last checkpoint as it was. Under fp16 loss scaling, overflowing gradients are the scaler's to skip.
     """
 
     def __init__(
@@ -101,6 +107,7 @@ class CausalLM(L.LightningModule):
         init_from: str | None = None,
         compile: bool = False,
         fused_adamw: bool | None = None,
+        max_bad_steps: int = 10,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -116,6 +123,9 @@ class CausalLM(L.LightningModule):
         self.optimizer_steps = 0  # optimizer steps in this stage
         self.parent_tokens = 0  # total tokens of the init_from checkpoint's lineage
         self.parent_optimizer_steps = 0
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, in this stage
+        self.bad_steps_in_a_row = 0
+        self._step_loss: torch.Tensor | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -209,6 +219,7 @@ class CausalLM(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.training_loss(batch["input_ids"], batch["targets"], batch.get("loss_mask"))
+        self._step_loss = loss.detach()
         # Host-side count (numel is known without a device sync); each rank sees an equal-sized batch.
         self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
         bs = batch["input_ids"].shape[0]
@@ -217,6 +228,12 @@ class CausalLM(L.LightningModule):
         self.log("train/tokens", torch.tensor(float(self.tokens_seen)), batch_size=bs)
         self.log("train/lr", torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=bs)
         return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Random draws (dropout) depend on (seed, epoch, batch, rank) only, so a resumed run draws what an
+        # uninterrupted one would have, without saving generator states.
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        torch.manual_seed(hash((seed, self.trainer.current_epoch, batch_idx, self.trainer.global_rank)) % 2**63)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.optimizer_steps = self.trainer.global_step
@@ -243,7 +260,41 @@ class CausalLM(L.LightningModule):
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
             gradient_clip_val = None
         norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val or float("inf"))
-        self.log("train/grad_norm", norm)
+        if not self.skip_non_finite_step(norm):
+            self.log("train/grad_norm", norm)
+        self.log("train/skipped_steps", torch.tensor(float(self.skipped_steps)))
+
+    def skip_non_finite_step(self, grad_norm: torch.Tensor) -> bool:
+        """Drop this step's gradients when the loss or ``grad_norm`` is not finite (AdamW leaves parameters
+        without gradients, and their state, untouched); stop the stage after ``max_bad_steps`` in a row.
+
+        One host sync per optimizer step (reading the verdict); ranks agree, as one rank's bad step
+        would otherwise make the ranks' weights differ."""
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        loss = self._step_loss if self._step_loss is not None else torch.zeros((), device=grad_norm.device)
+        bad = ~torch.isfinite(loss.to(grad_norm.device)) | (~torch.isfinite(grad_norm) & (not scaled))
+        bad = bool(bad)
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            self.bad_steps_in_a_row = 0
+            return False
+        for p in self.parameters():
+            p.grad = None
+        self.skipped_steps += 1
+        self.bad_steps_in_a_row += 1
+        step = self.trainer.global_step
+        what = f"loss {float(loss):.4g}, gradient norm {float(grad_norm):.4g}"
+        if self.bad_steps_in_a_row >= self.hparams.max_bad_steps:
+            raise StagewiseError(
+                f"stopped at optimizer step {step}: {self.bad_steps_in_a_row} steps in a row had a non-finite "
+                f"loss or gradient ({what}). The last checkpoint (last.ckpt and the stage's best) was not "
+                "overwritten by these steps. Lower the learning rate, check the data around this step, or "
+                "resume with --ckpt_path last and a larger --model.init_args.max_bad_steps"
+            )
+        rank_zero_warn(f"skipped optimizer step {step}: non-finite {what} ({self.bad_steps_in_a_row} in a row)")
+        return True
+
 
     # ------------------------------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -313,6 +364,8 @@ class CausalLM(L.LightningModule):
             "optimizer_steps": self.optimizer_steps,
             "parent_tokens": self.parent_tokens,
             "parent_optimizer_steps": self.parent_optimizer_steps,
+            "skipped_steps": self.skipped_steps,
+            "bad_steps_in_a_row": self.bad_steps_in_a_row,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Literal, Optional, Union
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
 
+from jsonargparse import ActionYesNo
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules.errors import StagewiseError
@@ -31,9 +35,23 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 class StagewiseCLI(LightningCLI):
-    """LightningCLI with the data's vocabulary and tokenizer linked into the model."""
+    """LightningCLI with the data's vocabulary and tokenizer linked into the model, and safety nets.
+
+    Every checkpoint is written atomically (``callbacks.safety.AtomicCheckpointIO``); ``last.ckpt`` is kept
+    by ``--last_checkpoint.*`` (``callbacks.safety.LastCheckpoint``) for ``--ckpt_path last``; ``fit``
+    refuses to write into a run directory or best checkpoint of another run unless resuming
+    (``--ckpt_path``) or given ``--overwrite``.
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        from callbacks.safety import LastCheckpoint
+
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+        parser.add_argument(
+            "--overwrite", action=ActionYesNo, default=False,
+            help="Start this run even where its run directory already holds checkpoints or its best checkpoint "
+                 "exists (both get replaced); without it such a fit refuses to start.",
+        )
         # The model's embedding size and tokenizer check come from the prepared data, never by hand.
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.tokenizer_sha256", "model.init_args.tokenizer_sha256", apply_on="instantiate")
@@ -52,18 +70,87 @@ class StagewiseCLI(LightningCLI):
         elif trainer.precision == "auto":
             trainer.precision = resolve_precision("auto", trainer.accelerator)
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer, with :class:`~callbacks.safety.AtomicCheckpointIO` unless the config names a CheckpointIO."""
+        from lightning.fabric.plugins import CheckpointIO
+
+        from callbacks.safety import AtomicCheckpointIO
+
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        return super().instantiate_trainer(plugins=plugins, **kwargs)
+
+    def before_fit(self) -> None:
+        """Check ``--ckpt_path`` points at a checkpoint, or that this fit overwrites no other run's files."""
+        if self.trainer.global_rank != 0:  # ranks started by the DDP launcher: rank 0 checked already
+            return
+        config = self.config[self.subcommand]
+        if config.get("ckpt_path"):
+            _check_resume_path(self.trainer, str(config.ckpt_path))
+        else:
+            _check_not_overwriting(self.trainer, bool(config.get("overwrite")))
+
+
+def _run_dir(trainer: Trainer) -> Path:
+    """The run's directory ``<save_dir>/<experiment>/<version>`` (where Lightning puts ``checkpoints/``)."""
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    logger = trainer.loggers[0]
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
+
+
+def _last_dirs(trainer: Trainer) -> list[Path]:
+    return [Path(cb.dirpath) if cb.dirpath else _run_dir(trainer) / "checkpoints"
+            for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.save_last]
+
+
+def _check_resume_path(trainer: Trainer, ckpt_path: str) -> None:
+    if ckpt_path == "last":
+        dirs = _last_dirs(trainer)
+        if not any(any(d.glob("last*.ckpt")) for d in dirs):
+            fixed = bool(trainer.loggers) and isinstance(trainer.loggers[0].version, str)
+            hint = "" if fixed else (" (the logger has no fixed version, so this run got a new directory: pass the "
+                                     "path of the run's last.ckpt instead)")
+            where = ", ".join(map(str, dirs)) or "any checkpoint directory"
+            raise StagewiseError(f"--ckpt_path last: no last.ckpt under {where}{hint}; start without --ckpt_path")
+    elif ckpt_path not in ("best", "hpc", "registry") and "://" not in ckpt_path and not Path(ckpt_path).is_file():
+        raise StagewiseError(f"--ckpt_path {ckpt_path}: no such checkpoint; pass an existing .ckpt, `last`, or start "
+                             "without --ckpt_path")
+
+
+def _check_not_overwriting(trainer: Trainer, overwrite: bool) -> None:
+    """Refuse a fresh fit whose run directory holds checkpoints or whose fixed-name checkpoints exist; with
+    ``overwrite``, remove the old ``last.ckpt`` so a later ``--ckpt_path last`` cannot resume the old run."""
+    run_dir = _run_dir(trainer)
+    taken = sorted({*(run_dir / "checkpoints").glob("*.ckpt"), *(p for d in _last_dirs(trainer) for p in d.glob("last*.ckpt"))})
+    for cb in trainer.callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath and cb.filename and "{" not in cb.filename:
+            taken += [p for p in [Path(cb.dirpath, cb.filename + cb.FILE_EXTENSION)] if p.exists()]
+        best = getattr(cb, "best_path", None)  # StageHandoff's models/<stage>_model_best.ckpt
+        if isinstance(best, Path) and best.exists() and best not in taken:
+            taken.append(best)
+    if not taken:
+        return
+    if not overwrite:
+        raise StagewiseError(
+            f"this run would overwrite another run's checkpoints: {', '.join(map(str, taken))} (run directory "
+            f"{run_dir}). Resume that run with --ckpt_path last, start over with --overwrite, or give this run "
+            "another --trainer.logger.init_args.version (and its stage another best checkpoint name)"
+        )
+    for d in _last_dirs(trainer):
+        for last in d.glob("last*.ckpt"):
+            last.unlink()
+
 
 def persistent_callbacks() -> list:
-    """Callbacks every stage gets in addition to its config's: ``last.ckpt`` (for ``--ckpt_path last``)
-    in the run's ``checkpoints/`` dir and the final losses in the HPARAMS tab (``CausalLM`` logs the LR)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
+    """Callbacks every stage gets in addition to its config's: the final losses in the HPARAMS tab
+    (``last.ckpt`` comes from ``--last_checkpoint.*``; ``CausalLM`` logs the LR)."""
     from callbacks import FinalMetricsToHparams
 
-    return [
-        ModelCheckpoint(save_last=True, save_top_k=0),
-        FinalMetricsToHparams(),
-    ]
+    return [FinalMetricsToHparams()]
 
 
 def run_lightning(args: list[str] | None = None) -> StagewiseCLI:

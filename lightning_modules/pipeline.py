@@ -92,6 +92,7 @@ def _run_stage(spec: StageSpec, experiment: str, parent: Path | None, models_dir
             console.print(f"{spec.name}: earlier run with another config moved to {aside}")
         run_dir.mkdir(parents=True, exist_ok=True)
         key_file.write_text(key)
+        cmd += ["--overwrite"]  # deliberately starting over: replace the stage's earlier best checkpoint
         console.print(f"[bold]{spec.name}[/]: " + " ".join(cmd[2:]))
     start = time.perf_counter()
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -1,0 +1,129 @@
+"""Safety nets for long runs: checkpoints written atomically, and a ``last.ckpt`` to resume from.
+
+``stagewise fit`` installs both by default (see ``lightning_modules/cli.py``): every checkpoint goes through
+:class:`AtomicCheckpointIO`, and :class:`LastCheckpoint` keeps ``runs/<experiment>/<version>/checkpoints/last.ckpt``
+for ``--ckpt_path last``. Non-finite steps are skipped by ``CausalLM`` itself (``max_bad_steps``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from datamodules.errors import StagewiseError
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes every checkpoint to a temporary file beside its target, fsyncs it and renames it into place.
+
+    A process killed while saving leaves the previous checkpoint of that name whole and loadable (a rename
+    within one directory is atomic). A full disk (``ENOSPC``) removes the partial temporary file and raises a
+    ``StagewiseError`` that names the path and the checkpoints still intact. Paths with a URL scheme
+    (``s3://...``) are written by Lightning's own ``TorchCheckpointIO``.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            self.write_temp(checkpoint, tmp)
+            os.replace(tmp, path)
+        except BaseException as err:
+            tmp.unlink(missing_ok=True)
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                intact = sorted(str(p) for p in path.parent.glob("*.ckpt")) or ["none"]
+                raise StagewiseError(
+                    f"disk full while writing {path}; earlier checkpoints are intact: {', '.join(intact)}. Free "
+                    "space (or save elsewhere) and resume with --ckpt_path last"
+                ) from None
+            raise
+        _fsync_dir(path.parent)
+        for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a process killed mid-save
+            stale.unlink(missing_ok=True)
+
+    def write_temp(self, checkpoint: dict[str, Any], tmp: Path) -> None:
+        """Write ``checkpoint`` to ``tmp`` and force it to disk (before the rename makes it visible)."""
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a rename: fsync the directory entry (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Keeps ``last.ckpt``, the full training state ``stagewise fit ... --ckpt_path last`` resumes from.
+
+    When it saves: every ``every_n_train_steps`` optimizer steps, after every validation, and at the end of
+    training. A save due on a step that is followed by validation waits until that validation has run, so a
+    resumed run neither repeats nor skips it. Nothing is saved while ``CausalLM`` is skipping non-finite steps
+    (``bad_steps_in_a_row > 0``): the last checkpoint stays the last good one. ``last.ckpt`` is overwritten in
+    place (atomically, see :class:`AtomicCheckpointIO`); a killed run loses at most ``every_n_train_steps``
+    steps.
+
+    Args:
+        every_n_train_steps: Optimizer steps between saves; 0 saves only after validations and at the end.
+            Each save writes the weights and the optimizer state (about 16 bytes per parameter).
+        dirpath: Directory of ``last.ckpt``. Default: the run's ``checkpoints/`` directory,
+            ``<save_dir>/<experiment>/<version>/checkpoints``.
+    """
+
+    def __init__(self, every_n_train_steps: int = 500, dirpath: str | None = None) -> None:
+        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps,
+                         every_n_epochs=0, enable_version_counter=False)
+
+    @property
+    def state_key(self) -> str:
+        return "LastCheckpoint"  # one per run; keeps its state apart from the stage config's ModelCheckpoints
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if _bad_streak(pl_module) or _validation_follows(trainer):
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or _bad_streak(pl_module) or self._should_skip_saving_checkpoint(trainer):
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Epoch ends save nothing extra: the step and validation saves above cover them."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not _bad_streak(pl_module) and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def _bad_streak(pl_module: L.LightningModule) -> bool:
+    return bool(getattr(pl_module, "bad_steps_in_a_row", 0))
+
+
+def _validation_follows(trainer: L.Trainer) -> bool:
+    """Whether the fit loop validates right after the current training batch (Lightning's own decision)."""
+    loop = trainer.fit_loop.epoch_loop
+    if not trainer.enable_validation or not sum(trainer.num_val_batches or [0]):
+        return False
+    return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
