@@ -8,10 +8,15 @@ and sources does nothing, and a changed source or config rebuilds only what depe
     tokenizer sha256 + corpus config + its sources ──> data/<corpus>/{train,val,test}.bin + manifest.json
 
 Pin a tokenizer with `tokenizer.from_dir` to keep it fixed while sources change.
+
+A run publishes nothing until everything is written: a new tokenizer, shards and manifests go to
+``*.tmp`` names first and are renamed into place together at the end, so an error (a malformed line, a
+full disk) leaves the data prepared before exactly as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -28,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from datamodules.errors import StagewiseError
-from datamodules.shards import ShardWriter, write_manifest
+from datamodules.shards import ShardWriter, stage_manifest
 from datamodules.sources import Document, Source, SourceStats
 from datamodules.tokenizer import (
     encode_document,
@@ -105,7 +110,11 @@ def split_of(text: str, val_fraction: float, test_fraction: float) -> str:
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -138,9 +147,10 @@ def _read_source(source: Source, cache_dir: Path, fingerprint: str, progress: Pr
     progress.update(task, completed=len(files) or 1, total=len(files) or 1)
     header = {"documents": stats.documents, "bytes": stats.bytes, "skipped": dict(stats.skipped)}
     body = "\n".join(json.dumps(asdict(d)) for d in docs)
-    for old in cache_dir.glob(f"{source.name}-*.jsonl"):
-        old.unlink()
     _atomic_write_text(cache, json.dumps(header) + "\n" + body + ("\n" if body else ""))
+    for old in cache_dir.glob(f"{source.name}-*.jsonl"):
+        if old != cache:
+            old.unlink()
     return SourceResult(source.name, stats, docs)
 
 
@@ -182,6 +192,8 @@ def _tokenizer_sample(splits: dict[str, dict[str, list[Document]]], sample_bytes
 
 
 def _ensure_tokenizer(cfg: TokenizerConfig, data_dir: Path, key: str, splits) -> tuple[Path, bool]:
+    """The tokenizer directory to use, and whether it was just trained: then it is ``tokenizer.tmp``, which
+    :func:`_publish_tokenizer` moves into place once the shards are written."""
     if cfg.from_dir:
         load_tokenizer(cfg.from_dir)  # fails clearly if it lacks the reserved tokens
         return Path(cfg.from_dir), False
@@ -192,11 +204,22 @@ def _ensure_tokenizer(cfg: TokenizerConfig, data_dir: Path, key: str, splits) ->
     with console.status(f"training a {cfg.vocab_size}-token byte-level BPE tokenizer"):
         tmp = data_dir / "tokenizer.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        train_tokenizer(_tokenizer_sample(splits, cfg.sample_bytes), cfg.vocab_size, tmp)
-        (tmp / "stagewise_key.txt").write_text(key)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    return out, True
+        try:
+            train_tokenizer(_tokenizer_sample(splits, cfg.sample_bytes), cfg.vocab_size, tmp)
+            (tmp / "stagewise_key.txt").write_text(key)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return tmp, True
+
+
+def _publish_tokenizer(tmp: Path, out: Path) -> None:
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # --- step 3: shards ----------------------------------------------------------------------------
@@ -207,16 +230,41 @@ def _batched(items: list, n: int) -> Iterable[list]:
         yield items[i : i + n]
 
 
-def _write_shards(name, corpus, corpus_dir, splits, results, tok, tok_sha, key, progress) -> dict:
+@dataclass
+class StagedCorpus:
+    """A corpus's new shards and manifest, written under ``.tmp`` names, not yet in place."""
+
+    dir: Path
+    manifest: dict
+    writers: list[ShardWriter] = field(default_factory=list)
+    manifest_tmp: Path | None = None
+
+    def publish(self) -> None:
+        """Rename the shards, then the manifest, into place (renames only: no disk space needed)."""
+        for writer in self.writers:
+            writer.close()
+        os.replace(self.manifest_tmp, self.dir / "manifest.json")
+
+    def abort(self) -> None:
+        """Remove the temporary files; the corpus's previous files stay as they were."""
+        for writer in self.writers:
+            writer.abort()
+        if self.manifest_tmp is not None:
+            self.manifest_tmp.unlink(missing_ok=True)
+
+
+def _write_shards(name, corpus, corpus_dir, splits, results, tok, tok_sha, key, progress) -> StagedCorpus:
     dtype = "uint16" if len(tok) <= 65535 else "uint32"
     tools = corpus.kind == "tools"
     tokens: dict[str, int] = {}
     per_source = {r.name: {"documents": 0, "tokens": 0} for r in results}
     total = sum(len(v) for v in splits.values())
     task = progress.add_task(f"tokenize {name}", total=total)
-    for split in SPLITS:
-        writer = ShardWriter(corpus_dir, split, dtype, with_mask=tools)
-        try:
+    staged = StagedCorpus(corpus_dir, {})
+    try:
+        for split in SPLITS:
+            writer = ShardWriter(corpus_dir, split, dtype, with_mask=tools)
+            staged.writers.append(writer)
             for batch in _batched(splits[split], 256):
                 if tools:
                     encoded = [render_tool_example(tok, json.loads(d.text)) for d in batch]
@@ -227,11 +275,11 @@ def _write_shards(name, corpus, corpus_dir, splits, results, tok, tok_sha, key, 
                     per_source[doc.source]["documents"] += 1
                     per_source[doc.source]["tokens"] += len(ids)
                 progress.advance(task, len(batch))
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
-        tokens[split] = writer.tokens
+            writer.finish()
+            tokens[split] = writer.tokens
+    except BaseException:
+        staged.abort()
+        raise
     for r in results:
         per_source[r.name].update(read=r.stats.documents, bytes=r.stats.bytes, skipped=dict(r.stats.skipped))
     manifest = {
@@ -250,8 +298,13 @@ def _write_shards(name, corpus, corpus_dir, splits, results, tok, tok_sha, key, 
             "sources": [_source_config(s) for s in corpus.sources],
         },
     }
-    write_manifest(corpus_dir, manifest)
-    return manifest
+    staged.manifest = manifest
+    try:
+        staged.manifest_tmp = stage_manifest(corpus_dir, manifest)
+    except BaseException:
+        staged.abort()
+        raise
+    return staged
 
 
 def _manifest_if_current(corpus_dir: Path, key: str) -> dict | None:
@@ -283,8 +336,21 @@ def prepare(
     """
     if not corpora:
         raise StagewiseError("the data config names no corpora; add at least one under `corpora:`")
+    try:
+        return _prepare(corpora, tokenizer, Path(data_dir))
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise StagewiseError(
+            f"the disk is full ({err.strerror or err}) while preparing {data_dir}/"
+            f"{f' (writing {err.filename})' if err.filename else ''}. Nothing was changed: the data prepared "
+            f"before and its manifests are as they were. Free some space (or set `data_dir` to a larger disk) "
+            "and re-run `stagewise prepare`."
+        ) from None
+
+
+def _prepare(corpora: dict[str, Corpus], tokenizer: TokenizerConfig, root: Path) -> dict[str, dict]:
     start = time.perf_counter()
-    root = Path(data_dir)
     fingerprints = {
         name: {s.name: s.fingerprint() for s in corpus.sources} for name, corpus in corpora.items()
     }
@@ -322,22 +388,34 @@ def prepare(
             ]
             splits[name] = _split_corpus(name, corpus, results[name])
     tok_dir, trained = _ensure_tokenizer(tokenizer, root, tok_key, splits)
-    tok = load_tokenizer(tok_dir)
-    sha = tokenizer_sha256(tok_dir)
+    manifests, staged = {}, []
+    try:
+        tok = load_tokenizer(tok_dir)
+        sha = tokenizer_sha256(tok_dir)
+        with progress:
+            for name, corpus in corpora.items():
+                key = _corpus_key(name, corpus, fingerprints[name], sha)
+                current = _manifest_if_current(root / name, key)
+                if current:
+                    console.print(f"{name}: shards up to date")
+                    manifests[name] = current
+                    continue
+                staged.append(_write_shards(
+                    name, corpus, root / name, splits[name], results[name], tok, sha, key, progress
+                ))
+                manifests[name] = staged[-1].manifest
+    except BaseException:
+        for corpus_files in staged:
+            corpus_files.abort()
+        if trained:
+            shutil.rmtree(tok_dir, ignore_errors=True)
+        raise
+    # Everything is written: publish the tokenizer and every corpus (renames only).
     if trained:
-        console.print(f"tokenizer trained: {len(tok)} tokens, sha256 {sha[:12]}… -> {tok_dir}")
-    manifests = {}
-    with progress:
-        for name, corpus in corpora.items():
-            key = _corpus_key(name, corpus, fingerprints[name], sha)
-            current = _manifest_if_current(root / name, key)
-            if current:
-                console.print(f"{name}: shards up to date")
-                manifests[name] = current
-                continue
-            manifests[name] = _write_shards(
-                name, corpus, root / name, splits[name], results[name], tok, sha, key, progress
-            )
+        _publish_tokenizer(tok_dir, root / "tokenizer")
+        console.print(f"tokenizer trained: {len(tok)} tokens, sha256 {sha[:12]}… -> {root / 'tokenizer'}")
+    for corpus_files in staged:
+        corpus_files.publish()
     print_table(manifests, console)
     console.print(f"prepared {len(manifests)} corpora in {root}/ in {time.perf_counter() - start:.1f}s")
     return manifests

@@ -61,6 +61,7 @@ class ShardWriter:
         self._mask_buffer: list[np.ndarray] = []
         self._buffered = 0
         self._offsets = [0]
+        self._finished = False
         self._closed = False
 
     @property
@@ -97,9 +98,10 @@ class ShardWriter:
             self._mask_file.write(np.concatenate(self._mask_buffer).tobytes())
         self._buffer, self._mask_buffer, self._buffered = [], [], 0
 
-    def close(self) -> None:
-        """Write what is buffered and move the files into place."""
-        if self._closed:
+    def finish(self) -> None:
+        """Write what is buffered and the document index to the temporary files, without publishing them
+        (:meth:`close` then only renames, so several writers can be published together)."""
+        if self._finished:
             return
         self._flush()
         self._tokens_file.close()
@@ -107,6 +109,13 @@ class ShardWriter:
             self._mask_file.close()
         with open(_tmp(self.final["offsets"]), "wb") as f:
             np.save(f, np.asarray(self._offsets, dtype=np.int64))
+        self._finished = True
+
+    def close(self) -> None:
+        """Write what is buffered and move the files into place."""
+        if self._closed:
+            return
+        self.finish()
         for path in self.final.values():
             os.replace(_tmp(path), path)
         self._closed = True
@@ -115,9 +124,12 @@ class ShardWriter:
         """Drop the temporary files; the split's previous files (if any) stay as they were."""
         if self._closed:
             return
-        self._tokens_file.close()
-        if self._mask_file:
-            self._mask_file.close()
+        for file in (self._tokens_file, self._mask_file):
+            try:
+                if file:
+                    file.close()
+            except OSError:  # flushing the buffer fails again on a full disk; the file is closed anyway
+                pass
         for path in self.final.values():
             _tmp(path).unlink(missing_ok=True)
         self._closed = True
@@ -182,12 +194,21 @@ def open_split(corpus_dir: str | Path, split: str) -> Split:
     return Split(tokens, offsets, mask)
 
 
+def stage_manifest(corpus_dir: str | Path, manifest: dict) -> Path:
+    """Write ``manifest.json.tmp`` and return its path; ``os.replace`` it onto ``manifest.json`` to publish."""
+    path = _tmp(Path(corpus_dir) / "manifest.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_manifest(corpus_dir: str | Path, manifest: dict) -> None:
     """Write ``manifest.json`` atomically; call it after every shard is in place."""
-    path = Path(corpus_dir) / "manifest.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _tmp(path).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(_tmp(path), path)
+    os.replace(stage_manifest(corpus_dir, manifest), Path(corpus_dir) / "manifest.json")
 
 
 def read_manifest(corpus_dir: str | Path) -> dict:

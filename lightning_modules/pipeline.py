@@ -110,6 +110,37 @@ def _run_stage(spec: StageSpec, experiment: str, parent: Path | None, models_dir
     return "resumed" if resumed else "trained"
 
 
+def validate_pipeline(stages: list[StageSpec], baselines: list[StageSpec], data: str | None) -> None:
+    """Check the whole pipeline before anything runs: unique stage names, every config file and the data
+    config exist, and every ``init_from`` names a stage that runs earlier (or ``previous`` / ``none``)."""
+    fix = "fix the pipeline config (`stagewise pipeline -c <file>`) and run it again; nothing has run yet"
+    if not stages:
+        raise StagewiseError(f"the pipeline names no stages; list at least one under `stages:`. {fix}")
+    names = [s.name for s in stages + baselines]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise StagewiseError(f"stage names must be unique in a pipeline, but {', '.join(duplicates)} appear twice; {fix}")
+    if data is not None and not Path(data).is_file():
+        raise StagewiseError(f"the data config '{data}' (`data:`) does not exist; {fix}")
+    for spec in stages + baselines:
+        if not spec.configs:
+            raise StagewiseError(f"stage '{spec.name}' lists no `configs:`; {fix}")
+        missing = [c for c in spec.configs if not Path(c).is_file()]
+        if missing:
+            raise StagewiseError(
+                f"stage '{spec.name}' names config file {', '.join(map(repr, missing))}, which does not exist "
+                f"(paths are relative to {Path.cwd()}); {fix}"
+            )
+    earlier: list[str] = []
+    for spec in stages + baselines:
+        if spec.init_from not in ("previous", "none") and spec.init_from not in earlier:
+            raise StagewiseError(
+                f"stage '{spec.name}' starts from '{spec.init_from}' (`init_from:`), which is not an earlier stage "
+                f"of this pipeline (earlier: {', '.join(earlier) or 'none'}); name one of those, `previous` or `none`; {fix}"
+            )
+        earlier.append(spec.name)
+
+
 def pipeline(
     stages: list[StageSpec],
     experiment: str = "default",
@@ -136,14 +167,10 @@ def pipeline(
     Returns:
         What happened to each stage: ``trained``, ``resumed`` or ``skipped``.
     """
-    names = [s.name for s in stages + (baselines or [])]
-    if len(set(names)) != len(names):
-        raise StagewiseError(f"stage names must be unique in a pipeline, got {names}")
+    validate_pipeline(stages, baselines or [], data)
     if data is not None:
         from datamodules.prepare import main as prepare_main
 
-        if not Path(data).exists():
-            raise StagewiseError(f"data config '{data}' does not exist")
         prepare_main(["-c", data])
     models, runs, data_root = Path(models_dir), Path(runs_dir), Path(data_dir)
     outcome: dict[str, str] = {}
