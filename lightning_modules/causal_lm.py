@@ -174,18 +174,21 @@ class CausalLM(L.LightningModule):
             )
         state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
         expected = self.model.state_dict()
+        hp = ckpt.get("hyper_parameters") or {}
+        fix = (f"it was trained with size '{hp.get('size')}', architecture '{hp.get('architecture')}' and "
+               f"model_overrides {hp.get('model_overrides') or {}}: start this stage with the same ones "
+               "(--model.init_args.size / .model_overrides), or from a checkpoint of this model's shape")
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:
             raise StagewiseError(
-                f"init_from: {path} holds another architecture (missing: {missing[:3]}, unexpected: "
-                f"{unexpected[:3]}); use the architecture and model_overrides it was trained with"
+                f"init_from: {path} has another model shape: this model's tensors {missing[:3]} are not in it, "
+                f"and its tensors {unexpected[:3]} are not in this model; {fix}"
             )
         for name, tensor in expected.items():
             if state[name].shape != tensor.shape:
                 raise StagewiseError(
                     f"init_from: {path} has another model shape: tensor '{name}' is {tuple(state[name].shape)} "
-                    f"there but {tuple(tensor.shape)} here; use the size, vocab_size and model_overrides "
-                    f"it was trained with (its size was '{ckpt.get('hyper_parameters', {}).get('size')}')"
+                    f"there but {tuple(tensor.shape)} here; {fix}"
                 )
         meta = any(p.is_meta for p in self.model.parameters())  # sharded strategies build on meta
         self.model.load_state_dict(state, strict=True, assign=meta)
