@@ -92,7 +92,14 @@ class StageHandoff(L.Callback):
         record = stage_record_for_checkpoint(path) or {}
         parent_sha = record.get("tokenizer_sha256")
         if parent_sha is None:  # no record (a checkpoint from elsewhere): its hyperparameters say it
-            ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            try:
+                ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            except Exception as err:
+                raise StagewiseError(f"init_from: '{init_from}' is not a readable checkpoint ({err}); point "
+                                     "--model.init_args.init_from at a .ckpt written by `stagewise fit`") from None
+            if not isinstance(ckpt, dict):
+                raise StagewiseError(f"init_from: '{init_from}' is not a Lightning checkpoint; point "
+                                     "--model.init_args.init_from at a .ckpt written by `stagewise fit`")
             parent_sha = (ckpt.get("hyper_parameters") or {}).get("tokenizer_sha256")
         if parent_sha and tokenizer_sha and parent_sha != tokenizer_sha:
             raise TokenizerMismatchError(

@@ -254,6 +254,15 @@ def test_bad_init_from(workdir, capsys, make, fragments):
     assert snapshot(workdir / "models") == before  # no code_model_best.ckpt, the parent untouched
 
 
+def test_stage_handoff_refuses_a_parent_that_is_not_a_checkpoint(tmp_path):
+    """The fit-start check of ``StageHandoff`` (it also guards modules that load ``init_from`` themselves)."""
+    from callbacks.stage_handoff import StageHandoff
+    from datamodules.errors import StagewiseError
+
+    with pytest.raises(StagewiseError, match="is not a readable checkpoint .*--model.init_args.init_from"):
+        StageHandoff("code")._check_parent(_write_text(tmp_path / "notes.ckpt"), "a" * 64)
+
+
 # ------------------------------------------------------------------------------------------ tokenizer
 
 
