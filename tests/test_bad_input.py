@@ -133,8 +133,8 @@ def fit_argv(*extra: str) -> list[str]:
 
 CLI_PARSE_ERRORS = pytest.mark.xfail(
     strict=True,
-    reason="needs lightning_modules/cli.py to parse with exit_on_error=False and report argparse.ArgumentError "
-           "through datamodules.errors.argument_error (change requested in issue 8 part B's report)",
+    reason="needs lightning_modules/cli.py and datamodules/command.py to parse with exit_on_error=False and cli.main "
+           "to report argparse.ArgumentError through datamodules.errors.argument_error (issue 8 part B's report)",
 )
 
 
@@ -172,6 +172,12 @@ def test_unknown_config_key_names_it(workdir, capsys):
     assert code == 2
     assert_clear(err, "unknown option `model.init_args.lr_typo`", "stagewise fit --help")
     assert snapshot(workdir) == before
+    config = data_config(workdir)
+    config.write_text(config.read_text() + "tokenizr:\n  vocab_size: 512\n")
+    code, err = run(["prepare", "-c", str(config)], capsys)
+    assert code == 2
+    assert_clear(err, "unknown option `tokenizr.vocab_size`", "stagewise prepare --help")
+    assert snapshot(workdir / "data") == {k.removeprefix("data/"): v for k, v in before.items() if k.startswith("data/")}
 
 
 @CLI_PARSE_ERRORS
