@@ -7,6 +7,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from callbacks.every_n import EveryNValidations
+
 DEFAULT_PROMPTS = {
     "language": "The purpose of this chapter is to explain how the",
     "code": "def read_config(path):\n    \"\"\"Read a configuration file and return a dict.\"\"\"\n",
@@ -17,7 +19,7 @@ class TextSamples(L.Callback):
     """Write greedy continuations of a few prompts to TensorBoard (``samples/<name>``) at validation end.
 
     Acts in ``on_validation_end`` (every ``every_n_validations``-th validation, not the sanity check).
-    Every rank generates (a few short prompts; safe under sharded strategies), rank 0 writes. Each entry
+    Every rank generates (a few short prompts in one batch; safe under sharded strategies), rank 0 writes. Each entry
     shows the prompt and its continuation at the current optimizer step.
 
     Args:
@@ -33,9 +35,8 @@ class TextSamples(L.Callback):
                  every_n_validations: int = 1, data_dir: str = "data") -> None:
         self.prompts = prompts
         self.max_new_tokens = max_new_tokens
-        self.every_n_validations = max(1, every_n_validations)
+        self._every = EveryNValidations(every_n_validations)
         self.data_dir = data_dir
-        self.validations = 0
         self._tokenizer = None
         self._prompt_ids: dict[str, list[int]] | None = None
 
@@ -57,22 +58,19 @@ class TextSamples(L.Callback):
                 self._prompt_ids["tools"] = examples[0]["prompt_ids"]
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        self.validations += 1
-        if self.validations % self.every_n_validations:
+        if not self._every.due(trainer):
             return
         if self._prompt_ids is None:
             self._prepare(trainer)
-        from lightning_modules.tool_eval import decoding_threads, greedy_continuation, stop_token_ids
+        from lightning_modules.tool_eval import decoding_threads, greedy_continuations, stop_token_ids
 
-        tok, stops = self._tokenizer, stop_token_ids(self._tokenizer)
-        texts = {}
+        tok, names = self._tokenizer, list(self._prompt_ids)
+        prompts = [self._prompt_ids[name] for name in names]
         with trainer.precision_plugin.forward_context(), decoding_threads(pl_module):
-            for name, ids in self._prompt_ids.items():
-                new = greedy_continuation(pl_module, ids, self.max_new_tokens, stops)
-                texts[name] = _markdown(tok.decode(ids, skip_special_tokens=False),
-                                        tok.decode(new, skip_special_tokens=False), trainer.global_step, len(new))
+            generated = greedy_continuations(pl_module, prompts, self.max_new_tokens, stop_token_ids(tok))
+        texts = {name: _markdown(tok.decode(ids, skip_special_tokens=False), tok.decode(new, skip_special_tokens=False),
+                                 trainer.global_step, len(new))
+                 for name, ids, new in zip(names, prompts, generated)}
         if not trainer.is_global_zero:
             return
         for logger in trainer.loggers:
@@ -81,10 +79,10 @@ class TextSamples(L.Callback):
                     logger.experiment.add_text(f"samples/{name}", text, global_step=trainer.global_step)
 
     def state_dict(self) -> dict:
-        return {"validations": self.validations}
+        return {"validations": self._every.count}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.validations = int(state_dict.get("validations", 0))
+        self._every.count = int(state_dict.get("validations", 0))
 
 
 def _indent(text: str) -> str:

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from callbacks.every_n import EveryNValidations
 from callbacks.stage_record import update_stage_record
 
 SCORES = ("json_valid", "name_accuracy", "call_accuracy")
@@ -23,7 +24,7 @@ class ToolCallEval(L.Callback):
     - ``on_fit_start``: reads the held-out examples (``<data_dir>/tools/<split>`` shards, see
       ``lightning_modules.tool_eval.load_heldout_examples``), so a missing tool corpus fails at once.
     - ``on_validation_end`` (every ``every_n_validations``-th validation, not the sanity check): rank 0
-      greedily generates a call for each example (KV cache, stops at ``<|/tool_call|>``) and scores it;
+      greedily generates a call for each example (batched, KV cache, stops at ``<|/tool_call|>``) and scores it;
       the scores are broadcast so every rank logs the same ``tools/json_valid``, ``tools/name_accuracy``
       and ``tools/call_accuracy`` (also put in ``trainer.callback_metrics``, so a ModelCheckpoint may
       monitor them); a few (request, generated, expected) samples go to TensorBoard's text tab.
@@ -44,20 +45,26 @@ class ToolCallEval(L.Callback):
         split: The held-out split the examples come from (``val`` or ``test``).
         monitor: The metric whose lowest value marks the best checkpoint; default: the monitor of the
             Trainer's first ModelCheckpoint that has one.
+        batch_size: Requests decoded together (left-padded, KV cache); the scores do not depend on it.
+        max_prompt_tokens: Keep only the last this many tokens of each request (its text and the last tool
+            schemas); default: the data module's ``seq_len`` less ``max_new_tokens``, i.e. about what the
+            model sees in training (decoding time grows with the prompt).
     """
 
     def __init__(self, data_dir: str = "data", num_examples: int = 100, max_new_tokens: int = 128,
                  every_n_validations: int = 1, stage: str = "tools", models_dir: str = "models",
-                 split: str = "val", monitor: str | None = None) -> None:
+                 split: str = "val", monitor: str | None = None, batch_size: int = 16,
+                 max_prompt_tokens: int | None = None) -> None:
         self.data_dir = data_dir
         self.num_examples = num_examples
         self.max_new_tokens = max_new_tokens
-        self.every_n_validations = max(1, every_n_validations)
+        self._every = EveryNValidations(every_n_validations)
         self.stage = stage
         self.models_dir = models_dir
         self.split = split
         self.monitor = monitor
-        self.validations = 0
+        self.batch_size = batch_size
+        self.max_prompt_tokens = max_prompt_tokens
         self.history: list[dict[str, Any]] = []
         self._examples: list[dict] | None = None
         self._tokenizer = None
@@ -78,10 +85,7 @@ class ToolCallEval(L.Callback):
                                                    tokenizer=self._tokenizer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        self.validations += 1
-        if self.validations % self.every_n_validations:
+        if not self._every.due(trainer):
             return
         result = None
         if trainer.is_global_zero:
@@ -89,7 +93,8 @@ class ToolCallEval(L.Callback):
 
             self._load(trainer)
             with trainer.precision_plugin.forward_context():
-                result = evaluate_tool_calls(pl_module, self._tokenizer, self._examples, self.max_new_tokens)
+                result = evaluate_tool_calls(pl_module, self._tokenizer, self._examples, self.max_new_tokens,
+                                             batch_size=self.batch_size, max_prompt_tokens=self._prompt_tokens(trainer))
         scores = trainer.strategy.broadcast({k: result[k] for k in SCORES} if result else None, src=0)
         monitor = self._monitor(trainer)
         entry = {"step": trainer.global_step, "tokens": int(getattr(pl_module, "total_tokens", trainer.global_step)),
@@ -103,6 +108,12 @@ class ToolCallEval(L.Callback):
             logger.log_metrics({f"tools/{k}": v for k, v in scores.items()}, step=trainer.global_step)
             if isinstance(logger, TensorBoardLogger) and result is not None:
                 logger.experiment.add_text("tools/samples", _samples_markdown(result), global_step=trainer.global_step)
+
+    def _prompt_tokens(self, trainer: L.Trainer) -> int | None:
+        seq_len = getattr(trainer.datamodule, "seq_len", None)
+        if self.max_prompt_tokens is not None or not seq_len:
+            return self.max_prompt_tokens
+        return max(1, seq_len - self.max_new_tokens)
 
     def _monitor(self, trainer: L.Trainer) -> str | None:
         if self.monitor:
@@ -130,10 +141,10 @@ class ToolCallEval(L.Callback):
             update_stage_record(self.models_dir, self.stage, {"tools": self.summary(trainer)})
 
     def state_dict(self) -> dict[str, Any]:
-        return {"validations": self.validations, "history": list(self.history)}
+        return {"validations": self._every.count, "history": list(self.history)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.validations = int(state_dict.get("validations", 0))
+        self._every.count = int(state_dict.get("validations", 0))
         self.history = list(state_dict.get("history", []))
 
 

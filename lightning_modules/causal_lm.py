@@ -378,27 +378,48 @@ class CausalLM(L.LightningModule):
     # ------------------------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(
-        self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None
+        self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
+        attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
     ) -> torch.Tensor:
-        """Greedy continuation of prompts ``input_ids`` [B, T] (equal lengths, no padding), using a KV
-        cache. Returns prompt + new tokens [B, T + n]; a sequence that emitted ``eos_token_id`` is padded
-        with it, and generation stops once all have."""
+        """Greedy continuation of prompts ``input_ids`` [B, T], all rows decoded together with a KV cache.
+
+        Args:
+            input_ids: Prompts [B, T]; prompts of different lengths are left-padded.
+            max_new_tokens: Most tokens generated per row.
+            eos_token_id: Stop id(s): a row stops after emitting any of them; generation ends once all rows
+                have stopped.
+            attention_mask: [B, T], 1 for prompt tokens and 0 for left padding (None: no padding).
+            pad_token_id: Fills a stopped row's later slots (default: the first stop id).
+
+        Returns:
+            Prompt + new tokens [B, T + n]; row ``b`` equals its own unbatched greedy continuation.
+        """
+        import inspect
+
         self.configure_model()
-        was_training = self.training
-        self.eval()
         model = self.model
         input_ids = input_ids.to(self.device)
-        cache = self.model.make_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
-        logits = model(input_ids, cache)
+        stops = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int)
+                             else list(eos_token_id), dtype=torch.long, device=self.device)
+        pad = pad_token_id if pad_token_id is not None else int(stops[0]) if len(stops) else 0
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        if attention_mask is not None and "key_mask" not in inspect.signature(model.layers[0].attn.attend).parameters:
+            # an attention subclass without padding support: decode the rows one by one, unpadded
+            news = [self.generate(ids[mask.bool()][None], max_new_tokens, eos_token_id, None, pad)[0, int(mask.sum()):]
+                    for ids, mask in zip(input_ids, attention_mask.to(self.device))]
+            return torch.cat([input_ids, nn.utils.rnn.pad_sequence(news, batch_first=True, padding_value=pad)], 1)
+        was_training = self.training
+        self.eval()
+        cache = model.make_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+        logits = model(input_ids, cache, attention_mask=attention_mask, last_only=True)
         out, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
         for i in range(max_new_tokens):
-            token = logits[:, -1].argmax(dim=-1)
-            if eos_token_id is not None:
-                token = torch.where(done, eos_token_id, token)
-                done |= token == eos_token_id
+            token = torch.where(done, pad, logits[:, -1].argmax(dim=-1))
+            done |= torch.isin(token, stops)
             out.append(token[:, None])
-            if i == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+            if i == max_new_tokens - 1 or bool(done.all()):
                 break
-            logits = model(token[:, None], cache)
+            logits = model(token[:, None], cache, last_only=True)
         self.train(was_training)
         return torch.cat(out, dim=1)

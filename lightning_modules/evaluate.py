@@ -135,7 +135,9 @@ def evaluate(
         tok = load_tokenizer(dm.tokenizer_dir)
         examples = load_heldout_examples(root, "val", limit, tokenizer=tok)
         with trainer.precision_plugin.forward_context():
-            tools = evaluate_tool_calls(model, tok, examples, max_new_tokens=max_new_tokens)
+            # prompts cut to the training window, as the model saw them (and decoding time grows with them)
+            tools = evaluate_tool_calls(model, tok, examples, max_new_tokens=max_new_tokens,
+                                        max_prompt_tokens=max(1, dm.seq_len - max_new_tokens))
     result = {"checkpoint": str(ckpt), "data_dir": str(root), "seq_len": dm.seq_len, "losses": losses,
               "tools": tools}
     _print(result)

@@ -184,39 +184,63 @@ def decoding_threads(model):
 
 
 @torch.no_grad()
-def greedy_continuation(model, prompt: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
-    """Greedy new tokens after ``prompt``, up to and including the first of ``stop_ids``.
+def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
+                         batch_size: int = 16, max_prompt_tokens: int | None = None) -> list[list[int]]:
+    """Greedy new tokens after each prompt, up to and including its first stop id, decoded in batches.
 
-    The prompt is cut from the left to leave room for ``max_new_tokens`` in the model's context.
+    Prompts of similar length are batched together (left-padded, KV cache, see ``CausalLM.generate``);
+    each result equals the prompt's unbatched greedy continuation. A prompt is cut from the left to at most
+    ``max_prompt_tokens`` and to leave room for ``max_new_tokens`` in the model's context.
     """
     context = getattr(getattr(model, "config", None), "max_seq_len", None)
-    if context and len(prompt) + max_new_tokens > context:
-        prompt = prompt[-max(1, context - max_new_tokens):]
-        max_new_tokens = min(max_new_tokens, context - len(prompt))
+    keep = [n for n in (max_prompt_tokens, context and context - min(max_new_tokens, context - 1)) if n]
+    if context:
+        max_new_tokens = min(max_new_tokens, context - 1)
+    if keep:
+        prompts = [p[-max(1, min(keep)):] for p in prompts]
     device = next(model.parameters()).device
-    input_ids = torch.tensor([prompt], dtype=torch.long, device=device)
-    # generate() stops at one id; the first stop id (``<|/tool_call|>`` when the tokenizer has it) ends a
-    # well-formed answer, the others are cut below.
-    out = model.generate(input_ids, max_new_tokens=max_new_tokens, eos_token_id=stop_ids[0] if stop_ids else None)
-    new = out[0, len(prompt):].tolist()
-    for i, t in enumerate(new):
-        if t in stop_ids:
-            return new[: i + 1]
-    return new
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding per batch
+    results: list[list[int]] = [[] for _ in prompts]
+    for first in range(0, len(order), batch_size):
+        rows = order[first:first + batch_size]
+        width = max(len(prompts[i]) for i in rows)
+        input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for b, i in enumerate(rows):
+            input_ids[b, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[b, width - len(prompts[i]):] = 1
+        out = model.generate(input_ids.to(device), max_new_tokens=max_new_tokens, eos_token_id=stop_ids or None,
+                             attention_mask=mask.to(device))
+        for b, i in enumerate(rows):
+            new = out[b, width:].tolist()
+            stop = next((k for k, t in enumerate(new) if t in stop_ids), None)
+            results[i] = new if stop is None else new[: stop + 1]
+    return results
+
+
+def greedy_continuation(model, prompt: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
+    """Greedy new tokens after one ``prompt``, up to and including the first of ``stop_ids``."""
+    return greedy_continuations(model, [prompt], max_new_tokens, stop_ids)[0]
 
 
 def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: int = 128,
-                        limit: int | None = None, num_samples: int = 3) -> dict:
-    """Generate the call for each example (greedy, KV cache) and score it against the expected call.
+                        limit: int | None = None, num_samples: int = 3, batch_size: int = 16,
+                        max_prompt_tokens: int | None = None) -> dict:
+    """Generate the call for each example (greedy, KV cache, batched) and score it against the expected call.
 
     Args:
-        model: A ``CausalLM`` (anything with ``generate(input_ids, max_new_tokens, eos_token_id)``).
+        model: A ``CausalLM`` (anything with ``generate(input_ids, max_new_tokens, eos_token_id,
+            attention_mask)`` and ``parameters()``).
         tokenizer: The tokenizer the model was trained with.
         examples: Tool examples: ``{"messages", "tools", "tool_calls"}`` or ``load_heldout_examples`` dicts.
         max_new_tokens: Longest answer generated; generation stops earlier at ``<|/tool_call|>``,
             ``<|end|>`` or eos.
         limit: Evaluate only the first ``limit`` examples.
         num_samples: How many (prompt tail, generated, expected) triples to return for reading.
+        batch_size: Prompts decoded together (the scores do not depend on it).
+        max_prompt_tokens: Keep only the last this many prompt tokens (the request and the last tool
+            schemas). Decoding cost grows with the prompt: match the training window (``seq_len`` less
+            the answer) to see prompts as the model saw them. Default: as many as the context holds.
 
     Returns:
         The scores of :func:`score_calls` plus ``samples``.
@@ -225,18 +249,18 @@ def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: 
     stop_ids = stop_token_ids(tokenizer)
     was_training = model.training
     model.eval()
-    predicted, expected, samples = [], [], []
+    prompts = [prompt_ids_of(tokenizer, ex) for ex in examples]
     with decoding_threads(model):
-        for ex in examples:
-            prompt = prompt_ids_of(tokenizer, ex)
-            new = greedy_continuation(model, prompt, max_new_tokens, stop_ids)
-            text = tokenizer.decode(new, skip_special_tokens=False)
-            call = parse_tool_call(text)
-            predicted.append(call)
-            expected.append(ex["tool_calls"][0])
-            if len(samples) < num_samples:
-                tail = tokenizer.decode(prompt[-48:], skip_special_tokens=False)
-                samples.append({"prompt_tail": tail, "generated": text, "expected": ex["tool_calls"][0],
-                                "correct": calls_equal(call, ex["tool_calls"][0])})
+        generated = greedy_continuations(model, prompts, max_new_tokens, stop_ids, batch_size, max_prompt_tokens)
     model.train(was_training)
+    predicted, expected, samples = [], [], []
+    for ex, prompt, new in zip(examples, prompts, generated):
+        text = tokenizer.decode(new, skip_special_tokens=False)
+        call = parse_tool_call(text)
+        predicted.append(call)
+        expected.append(ex["tool_calls"][0])
+        if len(samples) < num_samples:
+            tail = tokenizer.decode(prompt[-48:], skip_special_tokens=False)
+            samples.append({"prompt_tail": tail, "generated": text, "expected": ex["tool_calls"][0],
+                            "correct": calls_equal(call, ex["tool_calls"][0])})
     return {**score_calls(predicted, expected), "samples": samples}

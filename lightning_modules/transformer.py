@@ -136,11 +136,17 @@ class LayerCache:
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding; ``pos`` is the number of cached tokens."""
+    """Keys and values of every layer for incremental decoding; ``pos`` is the number of cached slots.
+
+    For a left-padded batch, ``key_mask`` [B, max_len] marks the slots that hold real tokens and ``lengths``
+    [B] counts them per row (the next token's RoPE position); both stay None for unpadded decoding.
+    """
 
     def __init__(self, config: TransformerConfig, batch: int, max_len: int, dtype, device) -> None:
         self.max_len = max_len
         self.pos = 0
+        self.key_mask: torch.Tensor | None = None
+        self.lengths: torch.Tensor | None = None
         self.layers = [
             LayerCache(batch, config.n_kv_heads, max_len, config.head_dim, dtype, device)
             for _ in range(config.n_layers)
@@ -157,7 +163,10 @@ class CausalSelfAttention(nn.Module):
         self.out = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
         self.dropout = config.dropout
 
-    def forward(self, x, cos, sin, cache: LayerCache | None = None, start: int = 0) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: LayerCache | None = None, start: int = 0,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``cos``/``sin`` are [T, hd], or [B, 1, T, hd] for per-row positions; ``key_mask`` [B, S] marks
+        the key slots that hold real tokens (left-padded batches; passed to ``attend`` only when given)."""
         B, T, _ = x.shape
         sizes = [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
         q, k, v = self.qkv(x).split(sizes, dim=-1)
@@ -166,16 +175,23 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, start)
-        y = self.attend(q, k, v, start)
+        y = self.attend(q, k, v, start) if key_mask is None else self.attend(q, k, v, start, key_mask=key_mask)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-        """Causal attention of queries [B, H, T, hd] at positions ``start..start+T-1`` over keys and
-        values [B, KV, S, hd] at positions ``0..S-1`` (``S = start + T``). Returns [B, H, T, hd]."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+               key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention of queries [B, H, T, hd] in slots ``start..start+T-1`` over keys and values
+        [B, KV, S, hd] in slots ``0..S-1`` (``S = start + T``). Returns [B, H, T, hd].
+
+        ``key_mask`` [B, S] (True = real token) hides left padding; a padding query sees only itself, so
+        its (unused) output stays finite. Subclasses that leave it out still decode unpadded batches."""
         T, S = q.shape[2], k.shape[2]
         mask = None
-        if T != S:  # decoding with a cache: query i sees keys up to start + i
-            mask = torch.arange(S, device=q.device) <= torch.arange(start, start + T, device=q.device)[:, None]
+        if T != S or key_mask is not None:  # decoding with a cache: query i sees keys up to start + i
+            k_slot, q_slot = torch.arange(S, device=q.device), torch.arange(start, start + T, device=q.device)[:, None]
+            mask = k_slot <= q_slot
+            if key_mask is not None:  # [B, 1, T, S]
+                mask = mask & (key_mask[:, None, None, :] | (k_slot == q_slot))
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads,
@@ -206,8 +222,10 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, cache: LayerCache | None = None, start: int = 0) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, start))
+    def forward(self, x, cos, sin, cache: LayerCache | None = None, start: int = 0,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        attn_args = (cos, sin, cache, start) if key_mask is None else (cos, sin, cache, start, key_mask)
+        x = x + self.drop(self.attn(self.attn_norm(x), *attn_args))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -243,8 +261,18 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab] for ``input_ids`` [B, T]; with a ``cache`` they continue after its ``pos``."""
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab] for ``input_ids`` [B, T]; with a ``cache`` they continue after its ``pos``.
+
+        Args:
+            input_ids: Token ids [B, T].
+            cache: Keys and values of earlier tokens (``make_cache``); filled in place.
+            attention_mask: [B, T], 1 for real tokens and 0 for left padding. Each row's RoPE positions
+                then count its real tokens only, and attention skips the padding. With a cache, the mask
+                is remembered: later calls (new tokens, all real) may leave it out.
+            last_only: Return only the last position's logits [B, 1, vocab] (prefill for decoding).
+        """
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
         limit = cache.max_len if cache is not None else self.config.max_seq_len
@@ -253,12 +281,36 @@ class Transformer(nn.Module):
                 f"sequence of {start + T} tokens is longer than the model's limit of {limit}; "
                 "use shorter sequences or raise model_overrides.max_seq_len"
             )
-        cos, sin = rope_cos_sin(start, T, self.config.head_dim, self.config.rope_theta, input_ids.device)
+        key_mask = None
+        if attention_mask is not None or (cache is not None and cache.key_mask is not None):
+            if attention_mask is None:
+                real = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+            else:
+                real = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+            before = torch.zeros(B, dtype=torch.long, device=input_ids.device)
+            if cache is not None and cache.lengths is not None:
+                before = cache.lengths
+            positions = (before[:, None] + real.long().cumsum(1) - 1).clamp(min=0)  # [B, T]
+            cos, sin = rope_cos_sin(0, int(positions.max()) + 1, self.config.head_dim, self.config.rope_theta,
+                                    input_ids.device)
+            cos, sin = cos[positions][:, None], sin[positions][:, None]  # [B, 1, T, hd]
+            key_mask = real
+            if cache is not None:
+                if cache.key_mask is None:
+                    cache.key_mask = torch.zeros(B, cache.max_len, dtype=torch.bool, device=input_ids.device)
+                cache.key_mask[:, start:start + T] = real
+                cache.lengths = before + real.sum(1)
+                key_mask = cache.key_mask[:, :start + T]
+        else:
+            cos, sin = rope_cos_sin(start, T, self.config.head_dim, self.config.rope_theta, input_ids.device)
         x = self.tok_embeddings(input_ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, start)
+            layer_cache = cache.layers[i] if cache is not None else None
+            x = layer(x, cos, sin, layer_cache, start, key_mask)
         if cache is not None:
             cache.pos += T
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.norm(x))
 
     def make_cache(self, batch: int, max_len: int | None = None) -> KVCache:

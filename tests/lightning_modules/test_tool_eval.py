@@ -147,9 +147,11 @@ class Oracle(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.tok, self.answers = tok, answers
 
-    def generate(self, input_ids, max_new_tokens, eos_token_id=None):
-        answer = self.tok.encode(self.answers[tuple(input_ids[0].tolist())], add_special_tokens=False)
-        return torch.cat([input_ids, torch.tensor([answer[:max_new_tokens]])], dim=1)
+    def generate(self, input_ids, max_new_tokens, eos_token_id=None, attention_mask=None):
+        rows = [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask)]  # drop the left padding
+        new = [torch.tensor(self.tok.encode(self.answers[tuple(r.tolist())], add_special_tokens=False)[:max_new_tokens])
+               for r in rows]
+        return torch.cat([input_ids, torch.nn.utils.rnn.pad_sequence(new, batch_first=True)], dim=1)
 
 
 def test_evaluate_scores_generated_calls(data_dir):
@@ -159,7 +161,7 @@ def test_evaluate_scores_generated_calls(data_dir):
     wrong = dict(examples[1]["tool_calls"][0], name="get_weather")
     answers[tuple(examples[1]["prompt_ids"])] = f"<|tool_call|>{json.dumps(wrong)}<|/tool_call|><|end|>"
     answers[tuple(examples[2]["prompt_ids"])] = '<|tool_call|>{"name": "get_wea'  # cut off: not JSON
-    scores = evaluate_tool_calls(Oracle(tok, answers), tok, examples)
+    scores = evaluate_tool_calls(Oracle(tok, answers), tok, examples, batch_size=3)
     assert {k: scores[k] for k in ("n", "json_valid", "name_accuracy", "call_accuracy")} == {
         "n": 4, "json_valid": 0.75, "name_accuracy": 0.5, "call_accuracy": 0.5}
     first = scores["samples"][0]
@@ -177,6 +179,33 @@ def test_evaluate_with_tiny_causal_lm_stops_and_restores_train_mode(data_dir):
     scores = evaluate_tool_calls(model, tok, load_heldout_examples(data_dir, "val"), max_new_tokens=8)
     assert scores["n"] == 6 and 0.0 <= scores["call_accuracy"] <= scores["name_accuracy"] <= scores["json_valid"]
     assert model.training
+
+
+def test_batched_decoding_equals_one_prompt_at_a_time():
+    from lightning_modules.causal_lm import CausalLM
+    from lightning_modules.tool_eval import greedy_continuation, greedy_continuations
+
+    torch.manual_seed(0)
+    model = CausalLM(size="tiny", vocab_size=64, model_overrides={"n_layers": 2, "max_seq_len": 64})
+    model.configure_model()
+    prompts = [torch.randint(0, 64, (n,)).tolist() for n in (3, 11, 7, 1, 9)]
+    stops = [5, 17]
+    one_by_one = [greedy_continuation(model, p, 12, stops) for p in prompts]
+    assert greedy_continuations(model, prompts, 12, stops, batch_size=5) == one_by_one
+    assert greedy_continuations(model, prompts, 12, stops, batch_size=2) == one_by_one
+    assert all(not set(new[:-1]) & set(stops) for new in one_by_one)  # each stops at its first stop id
+    assert any(new[-1] in stops for new in one_by_one) and any(len(new) == 12 for new in one_by_one)
+
+
+def test_attention_subclass_without_padding_support_still_decodes_batches():
+    from experiments.examples.sliding_window_attention import SlidingWindowLM
+    from lightning_modules.tool_eval import greedy_continuation, greedy_continuations
+
+    torch.manual_seed(0)
+    model = SlidingWindowLM(window=4, size="tiny", vocab_size=64, model_overrides={"n_layers": 1, "max_seq_len": 64})
+    model.configure_model()
+    prompts = [torch.randint(0, 64, (n,)).tolist() for n in (3, 8, 5)]
+    assert greedy_continuations(model, prompts, 6, [5]) == [greedy_continuation(model, p, 6, [5]) for p in prompts]
 
 
 # --------------------------------------------------------------------------- in a tool stage, and evaluate

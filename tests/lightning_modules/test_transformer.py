@@ -77,6 +77,23 @@ def test_kv_cache_decoding_equals_full_recompute():
     assert cache.pos == 7
 
 
+def test_left_padded_batch_gives_each_row_its_unpadded_logits():
+    model = tiny()
+    ids = torch.randint(0, 64, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :4] = 0  # row 0: 4 padding slots, then 5 tokens
+    padded = model(ids, attention_mask=mask)
+    torch.testing.assert_close(padded[0, 4:], model(ids[:1, 4:])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded[1], model(ids[1:])[0], atol=1e-5, rtol=1e-5)
+    # with a cache, the mask and each row's position carry over to the next (unpadded) tokens
+    cache = model.make_cache(2, 12)
+    model(ids[:, :7], cache, attention_mask=mask[:, :7])
+    step = model(ids[:, 7:], cache)
+    torch.testing.assert_close(step[0], model(ids[:1, 4:])[0, -2:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step[1], model(ids[1:])[0, -2:], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(padded).all()
+
+
 def test_too_long_sequence_is_a_clear_error():
     with pytest.raises(StagewiseError, match="max_seq_len"):
         tiny(max_seq_len=8)(torch.zeros(1, 9, dtype=torch.long))
