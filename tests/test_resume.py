@@ -86,16 +86,29 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 class StepRecorder(L.Callback):
-    """Test-only: appends each optimizer step's loss and window ids to ``$RECORD_FILE`` (one JSON line, written
-    before the next step starts, so a killed run's file is complete up to its last step); with
-    ``$RECORD_SLEEP`` it slows training down so the test can kill it at a chosen step."""
+    """Test-only: appends each optimizer step's loss and window ids, and each validation's loss, to
+    ``$RECORD_FILE`` (one JSON line each, written before the next step starts, so a killed run's file is
+    complete up to its last step); with ``$RECORD_SLEEP`` it slows training down so the test can kill it at a
+    chosen step."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        """What earlier validations left in the callbacks' state: StageHandoff's losses by step, the best score."""
+        handoff = next(cb for cb in trainer.callbacks if type(cb).__name__ == "StageHandoff")
+        best = next(cb for cb in trainer.checkpoint_callbacks if cb.monitor).best_model_score
+        self._write({"start": trainer.global_step, "validated": sorted(map(int, handoff.val_history)),
+                     "best": None if best is None else float(best)})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        row = {"step": trainer.global_step, "epoch": trainer.current_epoch, "loss": float(outputs["loss"]),
-               "windows": [hash(tuple(r)) for r in batch["input_ids"].tolist()]}
+        self._write({"step": trainer.global_step, "epoch": trainer.current_epoch, "loss": float(outputs["loss"]),
+                     "windows": [hash(tuple(r)) for r in batch["input_ids"].tolist()]})
+        time.sleep(float(os.environ.get("RECORD_SLEEP", 0)))
+
+    def on_validation_end(self, trainer, pl_module):
+        self._write({"val_step": trainer.global_step, "val_loss": float(trainer.callback_metrics["val/language/loss"])})
+
+    def _write(self, row: dict) -> None:
         with open(os.environ["RECORD_FILE"], "a") as f:
             f.write(json.dumps(row) + "\n")
-        time.sleep(float(os.environ.get("RECORD_SLEEP", 0)))
 
 
 def fit(workdir: Path, record: Path, *args: str, sleep: float = 0.0) -> subprocess.Popen:
@@ -106,8 +119,9 @@ def fit(workdir: Path, record: Path, *args: str, sleep: float = 0.0) -> subproce
                             cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def read(record: Path) -> list[dict]:
-    return [json.loads(line) for line in record.read_text().splitlines()]
+def read(record: Path, key: str = "step") -> list[dict]:
+    """The rows of training steps (``step``) or validations (``val_step``)."""
+    return [row for row in map(json.loads, record.read_text().splitlines()) if key in row]
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +130,13 @@ def runs(tmp_path_factory, data_dir):
     for name in ("whole", "killed"):
         (root / name).mkdir()
         (root / name / "config.yaml").write_text(CONFIG.format(steps=STEPS, data_dir=data_dir))
-    kill_step = random.Random(8).randint(4, STEPS - 4)
+    # Seed 6 draws step 16: the last save before it is due at step 15, where a validation follows, so the
+    # resumed run must neither repeat that validation nor lose what it left in the callbacks' state.
+    kill_step = random.Random(6).randint(4, STEPS - 4)
     whole = fit(root / "whole", root / "whole.jsonl")
     killed = fit(root / "killed", root / "killed.jsonl", sleep=0.3)
     deadline = time.time() + 120
-    while not (root / "killed.jsonl").exists() or read(root / "killed.jsonl")[-1]["step"] < kill_step:
+    while max([0] + [r["step"] for r in read(root / "killed.jsonl")] if (root / "killed.jsonl").exists() else [0]) < kill_step:
         assert killed.poll() is None and time.time() < deadline, killed.stderr and killed.stderr.read()[-3000:]
         time.sleep(0.01)
     killed.send_signal(signal.SIGKILL)
@@ -129,6 +145,7 @@ def runs(tmp_path_factory, data_dir):
     last = root / "killed" / "runs" / "resume" / "language" / "checkpoints" / "last.ckpt"
     resumed_from = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     before = [r for r in read(root / "killed.jsonl") if r["step"] <= resumed_from]
+    val_before = [r for r in read(root / "killed.jsonl", "val_step") if r["val_step"] <= resumed_from]
     # The resumed run in this process: a fresh Trainer from last.ckpt, without paying the start-up again.
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root / "killed")
@@ -140,7 +157,10 @@ def runs(tmp_path_factory, data_dir):
         finally:
             torch.set_num_threads(threads)
     return {"root": root, "kill_step": kill_step, "resumed_from": resumed_from, "whole": read(root / "whole.jsonl"),
-            "before": before, "resumed": read(root / "resumed.jsonl")}
+            "before": before, "resumed": read(root / "resumed.jsonl"),
+            "val_whole": read(root / "whole.jsonl", "val_step"),
+            "val_combined": val_before + read(root / "resumed.jsonl", "val_step"),
+            "state_whole": read(root / "whole.jsonl", "start"), "state_resumed": read(root / "resumed.jsonl", "start")}
 
 
 def test_killed_and_resumed_run_logs_the_same_loss_at_every_later_step(runs):
@@ -159,6 +179,17 @@ def test_resumed_run_sees_each_window_of_the_epoch_exactly_once(runs):
     # 30 windows in batches of 4: each epoch trains 28 distinct ones (its permutation's last 2 are dropped)
     assert len(epochs[0]) == len(set(epochs[0])) == len(epochs[1]) == len(set(epochs[1])) == 28
     assert len(set(epochs[0]) | set(epochs[1])) <= 30 and epochs[0] != epochs[1]
+
+
+def test_resumed_run_validates_at_the_same_steps_and_keeps_what_validations_left(runs):
+    assert [r["val_step"] for r in runs["val_combined"]] == [r["val_step"] for r in runs["val_whole"]] == [5, 10, 15, 20]
+    for ours, theirs in zip(runs["val_combined"], runs["val_whole"]):
+        assert ours["val_loss"] == pytest.approx(theirs["val_loss"], abs=1e-6)
+    # callback state at every resumed step: the validations StageHandoff has seen, the best score so far
+    whole = {r["start"]: r for r in runs["state_whole"]}
+    for ours in runs["state_resumed"]:
+        assert ours["validated"] == whole[ours["start"]]["validated"], ours["start"]
+        assert ours["best"] == pytest.approx(whole[ours["start"]]["best"], abs=1e-6)
 
 
 def test_resumed_run_keeps_best_checkpoint_tracking_and_weights(runs):

@@ -1,0 +1,222 @@
+"""Safety nets of a stage: atomic checkpoint writes, non-finite steps skipped, no overwriting another run,
+a clear error on a full disk."""
+
+import errno
+import hashlib
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks.safety import AtomicCheckpointIO, LastCheckpoint
+from datamodules.datamodule import LanguageDataModule
+from datamodules.errors import StagewiseError
+from lightning_modules.causal_lm import CausalLM
+from lightning_modules.cli import main
+from test_ddp_cpu import VOCAB, write_corpus
+from test_resume import CONFIG, prepare_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------- atomic writes
+KILLED_MID_SAVE = """
+import sys, time
+from pathlib import Path
+import torch
+from callbacks.safety import AtomicCheckpointIO
+
+class SlowIO(AtomicCheckpointIO):
+    def write_temp(self, checkpoint, tmp):
+        super().write_temp(checkpoint, tmp)
+        Path(sys.argv[2]).write_text("temp written")  # the new checkpoint is on disk, not yet renamed
+        time.sleep(600)
+
+AtomicCheckpointIO().save_checkpoint({"step": 1, "w": torch.ones(1000)}, sys.argv[1])
+SlowIO().save_checkpoint({"step": 2, "w": torch.zeros(1000)}, sys.argv[1])
+"""
+
+
+def test_process_killed_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path):
+    last, marker = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "marker"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_MID_SAVE, str(last), str(marker)], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(last, weights_only=True)["step"] == 1  # the previous checkpoint, whole
+    leftovers = list(last.parent.glob(".last.ckpt.tmp*"))
+    assert len(leftovers) == 1  # the killed save's temporary file, never under the checkpoint's name
+    AtomicCheckpointIO().save_checkpoint({"step": 3}, last)
+    assert torch.load(last, weights_only=True)["step"] == 3 and not leftovers[0].exists()  # next save cleans up
+
+
+def test_disk_full_while_saving_names_the_path_and_keeps_earlier_files(tmp_path, monkeypatch):
+    io, best, last = AtomicCheckpointIO(), tmp_path / "language_model_best.ckpt", tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, best)
+    io.save_checkpoint({"step": 1}, last)
+    before = sha(last)
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"partial bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(StagewiseError) as err:
+        io.save_checkpoint({"step": 2}, last)
+    message = str(err.value)
+    assert f"disk full while writing {last}" in message and "earlier checkpoints are intact" in message
+    assert str(best) in message and "--ckpt_path last" in message
+    assert sha(last) == before and sorted(p.name for p in tmp_path.iterdir()) == [best.name, last.name]
+
+
+# ----------------------------------------------------------------------------------------- non-finite steps
+class NaNAt(CausalLM):
+    """A CausalLM whose loss (or, with ``grads_only``, only whose gradients) are non-finite at the given
+    optimizer steps (0-based ``global_step``)."""
+
+    def __init__(self, bad_steps: list[int], grads_only: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.bad_steps, self.grads_only = set(bad_steps), grads_only
+
+    def compute_loss(self, logits, targets, loss_mask):
+        loss = super().compute_loss(logits, targets, loss_mask)
+        if self.trainer.global_step not in self.bad_steps:
+            return loss
+        if self.grads_only:
+            logits.register_hook(lambda g: g * float("inf"))
+            return loss
+        return loss * float("nan")
+
+
+class Weights(L.Callback):
+    """Records the flat weights after every optimizer step."""
+
+    def __init__(self):
+        self.after = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after[trainer.global_step] = torch.cat([p.detach().flatten() for p in pl_module.parameters()]).clone()
+
+
+def train(tmp_path: Path, model: CausalLM, steps: int) -> tuple[L.Trainer, Weights]:
+    if not (tmp_path / "data").exists():
+        write_corpus(tmp_path / "data")
+    weights = Weights()
+    trainer = L.Trainer(
+        max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False, gradient_clip_val=1.0,
+        plugins=[AtomicCheckpointIO()], default_root_dir=tmp_path,
+        callbacks=[LastCheckpoint(every_n_train_steps=1, dirpath=str(tmp_path / "ckpt")), weights],
+    )
+    data = LanguageDataModule(data_dir=str(tmp_path / "data"), seq_len=8, batch_size=2, seed=3)
+    trainer.fit(model, datamodule=data)
+    return trainer, weights
+
+
+def tiny(**kwargs) -> dict:
+    return dict(size="tiny", vocab_size=VOCAB, model_overrides={"n_layers": 1, "max_seq_len": 16},
+                warmup_steps=1, lr=1e-2, **kwargs)
+
+
+@pytest.mark.parametrize("grads_only", [False, True], ids=["nan_loss", "inf_grads"])
+def test_non_finite_step_is_skipped_with_weights_unchanged_and_counted(tmp_path, grads_only):
+    model = NaNAt([2], grads_only=grads_only, **tiny())
+    trainer, weights = train(tmp_path, model, steps=5)
+    w = weights.after
+    assert torch.equal(w[3], w[2])  # the third step (global_step 2 -> 3) changed nothing
+    assert not torch.equal(w[2], w[1]) and not torch.equal(w[4], w[3])  # the steps around it trained
+    assert torch.isfinite(w[5]).all()
+    assert model.skipped_steps == 1 and model.bad_steps_in_a_row == 0
+    assert trainer.callback_metrics["train/skipped_steps"] == 1
+    adam_steps = {float(s["step"]) for s in trainer.optimizers[0].state.values()}
+    assert adam_steps == {4.0}  # 5 steps, one skipped: the optimizer's moments saw 4
+
+
+def test_max_bad_steps_in_a_row_stop_the_stage_and_leave_the_last_checkpoint(tmp_path):
+    model = NaNAt([2, 3, 4, 5, 6], **tiny(max_bad_steps=3))
+    with pytest.raises(StagewiseError, match=r"stopped at optimizer step 4: 3 steps in a row had a non-finite loss"):
+        train(tmp_path, model, steps=10)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2  # saved after the last good step, not rewritten during the bad ones
+    good = torch.cat([t.flatten() for t in ckpt["state_dict"].values()])
+    assert torch.isfinite(good).all() and model.skipped_steps == 3
+    assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
+
+
+# ----------------------------------------------------------------------------------------- the CLI's nets
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return prepare_corpus(tmp_path_factory.mktemp("faults_corpus"))
+
+
+def fit(workdir: Path, corpus: Path, *args: str, steps: int = 2) -> int:
+    (workdir / "config.yaml").write_text(CONFIG.format(steps=steps, data_dir=corpus).replace(
+        "    - class_path: test_resume.StepRecorder\n", ""))
+    try:
+        main(["fit", "-c", "config.yaml", "--trainer.val_check_interval", "2", *args])
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
+def test_fit_refuses_to_overwrite_another_run_unless_told(tmp_path, monkeypatch, capsys, corpus):
+    monkeypatch.chdir(tmp_path)
+    saved, save = [], AtomicCheckpointIO.save_checkpoint
+
+    def recording_save(self, checkpoint, path, storage_options=None):
+        saved.append(Path(path).name)
+        save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", recording_save)
+    assert fit(tmp_path, corpus) == 0
+    assert {"last.ckpt", "language_model_best.ckpt"} <= set(saved)  # the CLI writes checkpoints atomically
+    best, last = tmp_path / "models" / "language_model_best.ckpt", tmp_path / "runs/resume/language/checkpoints/last.ckpt"
+    before = {best: sha(best), last: sha(last)}
+    capsys.readouterr()
+
+    assert fit(tmp_path, corpus) == 2
+    err = capsys.readouterr().err
+    assert "would overwrite another run's checkpoints" in err and "runs/resume/language" in err
+    assert str(Path("models/language_model_best.ckpt")) in err and "--overwrite" in err and "--ckpt_path last" in err
+    assert {p: sha(p) for p in before} == before  # nothing written
+
+    # a run without a fixed version gets a new directory, but the stage's best checkpoint is still taken
+    assert fit(tmp_path, corpus, "--trainer.logger.init_args.version", "null") == 2
+    assert "models/language_model_best.ckpt" in capsys.readouterr().err
+
+    assert fit(tmp_path, corpus, "--overwrite", "--model.init_args.lr", "1e-2", steps=4) == 0
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+    assert sha(best) != before[best]
+
+
+def test_disk_full_during_fit_exits_2_and_keeps_the_earlier_last_checkpoint(tmp_path, monkeypatch, capsys, corpus):
+    monkeypatch.chdir(tmp_path)
+    write = AtomicCheckpointIO.write_temp
+
+    def fills_up(self, checkpoint, tmp):
+        if checkpoint["global_step"] < 3:
+            return write(self, checkpoint, tmp)
+        tmp.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(AtomicCheckpointIO, "write_temp", fills_up)
+    assert fit(tmp_path, corpus, "--last_checkpoint.every_n_train_steps", "1", steps=6) == 2
+    err = capsys.readouterr().err
+    last = Path("runs/resume/language/checkpoints/last.ckpt")
+    assert "disk full while writing runs/resume/language/checkpoints/last.ckpt" in err and "Traceback" not in err
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2
+    assert not list(tmp_path.rglob(".*.tmp*"))  # the partial file is gone
