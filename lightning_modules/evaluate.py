@@ -43,13 +43,25 @@ def prepared_domains(data_dir: str | Path) -> list[str]:
     return sorted(names, key=lambda n: (KNOWN_ORDER.index(n) if n in KNOWN_ORDER else len(KNOWN_ORDER), n))
 
 
+def read_checkpoint(ckpt: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint's contents, memory-mapped; StagewiseError if it is missing or not a checkpoint."""
+    hint = "train a stage first or pass --ckpt <file.ckpt> written by `stagewise fit`"
+    if not Path(ckpt).is_file():
+        raise StagewiseError(f"no checkpoint at {ckpt}; {hint}")
+    try:
+        saved = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:
+        raise StagewiseError(f"{ckpt} is not a readable checkpoint ({err}); {hint}") from None
+    if not isinstance(saved, dict) or "state_dict" not in saved:
+        raise StagewiseError(f"{ckpt} is not a Lightning checkpoint (no 'state_dict'); {hint}")
+    return saved
+
+
 def load_model(ckpt: str | Path, map_location: str = "cpu"):
     """The ``CausalLM`` (or subclass) of a checkpoint, weights loaded, in eval mode."""
     from lightning_modules.causal_lm import CausalLM
 
-    if not Path(ckpt).is_file():
-        raise StagewiseError(f"no checkpoint at {ckpt}; train a stage first or pass --ckpt <file.ckpt>")
-    hp = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False).get("hyper_parameters") or {}
+    hp = read_checkpoint(ckpt).get("hyper_parameters") or {}
     class_path = hp.get("_class_path")
     if class_path:  # a subclass saved by LightningCLI: import it so Lightning may build it
         importlib.import_module(class_path.rsplit(".", 1)[0])
@@ -98,9 +110,7 @@ def evaluate(
     from datamodules.tokenizer import load_tokenizer
     from lightning_modules.tool_eval import evaluate_tool_calls, load_heldout_examples
 
-    if not Path(ckpt).is_file():
-        raise StagewiseError(f"no checkpoint at {ckpt}; train a stage first or pass --ckpt <file.ckpt>")
-    saved = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
+    saved = read_checkpoint(ckpt)
     # A CorpusDataModule's state_dict (its settings) is stored under its class name.
     data_state = next((v for v in saved.values() if isinstance(v, dict) and "seq_len" in v and "corpus" in v), {})
     settings = {k: v for k, v in data_state.items() if k in ("data_dir", "seq_len", "batch_size", "val_max_windows")}

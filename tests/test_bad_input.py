@@ -269,6 +269,12 @@ def test_stage_handoff_refuses_a_parent_that_is_not_a_checkpoint(tmp_path):
         StageHandoff("code")._check_parent(_write_text(tmp_path / "notes.ckpt"), "a" * 64)
 
 
+def test_evaluate_a_file_that_is_not_a_checkpoint(workdir, capsys):
+    code, err = run(["evaluate", "--ckpt", _write_text(workdir / "notes.ckpt"), "--data_dir", "data"], capsys)
+    assert code == 2
+    assert_clear(err, "notes.ckpt is not a readable checkpoint", "pass --ckpt <file.ckpt>")
+
+
 # ------------------------------------------------------------------------------------------ tokenizer
 
 
