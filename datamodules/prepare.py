@@ -374,13 +374,9 @@ def _prepare(corpora: dict[str, Corpus], tokenizer: TokenizerConfig, root: Path)
                 console.print(f"[green]data is up to date[/] in {root}/ ({time.perf_counter() - start:.1f}s)")
                 return manifests
 
-    progress = Progress(
-        TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console,
-    )
     results: dict[str, list[SourceResult]] = {}
     splits: dict[str, dict[str, list[Document]]] = {}
-    with progress:
+    with _progress() as progress:
         for name, corpus in corpora.items():
             cache_dir = root / ".cache" / "docs" / name
             results[name] = [
@@ -392,7 +388,7 @@ def _prepare(corpora: dict[str, Corpus], tokenizer: TokenizerConfig, root: Path)
     try:
         tok = load_tokenizer(tok_dir)
         sha = tokenizer_sha256(tok_dir)
-        with progress:
+        with _progress() as progress:
             for name, corpus in corpora.items():
                 key = _corpus_key(name, corpus, fingerprints[name], sha)
                 current = _manifest_if_current(root / name, key)
@@ -419,6 +415,13 @@ def _prepare(corpora: dict[str, Corpus], tokenizer: TokenizerConfig, root: Path)
     print_table(manifests, console)
     console.print(f"prepared {len(manifests)} corpora in {root}/ in {time.perf_counter() - start:.1f}s")
     return manifests
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console,
+    )
 
 
 def _corpus_key(name: str, corpus: Corpus, fingerprints: dict[str, str], tok_sha: str) -> str:
