@@ -93,7 +93,8 @@ def assert_clear(err: str, *fragments: str) -> None:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """A directory with sources, prepared ``data/`` (language + code, 320-token tokenizer) and a tiny
-    ``models/language_model_best.ckpt`` trained on it (weights of a fresh model: only its format matters)."""
+    ``models/language_model_best.ckpt`` for its tokenizer, in Lightning's format (untrained weights: only the
+    format, shapes and tokenizer hash matter here)."""
     root = tmp_path_factory.mktemp("bad_input")
     make_sources(root)
     main(["prepare", "-c", str(data_config(root))])
