@@ -16,12 +16,12 @@ import html
 import io
 import json
 import logging
+import multiprocessing
 import os
 import random
 import re
 import shlex
 import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -303,6 +303,8 @@ class AwsCliExamples(Source):
         max_distractors: Most other operations offered; the count is drawn per example, seeded by its hash.
         name: Name of this source in manifests and logs (default: ``aws_cli_examples``).
         max_documents: Stop after this many examples (all when None).
+        workers: Processes that parse commands (awscli-bound, ~16 examples/s each); the examples and their
+            order do not depend on it. Default: up to 2, as many as there are CPUs.
     """
 
     def __init__(
@@ -312,6 +314,7 @@ class AwsCliExamples(Source):
         max_distractors: int = 7,
         name: str | None = None,
         max_documents: int | None = None,
+        workers: int | None = None,
     ):
         super().__init__(name=name, max_documents=max_documents)
         if not 0 <= min_distractors <= max_distractors:
@@ -319,6 +322,7 @@ class AwsCliExamples(Source):
         self.services = services
         self.min_distractors = min_distractors
         self.max_distractors = max_distractors
+        self._workers = workers if workers is not None else min(2, os.cpu_count() or 1)  # not in the fingerprint
 
     def examples_dir(self) -> Path:
         awscli, _, _ = _awscli()
@@ -344,16 +348,49 @@ class AwsCliExamples(Source):
         return hashlib.sha256(f"{base} awscli={awscli.__version__} botocore={botocore.__version__}".encode()).hexdigest()
 
     def documents(self, stats: SourceStats) -> Iterator[Document]:
-        files = self.files()
         root = self.examples_dir()
-        with tempfile.TemporaryDirectory(prefix="stagewise-aws-") as tmp, _fake_aws_env(Path(tmp)):
-            extractor = _Extractor(Path(tmp), self.min_distractors, self.max_distractors)
-            for path in files:
-                rel = path.relative_to(root).as_posix()
-                for k, example in extractor.examples(path, rel, stats.skipped):
-                    call = example["tool_calls"][0]["name"]
-                    text = json.dumps(example, sort_keys=True)
-                    yield Document(text=text, source=self.name, path=f"{rel}#{k}", meta={"tool": call})
+        jobs = [(str(path), path.relative_to(root).as_posix()) for path in self.files()]
+        with tempfile.TemporaryDirectory(prefix="stagewise-aws-") as tmp:
+            if self._workers > 1 and len(jobs) > 1 and "fork" in multiprocessing.get_all_start_methods():
+                # One awscli driver per worker; imap keeps file order, so the documents are the serial ones.
+                # Forked workers run only awscli (no torch, no tokenizers) and need no `__main__` guard.
+                pool = multiprocessing.get_context("fork").Pool(
+                    self._workers, _start_worker, (tmp, self.min_distractors, self.max_distractors))
+                try:
+                    results = pool.imap(_file_examples, jobs, chunksize=4)
+                    yield from self._documents(jobs, results, stats)
+                finally:
+                    pool.terminate()  # also when the reader stops early (max_documents)
+            else:
+                with _fake_aws_env(Path(tmp)):
+                    extractor = _Extractor(Path(tmp), self.min_distractors, self.max_distractors)
+                    results = (list(extractor.examples(Path(path), rel)) for path, rel in jobs)
+                    yield from self._documents(jobs, results, stats)
+
+    def _documents(self, jobs: list[tuple[str, str]], results, stats: SourceStats) -> Iterator[Document]:
+        for (_, rel), outcomes in zip(jobs, results):
+            for k, example in outcomes:
+                if isinstance(example, str):
+                    stats.skipped[example] += 1
+                    continue
+                yield Document(text=json.dumps(example, sort_keys=True), source=self.name, path=f"{rel}#{k}",
+                               meta={"tool": example["tool_calls"][0]["name"]})
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _start_worker(tmp: str, min_distractors: int, max_distractors: int) -> None:
+    """Pool initializer: fake AWS settings for the worker's lifetime and one extractor of its own."""
+    work = Path(tempfile.mkdtemp(dir=tmp))
+    _WORKER["env"] = _fake_aws_env(work)  # held: a collected context manager would restore the environment
+    _WORKER["env"].__enter__()  # left only when the worker process ends with the pool
+    _WORKER["extractor"] = _Extractor(work, min_distractors, max_distractors)
+
+
+def _file_examples(job: tuple[str, str]) -> list[tuple[int, dict | str]]:
+    path, rel = job
+    return list(_WORKER["extractor"].examples(Path(path), rel))
 
 
 class _Extractor:
@@ -437,25 +474,23 @@ class _Extractor:
                 self.services[cli_service] = (model, {self.botocore.xform_name(op, "-"): op for op in model.operation_names})
         return self.services[cli_service]
 
-    def examples(self, path: Path, rel: str, skipped: Counter) -> Iterator[tuple[int, dict]]:
+    def examples(self, path: Path, rel: str) -> Iterator[tuple[int, dict | str]]:
+        """``(k, example)`` for each example of one .rst file, in order; a skipped one's example is the reason."""
         cli_service, cli_operation = path.parent.name, path.stem
         model, operations = self._service(cli_service)
         try:
             examples, contents = parse_examples(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, ValueError):
-            skipped["unreadable_rst"] += 1
+            yield -1, "unreadable_rst"
             return
         if cli_operation not in operations:
-            skipped["not_api_operation"] += max(len(examples), 1)
+            for _ in range(max(len(examples), 1)):
+                yield -1, "not_api_operation"
             return
         if not examples:
-            skipped["no_command"] += 1
+            yield -1, "no_command"
         for k, ex in enumerate(examples):
-            reason_or_example = self._build(ex, contents, model, operations[cli_operation], cli_service, rel, k)
-            if isinstance(reason_or_example, str):
-                skipped[reason_or_example] += 1
-            else:
-                yield k, reason_or_example
+            yield k, self._build(ex, contents, model, operations[cli_operation], cli_service, rel, k)
 
     def _build(self, ex: dict, contents: dict, model, operation: str, cli_service: str, rel: str, k: int):
         wanted = f"aws {cli_service} {path_op(rel)}"

@@ -79,7 +79,7 @@ def no_network(monkeypatch):
 
 def test_extracts_exact_calls_with_distractors_and_no_network(no_network, monkeypatch):
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
-    source = AwsCliExamples(services=["sqs", "acm"])
+    source = AwsCliExamples(services=["sqs", "acm"], workers=1)  # in-process: no_network covers it
     stats = SourceStats()
     docs = list(source.read(stats))
     assert len(docs) >= 15
@@ -95,10 +95,20 @@ def test_extracts_exact_calls_with_distractors_and_no_network(no_network, monkey
             assert _value_text(value) in request, (doc.path, value)
     assert "AWS_ACCESS_KEY_ID" not in os.environ  # the fake credentials were only set while reading
     assert sum(stats.skipped.values()) > 0  # several-command and missing-file examples are counted, not kept
-    again = [d.text for d in AwsCliExamples(services=["sqs", "acm"]).read(SourceStats())]
+    again = [d.text for d in AwsCliExamples(services=["sqs", "acm"], workers=1).read(SourceStats())]
     assert again == [d.text for d in docs]  # distractors and their order are deterministic
 
 
 def test_unknown_service_names_the_problem():
     with pytest.raises(MissingSourceError, match="no-such-service"):
         AwsCliExamples(services=["no-such-service"]).files()
+
+
+def test_parallel_workers_give_the_serial_documents_and_counts():
+    serial_stats, parallel_stats = SourceStats(), SourceStats()
+    serial = [(d.path, d.text) for d in AwsCliExamples(services=["sqs", "acm"], workers=1).read(serial_stats)]
+    parallel = [(d.path, d.text) for d in AwsCliExamples(services=["sqs", "acm"], workers=2).read(parallel_stats)]
+    assert parallel == serial and parallel_stats.skipped == serial_stats.skipped
+    capped = SourceStats()
+    first = [(d.path, d.text) for d in AwsCliExamples(services=["sqs", "acm"], workers=2, max_documents=5).read(capped)]
+    assert first == serial[:5] and capped.documents == 5
