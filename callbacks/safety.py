@@ -123,7 +123,6 @@ def _bad_streak(pl_module: L.LightningModule) -> bool:
 
 def _validation_follows(trainer: L.Trainer) -> bool:
     """Whether the fit loop validates right after the current training batch (Lightning's own decision)."""
-    # (``num_val_batches`` is unknown until the first validation has run, so it cannot tell.)
     if not trainer.enable_validation:
         return False
     return bool(trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))

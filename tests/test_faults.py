@@ -220,3 +220,28 @@ def test_disk_full_during_fit_exits_2_and_keeps_the_earlier_last_checkpoint(tmp_
     assert "disk full while writing runs/resume/language/checkpoints/last.ckpt" in err and "Traceback" not in err
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2
     assert not list(tmp_path.rglob(".*.tmp*"))  # the partial file is gone
+
+
+def test_pipeline_passes_overwrite_only_when_it_starts_a_stage_over(tmp_path, monkeypatch):
+    from callbacks.stage_record import update_stage_record
+    from lightning_modules import pipeline as pl
+
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def fake_fit(cmd, env=None):  # stands in for the `stagewise fit` subprocess
+        calls.append(cmd)
+        Path("models").mkdir(exist_ok=True)
+        Path("models/language_model_best.ckpt").write_bytes(b"weights")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(pl.subprocess, "run", fake_fit)
+    Path("stage.yaml").write_text("trainer: {max_steps: 3}\n")
+    stages = [pl.StageSpec("language", ["stage.yaml"])]
+    assert pl.pipeline(stages, experiment="t", report=False) == {"language": "trained"}
+    assert "--overwrite" in calls[-1]
+    update_stage_record(Path("models"), "language", {"pipeline_key": "stale"})  # interrupted before it finished
+    Path("runs/t/language/checkpoints").mkdir(parents=True)
+    Path("runs/t/language/checkpoints/last.ckpt").write_bytes(b"state")
+    assert pl.pipeline(stages, experiment="t", report=False) == {"language": "resumed"}
+    assert "--overwrite" not in calls[-1] and calls[-1][-2:] == ["--ckpt_path", "runs/t/language/checkpoints/last.ckpt"]
