@@ -18,7 +18,10 @@ GPU twice for two runs on it). Every run hands on and is scored by its **final**
 validation is at the run's last step); validation uses the same held-out windows of each domain in all runs.
 
     stagewise prepare -c configs/data/study.yaml
-    python -m experiments.staged_vs_joint --size small --seeds 1 2 3 --devices 0 1 --compile
+    python -m experiments.staged_vs_joint --size small --seeds 1 2 3 --devices 0 1
+
+One H100, one worker, ``small`` at the default budget (10M + 4 × 2.5M + 12.5M tokens): 244 s per seed, of which
+~13 s per run is process start-up; ``--compile`` adds ~25 s of compilation per run, more than it saves here.
 
 Writes ``--out``: ``results.json`` (every run), ``results.md`` (mean ± std per condition and a verdict on each
 seed claim by the rules it states), ``quality_vs_time.png``, ``loss_vs_tokens.png``; TensorBoard runs under
@@ -31,9 +34,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
-import queue
 import shlex
 import shutil
 import statistics
@@ -52,6 +53,7 @@ DOMAINS = ("language", "code")
 CONDITIONS = ("staged", "staged_lr1e-5", "replay5", "replay25", "joint")
 STAGE1 = "language"  # the shared stage 1's name in runs/ and results.json
 MIN_EFFECT = 0.02  # nats: below this a difference of held-out losses counts as no difference, whatever the seeds say
+PLOTS = ["quality_vs_time.png", "loss_vs_tokens.png"]
 TIME_SUPPORTED, TIME_NOT_SUPPORTED = 1.25, 1.5  # staged path wall time / joint wall time thresholds (claim 3)
 
 console = Console(highlight=False, soft_wrap=True)
@@ -75,7 +77,8 @@ def plan_budget(args: argparse.Namespace) -> Budget:
     """Steps from tokens: stage 1 ``--language-tokens``; stage 2 ``--code-epochs`` epochs of a code corpus
     ``code_fraction / (1 - code_fraction)`` the size of the language data (``language_tokens / language_epochs``)."""
     per_step = args.seq_len * args.batch_size
-    code_tokens = args.language_tokens / args.language_epochs * args.code_fraction / (1 - args.code_fraction) * args.code_epochs
+    code_data = args.language_tokens / args.language_epochs * args.code_fraction / (1 - args.code_fraction)
+    code_tokens = code_data * args.code_epochs
 
     def steps(tokens: float) -> int:  # a multiple of val_points, so the last validation is at the last step
         return args.val_points * max(1, round(tokens / per_step / args.val_points))
@@ -242,8 +245,9 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def run_all(runs: list[Run], args: argparse.Namespace, out: Path) -> dict[str, dict]:
-    """Run every run not yet done (or whose command changed) on the devices' workers; return all results by name."""
+def run_all(runs: list[Run], args: argparse.Namespace, out: Path, on_result=None) -> dict[str, dict]:
+    """Run every run not yet done (or whose command changed) on the devices' workers; return all results by name.
+    ``on_result(results)`` is called (one call at a time) after every finished run with the results so far."""
     cpu = args.devices[0] == "cpu"
     results: dict[str, dict] = {}
     todo: list[Run] = []
@@ -252,12 +256,13 @@ def run_all(runs: list[Run], args: argparse.Namespace, out: Path) -> dict[str, d
         cmd = fit_command(run, args, out, cpu)
         old = json.loads(path.read_text()) if path.exists() else None
         parent_reruns = run.parent is not None and run.parent in todo
-        if old and old.get("status") == "ok" and old.get("command") == shlex.join(["python", *cmd[1:]]) and not parent_reruns:
+        same = old and old.get("status") == "ok" and old.get("command") == shlex.join(["python", *cmd[1:]])
+        if same and not parent_reruns:
             results[run.name] = old
             console.print(f"[dim]{run.name}: done earlier ({path}), skipped[/]")
         else:
             todo.append(run)
-    pending, ready = list(todo), threading.Condition()
+    pending, ready, summary_lock = list(todo), threading.Condition(), threading.Lock()
     finished = [0]
 
     def next_run() -> Run | None:
@@ -301,6 +306,10 @@ def run_all(runs: list[Run], args: argparse.Namespace, out: Path) -> dict[str, d
                 finished[0] += 1
                 console.print(f"[dim]{finished[0]}/{len(todo)} runs finished[/]")
                 ready.notify_all()
+                snapshot = {r.name: results[r.name] for r in runs if r.name in results}
+            if on_result is not None:
+                with summary_lock:
+                    on_result(snapshot)
 
     threads = [threading.Thread(target=worker, args=(d,), daemon=True) for d in args.devices]
     for t in threads:
@@ -454,7 +463,8 @@ def write_markdown(out: Path, study: dict, results: dict[str, dict], plots: list
         f"Budget: stage 1 {b['language_steps']:,} steps ({b['language_steps'] * b['tokens_per_step'] / 1e6:.2f}M tokens, "
         f"LR {study['language_lr']:g}); stage 2 {b['code_steps']:,} steps "
         f"({b['code_steps'] * b['tokens_per_step'] / 1e6:.2f}M tokens, LR 5e-6 or 1e-5); joint {b['joint_steps']:,} "
-        f"steps at LR {study['language_lr']:g}, mixture language/code {1 - study['code_fraction']:.2f}/{study['code_fraction']:.2f}  ",
+        f"steps at LR {study['language_lr']:g}, mixture language/code "
+        f"{1 - study['code_fraction']:.2f}/{study['code_fraction']:.2f}  ",
         "",
         "Every number is the **final** weights' held-out loss (the last validation is at each run's last step; "
         "stage 2 starts from stage 1's final weights), on the same validation windows of each domain "
@@ -472,7 +482,8 @@ def write_markdown(out: Path, study: dict, results: dict[str, dict], plots: list
         lines += ["", "## Failed runs", ""]
         for r in failed:
             last = (r.get("stderr_tail") or "").strip().splitlines() or ["(no stderr)"]
-            lines.append(f"- {r['condition']}/seed{r['seed']}: `{last[-1]}` (stderr: runs/{r['condition']}/seed{r['seed']}/stderr.log)")
+            name = f"{r['condition']}/seed{r['seed']}"
+            lines.append(f"- {name}: `{last[-1]}` (stderr: runs/{name}/stderr.log)")
     lines += ["", "## Plots", "", *(f"![{p}]({p})" for p in plots)]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
@@ -534,7 +545,7 @@ def plot(out: Path, results: dict[str, dict]) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "loss_vs_tokens.png", dpi=110)
     plt.close(fig)
-    return ["quality_vs_time.png", "loss_vs_tokens.png"]
+    return PLOTS
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -556,7 +567,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-points", type=int, default=10, help="validations per run, evenly spaced, the last at its end")
     p.add_argument("--val-windows", type=int, default=128, help="held-out windows of seq_len per domain")
     p.add_argument("--devices", nargs="+", default=["cpu"],
-                   help="GPU ids, one worker each (repeat an id for two runs on it); `cpu` runs on the CPU (`cpu cpu`: two at once)")
+                   help="GPU ids, one worker each (repeat an id for two runs on it); `cpu` runs on the CPU "
+                        "(`cpu cpu`: two at once)")
     p.add_argument("--data-dir", type=Path, default=ROOT / "data" / "study", help="prepared by configs/data/study.yaml")
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "staged_vs_joint")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile every run")
@@ -593,20 +605,26 @@ def main(argv: list[str] | None = None) -> dict:
                   f"({budget.code_steps * budget.tokens_per_step / train_tokens['code']:.1f} epochs of "
                   f"{train_tokens['code'] / 1e6:.2f}M), joint {budget.joint_steps} steps")
     start = time.perf_counter()
-    results = run_all(runs, args, out)
     study = {
         "command": shlex.join(["python", "-m", "experiments.staged_vs_joint", *(sys.argv[1:] if argv is None else argv)]),
-        "date": _now(), "cards": sorted({r["card"] for r in results.values() if r.get("card")}),
-        "size": args.size, "seeds": args.seeds, "devices": args.devices, "seq_len": args.seq_len, "batch_size": args.batch_size,
-        "language_lr": args.language_lr, "code_fraction": args.code_fraction, "val_windows": args.val_windows,
-        "min_effect": args.min_effect, "data_train_tokens": train_tokens,
+        "date": _now(), "size": args.size, "seeds": args.seeds, "devices": args.devices, "seq_len": args.seq_len,
+        "batch_size": args.batch_size, "language_lr": args.language_lr, "code_fraction": args.code_fraction,
+        "val_windows": args.val_windows, "min_effect": args.min_effect, "data_train_tokens": train_tokens,
         "budget": {"tokens_per_step": budget.tokens_per_step, "language_steps": budget.language_steps,
                    "code_steps": budget.code_steps, "joint_steps": budget.joint_steps},
-        "weights": "final", "study_wall_time_s": round(time.perf_counter() - start, 1),
+        "weights": "final",
     }
-    (out / "results.json").write_text(json.dumps({"study": study, "runs": list(results.values())}, indent=1))
-    plots = plot(out, results)
-    text = write_markdown(out, study, results, plots)
+
+    def summarize(results: dict[str, dict], plots: bool = False) -> str:
+        """results.json and results.md of the runs so far, and at the end the plots (rewritten after every run:
+        a study cut short by a time limit still leaves its summary)."""
+        study["cards"] = sorted({r["card"] for r in results.values() if r.get("card")})
+        study["study_wall_time_s"] = round(time.perf_counter() - start, 1)
+        (out / "results.json").write_text(json.dumps({"study": study, "runs": list(results.values())}, indent=1))
+        return write_markdown(out, study, results, plot(out, results) if plots else PLOTS)
+
+    results = run_all(runs, args, out, on_result=summarize)
+    text = summarize(results, plots=True)
     print(text[text.index("## Final"):text.index("## Plots")].rstrip())
     console.print(f"results: {out / 'results.md'} ({study['study_wall_time_s']:.0f}s)")
     return {"study": study, "runs": results}

@@ -83,10 +83,12 @@ def test_tiny_study_end_to_end_and_rerun_skips_finished_runs(data_dir, tmp_path,
 
 
 def test_failed_runs_are_recorded_the_study_goes_on_and_a_rerun_retries_them(data_dir, tmp_path, monkeypatch):
-    calls = []
+    calls, summaries = [], []
 
     def fake_execute(run, cmd, device, out):
         calls.append(run.name)
+        summary = out / "results.json"  # rewritten after every run: a study cut short keeps what it finished
+        summaries.append([r["condition"] for r in json.loads(summary.read_text())["runs"]] if summary.exists() else None)
         if run.condition == "language":
             return {"condition": run.condition, "seed": run.seed, "status": "failed", "stderr_tail": "CUDA out of memory"}
         final = {"language": 3.0, "code": 2.0}
@@ -96,14 +98,17 @@ def test_failed_runs_are_recorded_the_study_goes_on_and_a_rerun_retries_them(dat
 
     monkeypatch.setattr(study, "execute", fake_execute)
     out = tmp_path / "out"
-    study.main(tiny_args(data_dir, out))
-    assert sorted(calls) == ["joint/seed1", "language/seed1"]  # the code stages never start without their stage 1
+    args = tiny_args(data_dir, out)
+    args.remove("cpu")  # one worker: runs in plan order
+    study.main(args)
+    assert calls == ["language/seed1", "joint/seed1"]  # the code stages never start without their stage 1
+    assert summaries == [None, ["language"]]
     runs = {r["condition"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
     assert runs["language"]["stderr_tail"] == "CUDA out of memory" and runs["joint"]["status"] == "ok"
     assert "its stage 1 (language/seed1) failed" in runs["staged"]["stderr_tail"]
     md = (out / "results.md").read_text()
     assert "## Failed runs" in md and "CUDA out of memory" in md and "**not measured**" in md
-    study.main(tiny_args(data_dir, out))
+    study.main(args)
     assert calls[2:] == ["language/seed1"]  # joint is done; the failed stage 1 is retried
 
 
