@@ -100,7 +100,9 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if _bad_streak(pl_module) or _validation_follows(trainer):
+        # The step test first: reading the bad-step streak may wait for the GPU, so only when a save is due.
+        due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+        if not due or _validation_follows(trainer) or _bad_streak(pl_module):
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 

@@ -11,7 +11,7 @@ def run_function(function: Callable[..., Any], args: list[str] | None, prog: str
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     doc = (function.__doc__ or "").strip().splitlines()
-    parser = ArgumentParser(prog=prog, description=doc[0] if doc else None)
+    parser = ArgumentParser(prog=prog, description=doc[0] if doc else None, exit_on_error=False)
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="a YAML config; repeat to compose")
     parser.add_function_arguments(function, as_group=False)
     cfg = parser.parse_args(args)

@@ -123,9 +123,33 @@ class CausalLM(L.LightningModule):
         self.optimizer_steps = 0  # optimizer steps in this stage
         self.parent_tokens = 0  # total tokens of the init_from checkpoint's lineage
         self.parent_optimizer_steps = 0
-        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, in this stage
-        self.bad_steps_in_a_row = 0
+        self._skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient, in this stage
+        self._bad_steps_in_a_row = 0
+        self._bad_counts: torch.Tensor | None = None  # on-device [skipped, in a row, steps] since the last host read
+        self._last_checked_step = 0  # the optimizer step of the newest on-device verdict
         self._step_loss: torch.Tensor | None = None
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for a non-finite loss or gradient in this stage (reads the device)."""
+        self._settle_bad_counts()
+        return self._skipped_steps
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._settle_bad_counts(check=False)
+        self._skipped_steps = value
+
+    @property
+    def bad_steps_in_a_row(self) -> int:
+        """Non-finite steps in a row up to the last one (reads the device)."""
+        self._settle_bad_counts()
+        return self._bad_steps_in_a_row
+
+    @bad_steps_in_a_row.setter
+    def bad_steps_in_a_row(self, value: int) -> None:
+        self._settle_bad_counts(check=False)
+        self._bad_steps_in_a_row = value
 
     @property
     def total_tokens(self) -> int:
@@ -226,11 +250,29 @@ class CausalLM(L.LightningModule):
         # Host-side count (numel is known without a device sync); each rank sees an equal-sized batch.
         self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
         bs = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/loss", loss, batch_size=bs)
+        self._show_loss(loss, bs)
         # CPU tensors: a Python float would be copied to the GPU, a host sync on every step.
         self.log("train/tokens", torch.tensor(float(self.tokens_seen)), batch_size=bs)
         self.log("train/lr", torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=bs)
         return loss
+
+    def _show_loss(self, loss: torch.Tensor, batch_size: int) -> None:
+        """Put the loss in the progress bar without a host sync. Lightning turns every ``prog_bar`` value
+        into a Python float after each batch (``.item()``: the CPU waits for the GPU, every step); here the
+        loss is copied to pinned host memory asynchronously and the bar shows the newest copy that has
+        landed (on CUDA usually the previous step's)."""
+        if loss.device.type != "cuda":
+            self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
+            return
+        if getattr(self, "_loss_copy", None) is None:
+            self._loss_copy = (torch.zeros((), pin_memory=True), torch.cuda.Event(), torch.tensor(float("nan")))
+        host, ready, shown = self._loss_copy
+        if ready.query():  # the previous copy has landed: publish it, start the next one
+            shown.copy_(host)
+            host.copy_(loss.detach().float(), non_blocking=True)
+            ready.record()
+        self.log("loss", shown, prog_bar=True, logger=False, batch_size=batch_size)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Random draws (dropout) depend on (seed, epoch, batch, rank) only, so a resumed run draws what an
@@ -262,10 +304,19 @@ class CausalLM(L.LightningModule):
         if gradient_clip_algorithm == "value" and gradient_clip_val:
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
             gradient_clip_val = None
-        norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val or float("inf"))
+        root = self.trainer.strategy.model
+        if hasattr(root, "clip_grad_norm_"):
+            # FSDP: each rank holds a shard of every gradient; the root module computes the global norm.
+            norm = root.clip_grad_norm_(gradient_clip_val or float("inf"))
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val or float("inf"))
+            if hasattr(norm, "full_tensor"):  # DTensor gradients (ModelParallelStrategy / FSDP2)
+                norm = norm.full_tensor()
         if not self.skip_non_finite_step(norm):
             self.log("train/grad_norm", norm)
-        self.log("train/skipped_steps", torch.tensor(float(self.skipped_steps)))
+        pending = self._bad_counts  # on the device path: count without a host sync
+        skipped = torch.tensor(float(self._skipped_steps)) if pending is None else pending[0] + self._skipped_steps
+        self.log("train/skipped_steps", skipped)
 
     def skip_non_finite_step(self, grad_norm: torch.Tensor) -> bool:
         """Drop this step's gradients when the loss or ``grad_norm`` is not finite (AdamW leaves parameters
@@ -276,6 +327,9 @@ class CausalLM(L.LightningModule):
         scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
         loss = self._step_loss if self._step_loss is not None else torch.zeros((), device=grad_norm.device)
         bad = ~torch.isfinite(loss.to(grad_norm.device)) | (~torch.isfinite(grad_norm) & (not scaled))
+        optimizer = self.trainer.optimizers[0]
+        if not scaled and all(g.get("fused") for g in optimizer.param_groups):
+            return self._skip_on_device(bad, optimizer)
         bad = bool(bad)
         if self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
@@ -298,6 +352,46 @@ class CausalLM(L.LightningModule):
         rank_zero_warn(f"skipped optimizer step {step}: non-finite {what} ({self.bad_steps_in_a_row} in a row)")
         return True
 
+    def _skip_on_device(self, bad: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
+        """The same verdict without a host sync (a sync every step left the GPU idle while the CPU
+        prepared the next one): fused AdamW skips its update, moments and step count when its ``found_inf``
+        is 1, as under a gradient scaler. The counts stay on the device and are read every
+        ``log_every_n_steps`` steps and whenever ``skipped_steps`` / ``bad_steps_in_a_row`` are read (before
+        each ``last.ckpt``), so a stop for ``max_bad_steps`` comes at most that many steps late."""
+        bad = bad.float()
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # ranks agree, on device
+        optimizer.found_inf = bad
+        self._last_checked_step = self.trainer.global_step
+        if self._bad_counts is None:
+            self._bad_counts = torch.zeros(3, device=bad.device)
+        self._bad_counts[0] += bad
+        self._bad_counts[1] = (self._bad_counts[1] + 1) * bad
+        self._bad_counts[2] += 1
+        if (self.trainer.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+            self._settle_bad_counts()
+        return False
+
+    def _settle_bad_counts(self, check: bool = True) -> None:
+        """Fold the on-device counts of :meth:`_skip_on_device` into the host's (one host sync)."""
+        counts, self._bad_counts = getattr(self, "_bad_counts", None), None
+        if counts is None:
+            return
+        skipped, in_a_row, steps = (int(x) for x in counts.tolist())
+        if skipped:
+            rank_zero_warn(f"skipped {skipped} optimizer step(s) up to step {self._last_checked_step}: "
+                           "non-finite loss or gradient norm")
+        self._skipped_steps += skipped
+        # A streak that began before the last read continues only if every step since was bad.
+        self._bad_steps_in_a_row = in_a_row + (self._bad_steps_in_a_row if in_a_row == steps else 0)
+        if check and self._bad_steps_in_a_row >= self.hparams.max_bad_steps:
+            raise StagewiseError(
+                f"stopped at optimizer step {self._last_checked_step}: {self._bad_steps_in_a_row} steps in a row "
+                "had a non-finite loss or gradient and were skipped. The last checkpoint "
+                "(last.ckpt and the stage's best) was not overwritten by these steps. Lower the learning rate, "
+                "check the data around this step, or resume with --ckpt_path last and a larger "
+                "--model.init_args.max_bad_steps"
+            )
 
     # ------------------------------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -19,7 +20,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from datamodules.errors import StagewiseError
+from datamodules.errors import StagewiseError, argument_error
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -169,6 +170,8 @@ def run_lightning(args: list[str] | None = None) -> StagewiseCLI:
         # Our samplers split data across ranks themselves (deterministic and resumable).
         trainer_defaults={"use_distributed_sampler": False, "callbacks": persistent_callbacks()},
         save_config_kwargs={"overwrite": True},
+        # Parse errors raise ArgumentError (reported in one paragraph by `main`) instead of printing the usage.
+        parser_kwargs={"exit_on_error": False, **{name: {"exit_on_error": False} for name in LIGHTNING_SUBCOMMANDS}},
         args=args,
     )
 
@@ -206,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"stagewise: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
             raise SystemExit(2)
     except Exception as err:
+        if isinstance(err, ArgumentError):  # an unknown option or a wrong type: one paragraph, not the usage
+            err = argument_error(str(err), f"stagewise {command}")
         # jsonargparse wraps an error raised while instantiating a class (e.g. an unknown model size) in a
         # ValueError whose __cause__ is the original: report the user's error, not the wrapper.
         cause: BaseException | None = err

@@ -95,7 +95,12 @@ PRESETS: dict[str, TransformerConfig] = {
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in float32 like Llama."""
+    """Root-mean-square norm with a learned scale (``F.rms_norm``; autocast runs it in float32).
+
+    Upcasting by hand (``x.float()`` around the norm, as Hugging Face's Llama does) kept float32 copies of
+    every normed activation for backward and cost measurable throughput on an H100 (see
+    ``experiments/results/throughput_summary.md``); the result differs only by rounding.
+    """
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -103,7 +108,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def rope_cos_sin(start: int, length: int, head_dim: int, theta: float, device: torch.device):
@@ -115,9 +120,12 @@ def rope_cos_sin(start: int, length: int, head_dim: int, theta: float, device: t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, heads, T, head_dim] by position (``rotate_half`` over split halves)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos.type_as(x) + torch.cat((-x2, x1), dim=-1) * sin.type_as(x)
+    """Rotate ``x`` [B, heads, T, head_dim] by position (``rotate_half`` over split halves): the pair
+    (x1, x2) of halves becomes (x1·cos − x2·sin, x2·cos + x1·sin); ``cos``/``sin`` carry both halves."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[..., :half].type_as(x), sin[..., :half].type_as(x)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
 class LayerCache:

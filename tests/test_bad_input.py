@@ -132,13 +132,6 @@ def fit_argv(*extra: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ config
 
 
-CLI_PARSE_ERRORS = pytest.mark.xfail(
-    strict=True,
-    reason="needs lightning_modules/cli.py and datamodules/command.py to parse with exit_on_error=False and cli.main "
-           "to report argparse.ArgumentError through datamodules.errors.argument_error (issue 8 part B's report)",
-)
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--model", "lightning_modules.CausalLM", "--model.lr_typo", "1"], "unknown option `model.init_args.lr_typo`"),
     (["--model", "lightning_modules.CausalLM", "--model.schedule", "sin"],
@@ -165,7 +158,6 @@ def test_parse_errors_become_one_paragraph(argv, message):
     assert text.endswith("`stagewise fit --help` lists the accepted options and their types.")
 
 
-@CLI_PARSE_ERRORS
 def test_unknown_config_key_names_it(workdir, capsys):
     (workdir / "typo.yaml").write_text("model:\n  init_args:\n    lr_typo: 0.1\n")
     before = snapshot(workdir)
@@ -181,7 +173,6 @@ def test_unknown_config_key_names_it(workdir, capsys):
     assert snapshot(workdir / "data") == {k.removeprefix("data/"): v for k, v in before.items() if k.startswith("data/")}
 
 
-@CLI_PARSE_ERRORS
 def test_wrong_type_names_the_key_and_the_expected_type(workdir, capsys):
     before = snapshot(workdir)
     code, err = run(fit_argv("--trainer.max_steps", "ten"), capsys)

@@ -131,9 +131,11 @@ def tiny(**kwargs) -> dict:
                 warmup_steps=1, lr=1e-2, **kwargs)
 
 
+# fused AdamW takes the path without a host sync (the verdict stays on the device as its found_inf)
+@pytest.mark.parametrize("fused", [False, True], ids=["sync", "fused_on_device"])
 @pytest.mark.parametrize("grads_only", [False, True], ids=["nan_loss", "inf_grads"])
-def test_non_finite_step_is_skipped_with_weights_unchanged_and_counted(tmp_path, grads_only):
-    model = NaNAt([2], grads_only=grads_only, **tiny())
+def test_non_finite_step_is_skipped_with_weights_unchanged_and_counted(tmp_path, grads_only, fused):
+    model = NaNAt([2], grads_only=grads_only, **tiny(fused_adamw=fused))
     trainer, weights = train(tmp_path, model, steps=5)
     w = weights.after
     assert torch.equal(w[3], w[2])  # the third step (global_step 2 -> 3) changed nothing
@@ -145,8 +147,9 @@ def test_non_finite_step_is_skipped_with_weights_unchanged_and_counted(tmp_path,
     assert adam_steps == {4.0}  # 5 steps, one skipped: the optimizer's moments saw 4
 
 
-def test_max_bad_steps_in_a_row_stop_the_stage_and_leave_the_last_checkpoint(tmp_path):
-    model = NaNAt([2, 3, 4, 5, 6], **tiny(max_bad_steps=3))
+@pytest.mark.parametrize("fused", [False, True], ids=["sync", "fused_on_device"])
+def test_max_bad_steps_in_a_row_stop_the_stage_and_leave_the_last_checkpoint(tmp_path, fused):
+    model = NaNAt([2, 3, 4, 5, 6], **tiny(max_bad_steps=3, fused_adamw=fused))
     with pytest.raises(StagewiseError, match=r"stopped at optimizer step 4: 3 steps in a row had a non-finite loss"):
         train(tmp_path, model, steps=10)
     last = tmp_path / "ckpt" / "last.ckpt"
