@@ -17,7 +17,7 @@ memory. Every row times ``--steps`` steps after ``--warmup`` steps, like the ref
 
     python -m experiments.benchmark_throughput --sizes base xl --rows stagewise raw reference fp8
     python -m experiments.benchmark_throughput --sizes base --rows stagewise --devices 2   # DDP
-    python -m experiments.benchmark_throughput --sizes xl --rows fsdp --devices 2
+    python -m experiments.benchmark_throughput --sizes xl --rows fsdp --devices 2 --row-timeout 400
 
 Prints a table (tokens/s, MFU, peak memory, ratio to the reference of the same size) and writes
 ``throughput_<date>.json`` and ``.md`` to ``experiments/results/`` and to ``$OUT`` when set.
@@ -255,6 +255,22 @@ def worker(args: argparse.Namespace) -> None:
         print("ROW " + json.dumps({"size": size, "row": row, "micro_batch": SIZES[size][2], **result}), flush=True)
 
 
+def run_row(cmd: list[str], timeout: float | None) -> tuple[str, str]:
+    """Run one row's process (and the ranks it launches) with a time limit; on timeout the whole process
+    group is killed and what it printed so far is returned, ending with a line that says so."""
+    import signal
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        stderr = f"{stderr}\n[killed after --row-timeout {timeout:.0f} s]"
+    return stdout, stderr
+
+
 def card() -> str:
     out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
     names = out.stdout.strip().splitlines()
@@ -286,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--devices", type=int, default=1,
                         help="GPUs for the stagewise/fp8 rows (DDP if > 1) and the fsdp row")
     parser.add_argument("--batch-size", type=int, help="micro-batch of our rows (default: the size's)")
+    parser.add_argument("--row-timeout", type=float, help="seconds before a row is killed; its output so far is "
+                        "recorded as the row's error (the table and JSON are still written)")
     parser.add_argument("--tag", default="", help="suffix of the result files' names")
     parser.add_argument("--worker", nargs=2, metavar=("ROW", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -302,10 +320,9 @@ def main(argv: list[str] | None = None) -> None:
             if args.batch_size:
                 cmd += ["--batch-size", str(args.batch_size)]
             start = time.time()
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            found = [json.loads(ln[4:]) for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
-            result = found[0] if found else {"size": size, "row": row,
-                                             "error": (proc.stderr or proc.stdout)[-2000:].strip()}
+            stdout, stderr = run_row(cmd, args.row_timeout)
+            found = [json.loads(ln[4:]) for ln in stdout.splitlines() if ln.startswith("ROW ")]
+            result = found[0] if found else {"size": size, "row": row, "error": (stderr or stdout)[-2000:].strip()}
             result["wall_s"] = round(time.time() - start, 1)
             rows.append(result)
             print(json.dumps(result), flush=True)
