@@ -458,7 +458,8 @@ class CausalLM(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["stagewise"] = {
             "tokens_seen": self.tokens_seen,
-            "optimizer_steps": self.optimizer_steps,
+            # The Trainer's count: callbacks that save at a batch end run before on_train_batch_end updates ours.
+            "optimizer_steps": self.trainer.global_step if self._trainer is not None else self.optimizer_steps,
             "parent_tokens": self.parent_tokens,
             "parent_optimizer_steps": self.parent_optimizer_steps,
             "skipped_steps": self.skipped_steps,

@@ -248,3 +248,24 @@ def test_pipeline_passes_overwrite_only_when_it_starts_a_stage_over(tmp_path, mo
     Path("runs/t/language/checkpoints/last.ckpt").write_bytes(b"state")
     assert pl.pipeline(stages, experiment="t", report=False) == {"language": "resumed"}
     assert "--overwrite" not in calls[-1] and calls[-1][-2:] == ["--ckpt_path", "runs/t/language/checkpoints/last.ckpt"]
+
+
+def test_a_checkpoint_saved_at_a_batch_end_records_the_steps_taken(tmp_path):
+    """LastCheckpoint saves in a callback hook, before CausalLM's own on_train_batch_end runs."""
+    seen = []
+
+    class ReadBack(L.Callback):  # checkpoint callbacks run last in a hook: read the save at the next batch
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx:
+                ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+                seen.append((ckpt["global_step"], ckpt["stagewise"]["optimizer_steps"]))
+
+    write_corpus(tmp_path / "data")
+    trainer = L.Trainer(
+        max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False, default_root_dir=tmp_path,
+        callbacks=[LastCheckpoint(every_n_train_steps=1, dirpath=str(tmp_path / "ckpt")), ReadBack()],
+    )
+    trainer.fit(CausalLM(**tiny()), datamodule=LanguageDataModule(data_dir=str(tmp_path / "data"), seq_len=8,
+                                                                   batch_size=2, seed=3))
+    assert seen == [(1, 1), (2, 2)]
