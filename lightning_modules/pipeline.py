@@ -60,10 +60,7 @@ def _key(spec: StageSpec, parent_ckpt: Path | None, data_dir: Path) -> str:
 
 def _run_stage(spec: StageSpec, experiment: str, parent: Path | None, models_dir: Path, runs_dir: Path,
                data_dir: Path) -> str:
-    """Run (or skip, or resume) one stage; returns what happened."""
-    for cfg in spec.configs:
-        if not Path(cfg).exists():
-            raise StagewiseError(f"stage '{spec.name}' names config '{cfg}', which does not exist")
+    """Run (or skip, or resume) one stage; returns what happened. Its configs exist (``validate_pipeline``)."""
     key = _key(spec, parent, data_dir)
     record = read_stage_record(models_dir, spec.name)
     best = models_dir / f"{spec.name}_model_best.ckpt"
@@ -178,8 +175,6 @@ def pipeline(
     plan = [(spec, False) for spec in stages] + [(spec, True) for spec in baselines or []]
     for spec, is_baseline in plan:
         parent_name = {"previous": None if is_baseline else previous, "none": None}.get(spec.init_from, spec.init_from)
-        if parent_name is not None and parent_name not in outcome:
-            raise StagewiseError(f"stage '{spec.name}' starts from '{parent_name}', which is not an earlier stage")
         parent = models / f"{parent_name}_model_best.ckpt" if parent_name else None
         outcome[spec.name] = _run_stage(spec, experiment, parent, models, runs, data_root)
         if not is_baseline:
