@@ -193,9 +193,9 @@ def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int, s
     ``max_prompt_tokens`` and to leave room for ``max_new_tokens`` in the model's context.
     """
     context = getattr(getattr(model, "config", None), "max_seq_len", None)
-    keep = [n for n in (max_prompt_tokens, context and context - min(max_new_tokens, context - 1)) if n]
     if context:
         max_new_tokens = min(max_new_tokens, context - 1)
+    keep = [n for n in (max_prompt_tokens, context and context - max_new_tokens) if n]
     if keep:
         prompts = [p[-max(1, min(keep)):] for p in prompts]
     device = next(model.parameters()).device
@@ -246,13 +246,10 @@ def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: 
         The scores of :func:`score_calls` plus ``samples``.
     """
     examples = examples[:limit] if limit is not None else examples
-    stop_ids = stop_token_ids(tokenizer)
-    was_training = model.training
-    model.eval()
     prompts = [prompt_ids_of(tokenizer, ex) for ex in examples]
-    with decoding_threads(model):
-        generated = greedy_continuations(model, prompts, max_new_tokens, stop_ids, batch_size, max_prompt_tokens)
-    model.train(was_training)
+    with decoding_threads(model):  # CausalLM.generate switches to eval mode and back
+        generated = greedy_continuations(model, prompts, max_new_tokens, stop_token_ids(tokenizer), batch_size,
+                                         max_prompt_tokens)
     predicted, expected, samples = [], [], []
     for ex, prompt, new in zip(examples, prompts, generated):
         text = tokenizer.decode(new, skip_special_tokens=False)

@@ -197,6 +197,20 @@ def test_batched_decoding_equals_one_prompt_at_a_time():
     assert any(new[-1] in stops for new in one_by_one) and any(len(new) == 12 for new in one_by_one)
 
 
+def test_long_prompts_keep_their_last_tokens():
+    from lightning_modules.causal_lm import CausalLM
+    from lightning_modules.tool_eval import greedy_continuations
+
+    torch.manual_seed(0)
+    model = CausalLM(size="tiny", vocab_size=64, model_overrides={"n_layers": 1, "max_seq_len": 16})
+    model.configure_model()
+    prompts = [torch.randint(0, 64, (n,)).tolist() for n in (30, 12, 4)]
+    # the context (16) leaves 10 prompt tokens for 6 new ones; max_prompt_tokens cuts further
+    assert greedy_continuations(model, prompts, 6, []) == greedy_continuations(model, [p[-10:] for p in prompts], 6, [])
+    cut = greedy_continuations(model, prompts, 6, [], max_prompt_tokens=3)
+    assert cut == greedy_continuations(model, [p[-3:] for p in prompts], 6, []) and all(len(n) == 6 for n in cut)
+
+
 def test_attention_subclass_without_padding_support_still_decodes_batches():
     from experiments.examples.sliding_window_attention import SlidingWindowLM
     from lightning_modules.tool_eval import greedy_continuation, greedy_continuations
