@@ -277,30 +277,25 @@ def _write_shards(name, corpus, corpus_dir, splits, results, tok, tok_sha, key, 
                 progress.advance(task, len(batch))
             writer.finish()
             tokens[split] = writer.tokens
-    except BaseException:
-        staged.abort()
-        raise
-    for r in results:
-        per_source[r.name].update(read=r.stats.documents, bytes=r.stats.bytes, skipped=dict(r.stats.skipped))
-    manifest = {
-        "corpus": name,
-        "kind": corpus.kind,
-        "dtype": dtype,
-        "tokens": tokens,
-        "documents": {s: len(splits[s]) for s in SPLITS},
-        "sources": per_source,
-        "tokenizer_sha256": tok_sha,
-        "key": key,
-        "config": {
+        for r in results:
+            per_source[r.name].update(read=r.stats.documents, bytes=r.stats.bytes, skipped=dict(r.stats.skipped))
+        staged.manifest = {
+            "corpus": name,
             "kind": corpus.kind,
-            "val_fraction": corpus.val_fraction,
-            "test_fraction": corpus.test_fraction,
-            "sources": [_source_config(s) for s in corpus.sources],
-        },
-    }
-    staged.manifest = manifest
-    try:
-        staged.manifest_tmp = stage_manifest(corpus_dir, manifest)
+            "dtype": dtype,
+            "tokens": tokens,
+            "documents": {s: len(splits[s]) for s in SPLITS},
+            "sources": per_source,
+            "tokenizer_sha256": tok_sha,
+            "key": key,
+            "config": {
+                "kind": corpus.kind,
+                "val_fraction": corpus.val_fraction,
+                "test_fraction": corpus.test_fraction,
+                "sources": [_source_config(s) for s in corpus.sources],
+            },
+        }
+        staged.manifest_tmp = stage_manifest(corpus_dir, staged.manifest)
     except BaseException:
         staged.abort()
         raise
