@@ -135,21 +135,11 @@ class CausalLM(L.LightningModule):
         self._settle_bad_counts()
         return self._skipped_steps
 
-    @skipped_steps.setter
-    def skipped_steps(self, value: int) -> None:
-        self._settle_bad_counts(check=False)
-        self._skipped_steps = value
-
     @property
     def bad_steps_in_a_row(self) -> int:
         """Non-finite steps in a row up to the last one (reads the device)."""
         self._settle_bad_counts()
         return self._bad_steps_in_a_row
-
-    @bad_steps_in_a_row.setter
-    def bad_steps_in_a_row(self, value: int) -> None:
-        self._settle_bad_counts(check=False)
-        self._bad_steps_in_a_row = value
 
     @property
     def total_tokens(self) -> int:
@@ -319,61 +309,39 @@ class CausalLM(L.LightningModule):
         self.log("train/skipped_steps", skipped)
 
     def skip_non_finite_step(self, grad_norm: torch.Tensor) -> bool:
-        """Drop this step's gradients when the loss or ``grad_norm`` is not finite (AdamW leaves parameters
-        without gradients, and their state, untouched); stop the stage after ``max_bad_steps`` in a row.
+        """Skip this optimizer step when the loss or ``grad_norm`` is not finite; stop the stage after
+        ``max_bad_steps`` in a row. Ranks agree (one rank's bad step would make their weights differ).
 
-        One host sync per optimizer step (reading the verdict); ranks agree, as one rank's bad step
-        would otherwise make the ranks' weights differ."""
+        With fused AdamW the verdict never leaves the device: the optimizer's ``found_inf`` (as under a
+        gradient scaler) skips its update, moments and step count, and the counts are read every
+        ``log_every_n_steps`` steps and whenever ``skipped_steps`` / ``bad_steps_in_a_row`` are read (before
+        each ``last.ckpt``), so a stop may come that many steps late. Other optimizers cannot skip on the
+        device: the verdict is read every step (a host sync) and the gradients are dropped.
+        Returns whether the step is skipped, when that is known now (always False on the device path)."""
         scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
         loss = self._step_loss if self._step_loss is not None else torch.zeros((), device=grad_norm.device)
-        bad = ~torch.isfinite(loss.to(grad_norm.device)) | (~torch.isfinite(grad_norm) & (not scaled))
+        bad = (~torch.isfinite(loss.to(grad_norm.device)) | (~torch.isfinite(grad_norm) & (not scaled))).float()
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        self._last_checked_step = self.trainer.global_step
+        c = self._bad_counts if self._bad_counts is not None else torch.zeros(3, device=bad.device)
+        self._bad_counts = torch.stack([c[0] + bad, (c[1] + 1) * bad, c[2] + 1])  # skipped, in a row, steps
         optimizer = self.trainer.optimizers[0]
         if not scaled and all(g.get("fused") for g in optimizer.param_groups):
-            return self._skip_on_device(bad, optimizer)
-        bad = bool(bad)
-        if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if not bad:
-            self.bad_steps_in_a_row = 0
+            optimizer.found_inf = bad
+            if (self.trainer.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+                self._settle_bad_counts()
             return False
-        for p in self.parameters():
-            p.grad = None
-        self.skipped_steps += 1
-        self.bad_steps_in_a_row += 1
-        step = self.trainer.global_step
-        what = f"loss {float(loss):.4g}, gradient norm {float(grad_norm):.4g}"
-        if self.bad_steps_in_a_row >= self.hparams.max_bad_steps:
-            raise StagewiseError(
-                f"stopped at optimizer step {step}: {self.bad_steps_in_a_row} steps in a row had a non-finite "
-                f"loss or gradient ({what}). The last checkpoint (last.ckpt and the stage's best) was not "
-                "overwritten by these steps. Lower the learning rate, check the data around this step, or "
-                "resume with --ckpt_path last and a larger --model.init_args.max_bad_steps"
-            )
-        rank_zero_warn(f"skipped optimizer step {step}: non-finite {what} ({self.bad_steps_in_a_row} in a row)")
-        return True
+        skip = bool(bad)
+        if skip:
+            for p in self.parameters():
+                p.grad = None
+        self._settle_bad_counts()
+        return skip
 
-    def _skip_on_device(self, bad: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
-        """The same verdict without a host sync (a sync every step left the GPU idle while the CPU
-        prepared the next one): fused AdamW skips its update, moments and step count when its ``found_inf``
-        is 1, as under a gradient scaler. The counts stay on the device and are read every
-        ``log_every_n_steps`` steps and whenever ``skipped_steps`` / ``bad_steps_in_a_row`` are read (before
-        each ``last.ckpt``), so a stop for ``max_bad_steps`` comes at most that many steps late."""
-        bad = bad.float()
-        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # ranks agree, on device
-        optimizer.found_inf = bad
-        self._last_checked_step = self.trainer.global_step
-        if self._bad_counts is None:
-            self._bad_counts = torch.zeros(3, device=bad.device)
-        self._bad_counts[0] += bad
-        self._bad_counts[1] = (self._bad_counts[1] + 1) * bad
-        self._bad_counts[2] += 1
-        if (self.trainer.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
-            self._settle_bad_counts()
-        return False
-
-    def _settle_bad_counts(self, check: bool = True) -> None:
-        """Fold the on-device counts of :meth:`_skip_on_device` into the host's (one host sync)."""
+    def _settle_bad_counts(self) -> None:
+        """Fold the on-device counts of :meth:`skip_non_finite_step` into the host's (one host sync); warn
+        about skipped steps and stop the stage after ``max_bad_steps`` in a row."""
         counts, self._bad_counts = getattr(self, "_bad_counts", None), None
         if counts is None:
             return
@@ -384,7 +352,7 @@ class CausalLM(L.LightningModule):
         self._skipped_steps += skipped
         # A streak that began before the last read continues only if every step since was bad.
         self._bad_steps_in_a_row = in_a_row + (self._bad_steps_in_a_row if in_a_row == steps else 0)
-        if check and self._bad_steps_in_a_row >= self.hparams.max_bad_steps:
+        if self._bad_steps_in_a_row >= self.hparams.max_bad_steps:
             raise StagewiseError(
                 f"stopped at optimizer step {self._last_checked_step}: {self._bad_steps_in_a_row} steps in a row "
                 "had a non-finite loss or gradient and were skipped. The last checkpoint "
@@ -468,7 +436,8 @@ class CausalLM(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         for key, value in checkpoint.get("stagewise", {}).items():
-            setattr(self, key, value)
+            # the non-finite step counts are read-only properties over private fields
+            setattr(self, f"_{key}" if key in ("skipped_steps", "bad_steps_in_a_row") else key, value)
 
     # ------------------------------------------------------------------------------------ generation
     @torch.no_grad()
