@@ -299,8 +299,8 @@ class Transformer(nn.Module):
             if cache is not None and cache.lengths is not None:
                 before = cache.lengths
             positions = (before[:, None] + real.long().cumsum(1) - 1).clamp(min=0)  # [B, T]
-            cos, sin = rope_cos_sin(0, int(positions.max()) + 1, self.config.head_dim, self.config.rope_theta,
-                                    input_ids.device)
+            # positions < start + T: no need to read their maximum back from the device
+            cos, sin = rope_cos_sin(0, start + T, self.config.head_dim, self.config.rope_theta, input_ids.device)
             cos, sin = cos[positions][:, None], sin[positions][:, None]  # [B, 1, T, hd]
             key_mask = real
             if cache is not None:
