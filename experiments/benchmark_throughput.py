@@ -334,12 +334,17 @@ def main(argv: list[str] | None = None) -> None:
     text = table(rows)
     md = f"Card: {report['card']}; date: {date}; `{report['command']}`\n\n{text}\n"
     name = f"throughput_{date}{'_' + args.tag if args.tag else ''}"
-    for folder in [ROOT / "experiments" / "results", Path(os.environ["OUT"]) if os.environ.get("OUT") else None]:
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
-            (folder / f"{name}.md").write_text(md)
+    save_results(name, report, md)
     print(md)
+
+
+def save_results(name: str, report: dict, md: str) -> None:
+    """``<name>.json`` and ``<name>.md`` in ``experiments/results/`` and, when set, in ``$OUT`` (what a
+    device run sends back)."""
+    for folder in {ROOT / "experiments" / "results", *([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])}:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+        (folder / f"{name}.md").write_text(md)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from experiments.benchmark_throughput import ROOT, save_results
 
 
 def train(args: argparse.Namespace, precision: str, out: Path) -> None:
@@ -115,10 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     md += f"\nRelative difference of the tail loss (fp8 − bf16) / bf16: {100 * rel:+.2f}% (goal: within ±1%).\n"
     for f in files.values():
         f.unlink()
-    for folder in {out_dir, ROOT / "experiments" / "results"}:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"fp8_parity_{date}.json").write_text(json.dumps(report, indent=1) + "\n")
-        (folder / f"fp8_parity_{date}.md").write_text(md)
+    save_results(f"fp8_parity_{date}", report, md)
     print(md)
 
 
