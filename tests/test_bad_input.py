@@ -90,6 +90,17 @@ def assert_clear(err: str, *fragments: str) -> None:
         assert fragment in message, f"{fragment!r} not in: {message}"
 
 
+def assert_prepare_refused(config: Path, capsys, *fragments: str) -> None:
+    """``stagewise prepare -c config`` exits 2 with one clear paragraph and leaves its ``data_dir`` as it was."""
+    data_dir = Path(yaml.safe_load(Path(config).read_text())["data_dir"])
+    before = snapshot(data_dir)
+    assert before, f"no prepared data in {data_dir} to compare with"
+    code, err = run(["prepare", "-c", str(config)], capsys)
+    assert code == 2
+    assert_clear(err, *fragments)
+    assert snapshot(data_dir) == before
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """A directory with sources, prepared ``data/`` (language + code, 320-token tokenizer) and a tiny
@@ -167,10 +178,7 @@ def test_unknown_config_key_names_it(workdir, capsys):
     assert snapshot(workdir) == before
     config = data_config(workdir)
     config.write_text(config.read_text() + "tokenizr:\n  vocab_size: 512\n")
-    code, err = run(["prepare", "-c", str(config)], capsys)
-    assert code == 2
-    assert_clear(err, "unknown option `tokenizr.vocab_size`", "stagewise prepare --help")
-    assert snapshot(workdir / "data") == {k.removeprefix("data/"): v for k, v in before.items() if k.startswith("data/")}
+    assert_prepare_refused(config, capsys, "unknown option `tokenizr.vocab_size`", "stagewise prepare --help")
 
 
 def test_wrong_type_names_the_key_and_the_expected_type(workdir, capsys):
@@ -184,24 +192,17 @@ def test_wrong_type_names_the_key_and_the_expected_type(workdir, capsys):
 # ------------------------------------------------------------------------------------------ corpora
 
 
-def test_source_without_files(workdir, capsys):
-    (workdir / "empty").mkdir()
-    before = snapshot(workdir / "data")
-    code, err = run(["prepare", "-c", str(data_config(workdir, extra={"sources": [text_source(workdir / "empty", "nothing")]}))], capsys)
-    assert code == 2
-    assert_clear(err, "source 'nothing': no files match", "Check `paths` and `root`")
-    assert snapshot(workdir / "data") == before
-
-
-def test_corpus_empty_after_cleaning(workdir, capsys):
-    (workdir / "blank").mkdir()
-    for i in range(3):
-        (workdir / "blank" / f"{i}.txt").write_text("   \n\n")
-    before = snapshot(workdir / "data")
-    code, err = run(["prepare", "-c", str(data_config(workdir, extra={"sources": [text_source(workdir / "blank", "blank")]}))], capsys)
-    assert code == 2
-    assert_clear(err, "corpus 'extra' is empty after cleaning", "Check its sources")
-    assert snapshot(workdir / "data") == before
+@pytest.mark.parametrize("files, fragments", [
+    ({}, ["source 'extra_src': no files match", "Check `paths` and `root`"]),
+    ({f"{i}.txt": "   \n\n" for i in range(3)}, ["corpus 'extra' is empty after cleaning", "Check its sources"]),
+], ids=["no_files", "empty_after_cleaning"])
+def test_corpus_without_documents(workdir, capsys, files, fragments):
+    source_dir = workdir / "extra_src"
+    source_dir.mkdir()
+    for name, text in files.items():
+        (source_dir / name).write_text(text)
+    assert_prepare_refused(data_config(workdir, extra={"sources": [text_source(source_dir, "extra_src")]}), capsys,
+                           *fragments)
 
 
 def test_data_dir_never_prepared(workdir, capsys):
@@ -282,11 +283,7 @@ def test_tokenizer_without_reserved_tokens(workdir, capsys):
     cfg = yaml.safe_load(config.read_text())
     cfg["tokenizer"]["from_dir"] = str(workdir / "plain_tokenizer")
     config.write_text(yaml.safe_dump(cfg))
-    before = snapshot(workdir / "data")
-    code, err = run(["prepare", "-c", str(config)], capsys)
-    assert code == 2
-    assert_clear(err, "lacks the reserved tokens", "<|tool_call|>", "train one with `stagewise prepare`")
-    assert snapshot(workdir / "data") == before
+    assert_prepare_refused(config, capsys, "lacks the reserved tokens", "<|tool_call|>", "train one with `stagewise prepare`")
 
 
 # ------------------------------------------------------------------------------------------ tool examples
@@ -309,11 +306,7 @@ def test_bad_tool_jsonl_line(workdir, capsys, line, fragments):
     jsonl.write_text(json.dumps(_example()) + "\n" + line + "\n")
     tools = {"kind": "tools", "sources": [{"class_path": "datamodules.tool_examples.ToolJsonl",
                                            "init_args": {"paths": [str(jsonl)]}}]}
-    before = snapshot(workdir / "data")
-    code, err = run(["prepare", "-c", str(data_config(workdir, tools=tools))], capsys)
-    assert code == 2
-    assert_clear(err, f"{jsonl}:2", *fragments)
-    assert snapshot(workdir / "data") == before
+    assert_prepare_refused(data_config(workdir, tools=tools), capsys, f"{jsonl}:2", *fragments)
 
 
 # ------------------------------------------------------------------------------------------ pipeline
