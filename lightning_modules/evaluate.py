@@ -57,11 +57,12 @@ def read_checkpoint(ckpt: str | Path) -> dict[str, Any]:
     return saved
 
 
-def load_model(ckpt: str | Path, map_location: str = "cpu"):
-    """The ``CausalLM`` (or subclass) of a checkpoint, weights loaded, in eval mode."""
+def load_model(ckpt: str | Path, map_location: str = "cpu", saved: dict[str, Any] | None = None):
+    """The ``CausalLM`` (or subclass) of a checkpoint, weights loaded, in eval mode (``saved``: the checkpoint's
+    contents if already read with :func:`read_checkpoint`)."""
     from lightning_modules.causal_lm import CausalLM
 
-    hp = read_checkpoint(ckpt).get("hyper_parameters") or {}
+    hp = (saved if saved is not None else read_checkpoint(ckpt)).get("hyper_parameters") or {}
     class_path = hp.get("_class_path")
     if class_path:  # a subclass saved by LightningCLI: import it so Lightning may build it
         importlib.import_module(class_path.rsplit(".", 1)[0])
@@ -114,7 +115,6 @@ def evaluate(
     # A CorpusDataModule's state_dict (its settings) is stored under its class name.
     data_state = next((v for v in saved.values() if isinstance(v, dict) and "seq_len" in v and "corpus" in v), {})
     settings = {k: v for k, v in data_state.items() if k in ("data_dir", "seq_len", "batch_size", "val_max_windows")}
-    del saved
     if config:
         settings.update(_settings_from_config(config))
     flags = {"data_dir": data_dir, "domains": domains, "seq_len": seq_len, "batch_size": batch_size,
@@ -125,7 +125,8 @@ def evaluate(
     if not names:
         raise StagewiseError(f"no prepared corpora under {root}/; run `stagewise prepare -c configs/data/demo.yaml`")
 
-    model = load_model(ckpt)
+    model = load_model(ckpt, saved=saved)
+    del saved
     dm = CorpusDataModule(corpus=names[0], val_domains=names, data_dir=str(root),
                           seq_len=min(settings.get("seq_len", 512), model.config.max_seq_len),
                           batch_size=settings.get("batch_size", 8), val_max_windows=settings.get("val_max_windows"))
