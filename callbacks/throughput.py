@@ -38,7 +38,8 @@ class Throughput(L.Callback):
     ``log_every_n_steps`` training batches.
 
     Timing uses host clocks at batch boundaries and synchronizes with the GPU only at the end of each
-    window of ``log_every_n_steps`` batches, so steps run without host syncs. The first window includes
+    window of ``log_every_n_steps`` batches and when a validation pauses the clock (validation time is not
+    counted), so training steps run without host syncs. The first window includes
     ``torch.compile``'s compilation. MFU = tokens/s per GPU × (6·N + 12·L·d·T) / ``peak_flops``, N the
     parameters without the input embedding, T the batch's sequence length.
 
@@ -52,7 +53,8 @@ class Throughput(L.Callback):
         self.log_every_n_steps, self.peak_flops = log_every_n_steps, peak_flops
         self.metrics: dict[str, float] = {}  # the last window's values
         self._shape: tuple[int, int, int] | None = None
-        self._t0: float | None = None
+        self._t0: float | None = None  # start of the running stretch of the window; None while paused
+        self._elapsed = 0.0  # training seconds of the window before the running stretch
         self._batches = self._tokens = 0
         self._seq_len = 0
 
@@ -64,7 +66,7 @@ class Throughput(L.Callback):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Validation (and whatever callbacks do there) is not training time: pause the clock.
-        if self._t0 is not None and not trainer.sanity_checking:
+        if self._t0 is not None:  # None in the sanity check: it runs before on_train_start
             self._sync(pl_module)
             self._elapsed += time.perf_counter() - self._t0
             self._t0 = None
