@@ -71,19 +71,3 @@ def test_default_prompts_without_a_tool_corpus(tmp_path):
     cb._prepare(Trainer)
     assert set(cb._prompt_ids) == {"language", "code"} and all(cb._prompt_ids.values())
 
-
-def test_every_n_validations_skips_the_sanity_check_and_survives_a_resume():
-    from callbacks.tool_call_eval import ToolCallEval
-
-    class Trainer:
-        sanity_checking = False
-
-    for make in (lambda: TextSamples(every_n_validations=3), lambda: ToolCallEval(every_n_validations=3)):
-        cb = make()
-        Trainer.sanity_checking = True
-        assert not cb._every.due(Trainer)
-        Trainer.sanity_checking = False
-        assert [cb._every.due(Trainer) for _ in range(2)] == [False, False]
-        resumed = make()
-        resumed.load_state_dict(cb.state_dict())
-        assert [resumed._every.due(Trainer) for _ in range(4)] == [True, False, False, True]
