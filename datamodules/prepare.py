@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from datamodules.errors import StagewiseError
-from datamodules.shards import ShardWriter, stage_manifest
+from datamodules.shards import ShardWriter, stage_manifest, stage_text
 from datamodules.sources import Document, Source, SourceStats
 from datamodules.tokenizer import (
     encode_document,
@@ -107,17 +107,6 @@ def split_of(text: str, val_fraction: float, test_fraction: float) -> str:
     return "train"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-
-
 def _source_config(source: Source) -> dict:
     return {"class": f"{type(source).__module__}.{type(source).__qualname__}", "name": source.name}
 
@@ -147,7 +136,7 @@ def _read_source(source: Source, cache_dir: Path, fingerprint: str, progress: Pr
     progress.update(task, completed=len(files) or 1, total=len(files) or 1)
     header = {"documents": stats.documents, "bytes": stats.bytes, "skipped": dict(stats.skipped)}
     body = "\n".join(json.dumps(asdict(d)) for d in docs)
-    _atomic_write_text(cache, json.dumps(header) + "\n" + body + ("\n" if body else ""))
+    os.replace(stage_text(cache, json.dumps(header) + "\n" + body + ("\n" if body else "")), cache)
     for old in cache_dir.glob(f"{source.name}-*.jsonl"):
         if old != cache:
             old.unlink()

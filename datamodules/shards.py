@@ -194,16 +194,22 @@ def open_split(corpus_dir: str | Path, split: str) -> Split:
     return Split(tokens, offsets, mask)
 
 
+def stage_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``<path>.tmp`` (removed again if that fails) and return it; ``os.replace`` it onto
+    ``path`` to publish."""
+    tmp = _tmp(Path(path))
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.write_text(text)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
 def stage_manifest(corpus_dir: str | Path, manifest: dict) -> Path:
     """Write ``manifest.json.tmp`` and return its path; ``os.replace`` it onto ``manifest.json`` to publish."""
-    path = _tmp(Path(corpus_dir) / "manifest.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    return path
+    return stage_text(Path(corpus_dir) / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def write_manifest(corpus_dir: str | Path, manifest: dict) -> None:
