@@ -43,13 +43,13 @@ class TextSamples(L.Callback):
     def _prepare(self, trainer: L.Trainer) -> None:
         from datamodules.tokenizer import load_tokenizer
 
-        tok_dir = getattr(trainer.datamodule, "tokenizer_dir", None) or Path(self.data_dir) / "tokenizer"
+        data_dir = getattr(trainer.datamodule, "data_dir", None) or self.data_dir  # the run's data first
+        tok_dir = getattr(trainer.datamodule, "tokenizer_dir", None) or Path(data_dir) / "tokenizer"
         self._tokenizer = tok = load_tokenizer(tok_dir)
         if self.prompts is not None:
             self._prompt_ids = {k: tok.encode(v, add_special_tokens=False) for k, v in self.prompts.items()}
             return
         self._prompt_ids = {k: tok.encode(v, add_special_tokens=False) for k, v in DEFAULT_PROMPTS.items()}
-        data_dir = getattr(trainer.datamodule, "data_dir", None) or self.data_dir
         if (Path(data_dir) / "tools" / "manifest.json").exists():
             from lightning_modules.tool_eval import load_heldout_examples
 

@@ -71,3 +71,15 @@ def test_default_prompts_without_a_tool_corpus(tmp_path):
     cb._prepare(Trainer)
     assert set(cb._prompt_ids) == {"language", "code"} and all(cb._prompt_ids.values())
 
+
+
+def test_tokenizer_comes_from_the_data_modules_data_dir(tmp_path):
+    train_tokenizer(TEXT, 300, tmp_path / "tokenizer")
+
+    class Trainer:
+        class datamodule:  # names its data directory but not its tokenizer's
+            data_dir = tmp_path
+
+    cb = TextSamples(data_dir=str(tmp_path / "elsewhere"))
+    cb._prepare(Trainer)
+    assert cb._tokenizer.vocab_size <= 300 and set(cb._prompt_ids) == {"language", "code"}
