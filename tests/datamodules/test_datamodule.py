@@ -167,6 +167,12 @@ def test_fit_resumes_mid_epoch_with_lightning(data_dir, tmp_path):
     assert fit(ckpt_path=tmp_path / "step=14.ckpt") == whole[14:]  # mid-epoch 1
 
 
+def test_only_tool_corpora_get_aligned_windows_by_default(data_dir):
+    language, code, tools = (list(dl) for dl in ToolDataModule(data_dir=str(data_dir), seq_len=SEQ, batch_size=1).val_dataloader())
+    assert starts(language) == list(range(5)) and starts(code) == list(range(3))  # text stays packed
+    assert len(tools) == 1 and int(tools[0]["targets"][0, -1]) == 2 * SEQ  # one example, its window ends at its end
+
+
 def test_aligned_tool_windows_end_with_each_examples_answer(tmp_path):
     from datamodules.datamodule import TokenWindows
 
