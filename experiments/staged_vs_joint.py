@@ -492,11 +492,13 @@ def write_markdown(out: Path, study: dict, results: dict[str, dict], plots: list
 
 def plot(out: Path, results: dict[str, dict]) -> list[str]:
     """``quality_vs_time.png`` (final loss vs the path's wall time, per domain) and ``loss_vs_tokens.png``
-    (held-out loss along total tokens, mean over seeds, one line per condition)."""
+    (held-out loss along total tokens, mean over seeds, one line per condition: ``report.plot_loss_vs_tokens``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from lightning_modules.report import plot_loss_vs_tokens
 
     by_condition = paths(results)
     color = {c: f"C{i}" for i, c in enumerate((*CONDITIONS, STAGE1))}
@@ -513,39 +515,46 @@ def plot(out: Path, results: dict[str, dict]) -> list[str]:
         ax.set(title=f"{d}: final held-out loss vs wall time", xlabel="wall time of the path (min)", ylabel="loss")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "quality_vs_time.png", dpi=110)
-    plt.close(fig)
+    _save(fig, out / "quality_vs_time.png")
 
+    curves, starts = mean_curves(results)
+    staged = [c for c in CONDITIONS[:-1] if c in curves]
+    baselines = [c for c in ("joint",) if c in curves]
     fig, axes = plt.subplots(1, len(DOMAINS), figsize=(5 * len(DOMAINS), 3.8), squeeze=False)
     for ax, d in zip(axes[0], DOMAINS):
-        boundary = None
-        for c in CONDITIONS:
-            by_tokens: dict[int, list[float]] = {}
-            for r in results.values():
-                if r.get("condition") != c or r.get("status") != "ok":
-                    continue
-                parent = results.get(r["parent"]) if r.get("parent") else None
-                if r.get("parent") and (parent is None or parent.get("status") != "ok"):
-                    continue
-                for run in ([parent] if parent else []) + [r]:
-                    for tokens, value in run["losses"]["curve"].get(d, []):
-                        by_tokens.setdefault(tokens, []).append(value)
-                if parent:
-                    boundary = parent["tokens"]["total"]
-            if by_tokens:
-                xs = sorted(by_tokens)
-                ax.plot([x / 1e6 for x in xs], [statistics.fmean(by_tokens[x]) for x in xs], marker=".",
-                        color=color[c], label=c, linestyle="--" if c == "joint" else "-")
-        if boundary is not None:
-            ax.axvline(boundary / 1e6, color="grey", linewidth=0.6)
-        ax.set(title=f"{d}: held-out loss (mean over seeds)", xlabel="total tokens seen (M)", ylabel="loss")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "loss_vs_tokens.png", dpi=110)
-    plt.close(fig)
+        plot_loss_vs_tokens(ax, d, curves, staged, baselines, color, starts)
+        ax.set_title(f"{d}: held-out loss (mean over seeds)")
+    _save(fig, out / "loss_vs_tokens.png")
     return PLOTS
+
+
+def mean_curves(results: dict[str, dict]) -> tuple[dict[str, dict[str, list]], dict[str, int]]:
+    """Per condition, each domain's held-out loss along total tokens, mean over the seeds of ``paths`` (a staged
+    condition's curve is its stage 1's followed by its own), as ``read_scalars`` series
+    (``val_tokens/<domain>/loss``: [(tokens, loss, 0)]); and where each staged condition's stage 2 starts."""
+    by_condition = paths(results)
+    curves, starts = {}, {}
+    for r in results.values():
+        if r.get("condition") not in CONDITIONS or r.get("seed") not in by_condition.get(r["condition"], {}):
+            continue
+        parent = results[r["parent"]] if r.get("parent") else None
+        for run in ([parent] if parent else []) + [r]:
+            for d, points in run["losses"]["curve"].items():
+                by_tokens = curves.setdefault(r["condition"], {}).setdefault(f"val_tokens/{d}/loss", {})
+                for tokens, value in points:
+                    by_tokens.setdefault(tokens, []).append(value)
+        if parent:
+            starts[r["condition"]] = parent["tokens"]["total"]
+    return ({c: {tag: [(t, statistics.fmean(v[t]), 0.0) for t in sorted(v)] for tag, v in tags.items()}
+             for c, tags in curves.items()}, starts)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------- main

@@ -159,3 +159,25 @@ def test_budget_scales_like_the_seed():
     assert budget.language_steps == 1220  # 10M / 8192 = 1220.7, to a multiple of 10 validation points
     assert budget.code_steps == 310  # 10M / 3 × 7/93 × 10 = 2.51M tokens = 306 steps -> 310
     assert budget.joint_steps == 1530
+
+
+def test_a_staged_path_adds_its_stage_1_and_is_dropped_when_stage_1_failed():
+    def result(condition, seed, wall, parent=None, status="ok", curve=None):
+        return {"condition": condition, "seed": seed, "status": status, "parent": parent, "wall_time_s": wall,
+                "process_time_s": wall + 5, "tokens": {"total": 100 if parent is None else 150},
+                "losses": {"final": {"language": 3.0, "code": 2.0}, "curve": curve or {}}}
+
+    results = {"language/seed1": result("language", 1, 40, curve={"code": [[50, 5.0], [100, 4.0]]}),
+               "language/seed2": result("language", 2, 40, status="failed"),
+               "staged/seed1": result("staged", 1, 10, "language/seed1", curve={"code": [[150, 3.0]]}),
+               "staged/seed2": result("staged", 2, 10, "language/seed2", curve={"code": [[150, 1.0]]}),
+               "joint/seed1": result("joint", 1, 35, curve={"code": [[75, 4.0], [150, 3.5]]}),
+               "joint/seed2": result("joint", 2, 55, curve={"code": [[75, 3.0], [150, 2.5]]})}
+    by_condition = study.paths(results)
+    assert by_condition["staged"] == {1: {"losses": {"language": 3.0, "code": 2.0}, "tokens": 150,
+                                          "wall_time_s": 50, "process_time_s": 60}}  # stage 1 + stage 2; seed 2 out
+    assert study.verdicts(by_condition)[2][1] == "mixed"  # 50 s / 35 s = 1.43 (stage 2 alone: 0.29)
+    curves, starts = study.mean_curves(results)
+    assert curves["staged"]["val_tokens/code/loss"] == [(50, 5.0, 0.0), (100, 4.0, 0.0), (150, 3.0, 0.0)]
+    assert curves["joint"]["val_tokens/code/loss"] == [(75, 3.5, 0.0), (150, 3.0, 0.0)]  # mean over seeds
+    assert starts == {"staged": 100}
