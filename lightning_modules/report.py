@@ -77,7 +77,8 @@ def plot_loss_vs_tokens(ax, domain: str, runs: dict[str, dict[str, list]], stage
             if name in stages and start is not None:
                 ax.axvline(start / 1e6, color="grey", linewidth=0.5)
     ax.set(title=f"{domain}: held-out loss", xlabel="total tokens seen (M)", ylabel="loss")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no run validated this domain: no empty legend (and no warning)
+        ax.legend(fontsize=8)
 
 
 def _plots(experiment_dir: Path, stages: list[str], baselines: list[str], domains: list[str]) -> list[str]:
