@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.precision import precision_label
-from callbacks.stage_record import file_sha256, stage_of_checkpoint, stage_record_for_checkpoint, update_stage_record
+from callbacks.stage_record import read_checkpoint, file_sha256, stage_of_checkpoint, stage_record_for_checkpoint, update_stage_record
 from datamodules.errors import StagewiseError, TokenizerMismatchError
 
 
@@ -86,21 +86,13 @@ class StageHandoff(L.Callback):
 
     def _check_parent(self, init_from: str, tokenizer_sha: str | None) -> dict:
         path = Path(init_from)
-        if not path.exists():
-            raise StagewiseError(f"init_from checkpoint '{init_from}' does not exist; run the earlier stage first "
-                                 "or point --model.init_args.init_from at an existing checkpoint")
-        record = stage_record_for_checkpoint(path) or {}
-        parent_sha = record.get("tokenizer_sha256")
+        hint = "run the earlier stage first or point --model.init_args.init_from at a .ckpt written by `stagewise fit`"
+        record = stage_record_for_checkpoint(path) if path.is_file() else None
+        parent_sha = (record or {}).get("tokenizer_sha256")
         if parent_sha is None:  # no record (a checkpoint from elsewhere): its hyperparameters say it
-            try:
-                ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-            except Exception as err:
-                raise StagewiseError(f"init_from: '{init_from}' is not a readable checkpoint ({err}); point "
-                                     "--model.init_args.init_from at a .ckpt written by `stagewise fit`") from None
-            if not isinstance(ckpt, dict):
-                raise StagewiseError(f"init_from: '{init_from}' is not a Lightning checkpoint; point "
-                                     "--model.init_args.init_from at a .ckpt written by `stagewise fit`")
+            ckpt = read_checkpoint(path, hint, prefix="init_from: ")
             parent_sha = (ckpt.get("hyper_parameters") or {}).get("tokenizer_sha256")
+        record = record or {}
         if parent_sha and tokenizer_sha and parent_sha != tokenizer_sha:
             raise TokenizerMismatchError(
                 f"'{init_from}' was trained with tokenizer {parent_sha[:12]}…, but this stage's data uses "

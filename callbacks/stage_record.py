@@ -59,6 +59,23 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def read_checkpoint(path: str | Path, hint: str, prefix: str = "") -> dict[str, Any]:
+    """A Lightning checkpoint's contents (CPU, memory-mapped), or a StagewiseError saying what is wrong
+    (missing, unreadable, or without a ``state_dict``) followed by ``hint``; messages start with ``prefix``."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise StagewiseError(f"{prefix}no checkpoint at {path}; {hint}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:
+        raise StagewiseError(f"{prefix}{path} is not a readable checkpoint ({err}); {hint}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise StagewiseError(f"{prefix}{path} is not a Lightning checkpoint (no 'state_dict'); {hint}")
+    return ckpt
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` through a temp file in the same directory."""
     path = Path(path)

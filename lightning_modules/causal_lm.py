@@ -171,14 +171,9 @@ class CausalLM(L.LightningModule):
         lineage's token count in ``parent_tokens``."""
         path = Path(path)
         hint = "train the previous stage first or pass --model.init_from <checkpoint>"
-        if not path.is_file():
-            raise StagewiseError(f"init_from: no checkpoint at {path}; {hint}")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise StagewiseError(f"init_from: {path} is not a readable checkpoint ({err}); {hint}") from None
-        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-            raise StagewiseError(f"init_from: {path} is not a Lightning checkpoint (no 'state_dict'); {hint}")
+        from callbacks.stage_record import read_checkpoint  # callbacks/ imports this module: import late
+
+        ckpt = read_checkpoint(path, hint, prefix="init_from: ")
         theirs = (ckpt.get("hyper_parameters") or {}).get("tokenizer_sha256")
         ours = self.hparams.tokenizer_sha256
         if theirs and ours and theirs != ours:

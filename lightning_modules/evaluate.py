@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import yaml
 
+from callbacks.stage_record import read_checkpoint as _read_checkpoint
 from datamodules.errors import StagewiseError, TokenizerMismatchError
 
 KNOWN_ORDER = ("language", "code", "tools")
@@ -45,16 +46,7 @@ def prepared_domains(data_dir: str | Path) -> list[str]:
 
 def read_checkpoint(ckpt: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint's contents, memory-mapped; StagewiseError if it is missing or not a checkpoint."""
-    hint = "train a stage first or pass --ckpt <file.ckpt> written by `stagewise fit`"
-    if not Path(ckpt).is_file():
-        raise StagewiseError(f"no checkpoint at {ckpt}; {hint}")
-    try:
-        saved = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as err:
-        raise StagewiseError(f"{ckpt} is not a readable checkpoint ({err}); {hint}") from None
-    if not isinstance(saved, dict) or "state_dict" not in saved:
-        raise StagewiseError(f"{ckpt} is not a Lightning checkpoint (no 'state_dict'); {hint}")
-    return saved
+    return _read_checkpoint(ckpt, "train a stage first or pass --ckpt <file.ckpt> written by `stagewise fit`")
 
 
 def load_model(ckpt: str | Path, map_location: str = "cpu", saved: dict[str, Any] | None = None):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from callbacks.stage_record import read_checkpoint
 from datamodules.errors import StagewiseError, TokenizerMismatchError
 from lightning_modules.transformer import TransformerConfig
 
@@ -64,9 +65,7 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path, tokenizer_dir: str | P
     from transformers import LlamaForCausalLM
 
     ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
-    if not ckpt_path.is_file():
-        raise StagewiseError(f"no checkpoint at {ckpt_path}; train a stage first (stagewise fit ...)")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(ckpt_path, "train a stage first (stagewise fit ...)")
     hp = ckpt.get("hyper_parameters") or {}
     if hp.get("architecture", "dense") != "dense" or "size" not in hp:
         raise StagewiseError(f"{ckpt_path} is not a dense CausalLM checkpoint; only those map onto Llama")

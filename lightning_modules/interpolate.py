@@ -21,18 +21,13 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser
 
+from callbacks.stage_record import read_checkpoint
 from datamodules.errors import StagewiseError, TokenizerMismatchError
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint as a dict (StagewiseError when missing or not a Lightning checkpoint)."""
-    path = Path(path)
-    if not path.is_file():
-        raise StagewiseError(f"no checkpoint at {path}; train that stage first or fix the path")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise StagewiseError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
-    return ckpt
+    return read_checkpoint(path, "train that stage first or fix the path")
 
 
 def check_compatible(parent: dict, child: dict, parent_path: str = "parent", child_path: str = "child") -> None:
