@@ -268,6 +268,20 @@ def test_evaluate_a_file_that_is_not_a_checkpoint(workdir, capsys):
     assert_clear(err, "notes.ckpt is not a readable checkpoint", "pass --ckpt <file.ckpt>")
 
 
+def test_export_and_interpolate_a_file_that_is_not_a_checkpoint(workdir, capsys):
+    """Both printed a traceback before they shared ``read_checkpoint``."""
+    from datamodules.errors import StagewiseError
+    from lightning_modules.interpolate import load_checkpoint
+
+    notes = _write_text(workdir / "notes.ckpt")
+    code, err = run(["export", "--ckpt", notes, "--out", str(workdir / "hf")], capsys)
+    assert code == 2
+    assert_clear(err, "notes.ckpt is not a readable checkpoint", "train a stage first")
+    assert not (workdir / "hf").exists()
+    with pytest.raises(StagewiseError, match="notes.ckpt is not a readable checkpoint"):
+        load_checkpoint(notes)
+
+
 # ------------------------------------------------------------------------------------------ tokenizer
 
 
