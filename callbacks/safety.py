@@ -8,7 +8,6 @@ for ``--ckpt_path last``. Non-finite steps are skipped by ``CausalLM`` itself (`
 from __future__ import annotations
 
 import errno
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from callbacks.stage_record import atomic_path
 from datamodules.errors import StagewiseError
 
 
@@ -33,44 +33,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
-            self.write_temp(checkpoint, tmp)
-            os.replace(tmp, path)
-        except BaseException as err:
-            tmp.unlink(missing_ok=True)
-            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-                intact = sorted(str(p) for p in path.parent.glob("*.ckpt")) or ["none"]
-                raise StagewiseError(
-                    f"disk full while writing {path}; earlier checkpoints are intact: {', '.join(intact)}. Free "
-                    "space (or save elsewhere) and resume with --ckpt_path last"
-                ) from None
-            raise
-        _fsync_dir(path.parent)
+            with atomic_path(path, durable=True) as tmp:
+                self.write_temp(checkpoint, tmp)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            intact = sorted(str(p) for p in path.parent.glob("*.ckpt")) or ["none"]
+            raise StagewiseError(
+                f"disk full while writing {path}; earlier checkpoints are intact: {', '.join(intact)}. Free "
+                "space (or save elsewhere) and resume with --ckpt_path last"
+            ) from None
         for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a process killed mid-save
             stale.unlink(missing_ok=True)
 
     def write_temp(self, checkpoint: dict[str, Any], tmp: Path) -> None:
-        """Write ``checkpoint`` to ``tmp`` and force it to disk (before the rename makes it visible)."""
+        """Write ``checkpoint`` to ``tmp`` (``atomic_path`` forces it to disk before the rename)."""
         with open(tmp, "wb") as f:
             torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename: fsync the directory entry (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class LastCheckpoint(ModelCheckpoint):

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.precision import precision_label
-from callbacks.stage_record import read_checkpoint, file_sha256, stage_of_checkpoint, stage_record_for_checkpoint, update_stage_record
+from callbacks.stage_record import (
+    atomic_path, file_sha256, read_checkpoint, stage_of_checkpoint, stage_record_for_checkpoint, update_stage_record,
+)
 from datamodules.errors import StagewiseError, TokenizerMismatchError
 
 
@@ -270,12 +270,5 @@ def _resolved_config(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
+    with atomic_path(dst, durable=True) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
