@@ -7,10 +7,16 @@ Rows (each in its own subprocess, so compile caches and memory never leak betwee
   raw        our Transformer + the same loss and optimizer in a plain PyTorch loop
   raw_before the raw row with transformer.py's earlier RMSNorm (float32 upcast by hand) and RoPE
              (``x·cos + rotate_half(x)·sin``), patched in: what the change of 2026-11-25 bought
+  reference_raw  the reference script's hand-written model in the raw row's loop (our loss, fused AdamW,
+             two parameter groups): separates what the model costs from what the loop costs
   fsdp       the stagewise row under Lightning's ``FSDPStrategy`` (blocks wrapped, full shard), with
              ``--devices`` GPUs; then a full checkpoint is saved, loaded back into a fresh model, and
              training resumes from it for 2 steps
   reference  ``throughput_reference.py`` (``RUNS=gpt:raw FUSED=1``: hand-written model, raw loop, fused AdamW)
+
+A row may name the attention kernel it puts first, e.g. ``stagewise:cudnn`` (``CausalLM(attention_kernel=)``;
+the reference always runs PyTorch's default). ``--profile N`` adds a per-kernel GPU-time breakdown of N
+steps to the raw rows.
 
 Sizes: ``base`` (124M, T=1024, B=32) and ``xl`` (1.1B, T=2048, B=8), vocab 32768, random tokens from
 memory. Every row times ``--steps`` steps after ``--warmup`` steps, like the reference.
@@ -18,9 +24,11 @@ memory. Every row times ``--steps`` steps after ``--warmup`` steps, like the ref
     python -m experiments.benchmark_throughput --sizes base xl --rows stagewise raw reference fp8
     python -m experiments.benchmark_throughput --sizes base --rows stagewise --devices 2   # DDP
     python -m experiments.benchmark_throughput --sizes xl --rows fsdp --devices 2 --row-timeout 400
+    python -m experiments.benchmark_throughput --sizes base --rows reference_raw raw --profile 5
 
 Prints a table (tokens/s, MFU, peak memory, ratio to the reference of the same size) and writes
-``throughput_<date>.json`` and ``.md`` to ``experiments/results/`` and to ``$OUT`` when set.
+``throughput_<date>[_tag].json`` and ``.md`` to ``experiments/results/`` and to ``$OUT`` when set, after
+every row.
 """
 
 from __future__ import annotations
@@ -57,7 +65,8 @@ def random_windows(n: int, seq_len: int, seed: int = 0) -> list[dict]:
     return [{"input_ids": w[:-1], "targets": w[1:]} for w in ids]
 
 
-def row_stagewise(size: str, steps: int, warmup: int, devices: int, fp8: bool, fsdp: bool = False) -> dict:
+def row_stagewise(size: str, steps: int, warmup: int, devices: int, fp8: bool, fsdp: bool = False,
+                  attention: str = "default") -> dict:
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
@@ -70,7 +79,7 @@ def row_stagewise(size: str, steps: int, warmup: int, devices: int, fp8: bool, f
     cfg = model_config(size)
     overrides = {k: getattr(cfg, k) for k in ("n_layers", "max_seq_len")}
     model = CausalLM(size=SIZES[size][0], vocab_size=VOCAB, model_overrides=overrides, compile=True,
-                     warmup_steps=10, max_steps=1000)
+                     warmup_steps=10, max_steps=1000, attention_kernel=attention)
     times: list[float] = []
 
     class Timer(L.Callback):
@@ -124,7 +133,9 @@ def fsdp_checkpoint_round_trip(trainer, model, windows, batch: int, done_steps: 
 
     from lightning_modules.causal_lm import CausalLM
 
-    path = Path(os.environ.get("OUT") or "/tmp") / "fsdp_benchmark.ckpt"
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / "stagewise_fsdp_benchmark.ckpt"  # xl: ~13 GB, not a result to return
     start = time.perf_counter()
     trainer.save_checkpoint(path)
     saved_s = time.perf_counter() - start
@@ -141,7 +152,7 @@ def fsdp_checkpoint_round_trip(trainer, model, windows, batch: int, done_steps: 
                         gradient_clip_val=1.0, strategy=fsdp_strategy(), precision=trainer.precision,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=True)
-    again = CausalLM(**{k: v for k, v in model.hparams.items()})
+    again = CausalLM(**{**model.hparams, "compile": False})  # 2 steps: not worth compiling again
     resumed.fit(again, DataLoader(windows, batch_size=batch, drop_last=True), ckpt_path=path)
     result["resumed_to_step"] = resumed.global_step
     result["resumed_loss"] = round(float(resumed.callback_metrics["train/loss"]), 4)
@@ -150,44 +161,101 @@ def fsdp_checkpoint_round_trip(trainer, model, windows, batch: int, done_steps: 
     return result
 
 
-def row_raw(size: str, steps: int, warmup: int, before: bool = False) -> dict:
+def row_raw(size: str, steps: int, warmup: int, before: bool = False, attention: str = "default",
+            reference_model: bool = False, profile_steps: int = 0) -> dict:
+    """Our Transformer (or, with ``reference_model``, the reference script's hand-written ``GPT``) with our
+    loss and fused AdamW in a plain loop; with ``profile_steps``, then that many steps under the profiler."""
     import torch
 
     from lightning_modules.causal_lm import cross_entropy
-    from lightning_modules.transformer import Transformer
+    from lightning_modules.transformer import Transformer, attention_kernel
 
     torch.set_float32_matmul_precision("high")
     _, seq_len, batch, _ = SIZES[size]
     if before:
         patch_earlier_model()
-    model = Transformer(model_config(size)).cuda()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "tok_embeddings" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "tok_embeddings" not in n)]
+    if reference_model:
+        ref = load_reference()
+        model = ref.GPT(*ref.SIZES[SIZES[size][3]][:7]).cuda()
+        loss_fn = torch.compile(model)  # GPT.forward(ids, labels) returns the mean cross-entropy
+    else:
+        model = Transformer(model_config(size)).cuda()
+        loss_fn = torch.compile(lambda x, y: cross_entropy(model(x), y)[0])
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                             lr=3e-4, betas=(0.9, 0.95), fused=True)
-
-    @torch.compile
-    def loss_fn(x, y):
-        return cross_entropy(model(x), y)[0]
-
     windows = random_windows(batch * 4, seq_len)
     batches = [{k: torch.stack([w[k] for w in windows[i * batch:(i + 1) * batch]]).cuda() for k in windows[0]}
                for i in range(4)]
-    for i in range(warmup + steps):
-        if i == warmup:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
+
+    def step(i: int) -> None:
         b = batches[i % 4]
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16), attention_kernel(attention):
             loss = loss_fn(b["input_ids"], b["targets"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    for i in range(warmup + steps):
+        if i == warmup:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        step(i)
     torch.cuda.synchronize()
     row = measured(size, (time.perf_counter() - t0) / steps, batch * seq_len, 1)
     row["precision"] = "bf16 autocast"
+    if profile_steps:
+        row["profile"] = profile(step, profile_steps)
     return row
+
+
+def load_reference():
+    """The shared reference script as a module (its model classes and sizes)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("throughput_reference", REFERENCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Kernel families by name, for the profile's totals (first match wins).
+KERNEL_FAMILIES = [("attention", ("flash", "fmha", "cudnn", "attention")),
+                   ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90")),
+                   ("optimizer", ("adam", "multi_tensor", "foreach")), ("nccl", ("nccl",)),
+                   ("triton (fused pointwise/reductions)", ("triton",))]
+
+
+def profile(step, n: int) -> dict:
+    """Run ``step`` ``n`` times under ``torch.profiler``; per step: GPU time by kernel family and the
+    25 kernels with the most GPU time (ms and launches per step), plus the span of the whole window."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for i in range(n):
+            step(i)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
+               and e.self_device_time_total > 0]
+    kernels.sort(key=lambda e: -e.self_device_time_total)
+    families: dict[str, float] = {}
+    for e in kernels:
+        name = e.key.lower()
+        family = next((f for f, keys in KERNEL_FAMILIES if any(k in name for k in keys)), "other")
+        families[family] = families.get(family, 0.0) + e.self_device_time_total / 1e3 / n
+    return {
+        "steps": n, "wall_ms_per_step": round(wall * 1e3 / n, 2),
+        "gpu_ms_per_step": round(sum(families.values()), 2),
+        "families_ms": {k: round(v, 2) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [{"name": e.key[:120], "ms": round(e.self_device_time_total / 1e3 / n, 3),
+                         "calls": round(e.count / n, 1)} for e in kernels[:25]],
+    }
 
 
 def patch_earlier_model() -> None:
@@ -240,19 +308,38 @@ def run_reference(size: str) -> dict:
             "peak_mem_GB": ref["peak_mem_GB"], "devices": 1, "precision": "bf16 autocast (FUSED=1)"}
 
 
+ROWS = ("reference", "stagewise", "raw", "raw_before", "reference_raw", "fp8", "fsdp")
+
+
+def parse_row(row: str) -> tuple[str, str]:
+    """``"stagewise:cudnn"`` -> ``("stagewise", "cudnn")``: a row and the attention kernel it puts first."""
+    from lightning_modules.transformer import ATTENTION_KERNELS
+
+    name, _, kernel = row.partition(":")
+    if name not in ROWS or (kernel or "default") not in ATTENTION_KERNELS or (kernel and name == "reference"):
+        raise argparse.ArgumentTypeError(
+            f"row '{row}': use one of {', '.join(ROWS)}, optionally with ':KERNEL' "
+            f"(one of {', '.join(ATTENTION_KERNELS)}; not for the reference)")
+    return name, kernel or "default"
+
+
 def worker(args: argparse.Namespace) -> None:
     row, size = args.worker
-    if args.batch_size and row != "reference":
-        preset, seq_len, _, name = SIZES[size]
-        SIZES[size] = (preset, seq_len, args.batch_size, name)
-    if row == "reference":
+    name, kernel = parse_row(row)
+    if args.batch_size and name != "reference":
+        preset, seq_len, _, ref_name = SIZES[size]
+        SIZES[size] = (preset, seq_len, args.batch_size, ref_name)
+    if name == "reference":
         result = run_reference(size)
-    elif row in ("raw", "raw_before"):
-        result = row_raw(size, args.steps, args.warmup, before=row == "raw_before")
+    elif name in ("raw", "raw_before", "reference_raw"):
+        result = row_raw(size, args.steps, args.warmup, before=name == "raw_before", attention=kernel,
+                         reference_model=name == "reference_raw", profile_steps=args.profile)
     else:
-        result = row_stagewise(size, args.steps, args.warmup, args.devices, fp8=row == "fp8", fsdp=row == "fsdp")
+        result = row_stagewise(size, args.steps, args.warmup, args.devices, fp8=name == "fp8", fsdp=name == "fsdp",
+                               attention=kernel)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("RANK", "0")) == 0:
-        print("ROW " + json.dumps({"size": size, "row": row, "micro_batch": SIZES[size][2], **result}), flush=True)
+        print("ROW " + json.dumps({"size": size, "row": row, "micro_batch": SIZES[size][2], "attention": kernel,
+                                   **result}), flush=True)
 
 
 def run_row(cmd: list[str], timeout: float | None) -> tuple[str, str]:
@@ -279,29 +366,52 @@ def card() -> str:
 
 def table(rows: list[dict]) -> str:
     refs = {r["size"]: r["tokens_per_s"] for r in rows if r["row"] == "reference" and "tokens_per_s" in r}
-    lines = ["| size | row | GPUs | micro-batch | precision | tokens/s | MFU % | peak mem GiB/GPU | vs reference |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| size | row | GPUs | micro-batch | precision | attention | tokens/s | MFU % | peak mem GiB/GPU | "
+             "vs reference |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['size']} | {r['row']} | | | failed: {r['error'][-80:]} | | | | |")
+            lines.append(f"| {r['size']} | {r['row']} | | | failed: {r['error'][-80:]} | | | | | |")
             continue
         ratio = f"{r['tokens_per_s'] / refs[r['size']]:.3f}×" if r["size"] in refs else "–"
+        attention = "PyTorch default" if r["row"] == "reference" else r.get("attention", "default")
         lines.append(f"| {r['size']} | {r['row']} | {r['devices']} | {r.get('micro_batch', '')} | {r['precision']} | "
-                     f"{r['tokens_per_s']:,} | "
-                     f"{r['mfu_pct']} | {r['peak_mem_GB']} | {ratio} |")
+                     f"{attention} | {r['tokens_per_s']:,} | {r['mfu_pct']} | {r['peak_mem_GB']} | {ratio} |")
     return "\n".join(lines)
+
+
+def row_arg(text: str) -> str:
+    parse_row(text)
+    return text
+
+
+def profile_text(rows: list[dict]) -> str:
+    """The profiled rows' GPU time per step by kernel family and their top kernels, as markdown."""
+    parts = []
+    for r in rows:
+        prof = r.get("profile")
+        if not prof:
+            continue
+        families = ", ".join(f"{k} {v}" for k, v in prof["families_ms"].items())
+        parts.append(f"### {r['size']} {r['row']}: {prof['wall_ms_per_step']} ms/step wall, "
+                     f"{prof['gpu_ms_per_step']} ms GPU ({prof['steps']} profiled steps)\n\nGPU ms per step: {families}\n\n"
+                     "| kernel | ms/step | launches/step |\n|---|---|---|\n"
+                     + "\n".join(f"| `{k['name']}` | {k['ms']} | {k['calls']} |" for k in prof["top_kernels"]))
+    return "\n\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["base", "xl"], choices=list(SIZES))
-    parser.add_argument("--rows", nargs="+", default=["reference", "stagewise", "raw", "fp8"],
-                        choices=["reference", "stagewise", "raw", "raw_before", "fp8", "fsdp"])
+    parser.add_argument("--rows", nargs="+", default=["reference", "stagewise", "raw", "fp8"], type=row_arg,
+                        help=f"rows to run, of {', '.join(ROWS)}; ROW:KERNEL puts that attention kernel first "
+                        "(e.g. stagewise:cudnn)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation)")
     parser.add_argument("--devices", type=int, default=1,
                         help="GPUs for the stagewise/fp8 rows (DDP if > 1) and the fsdp row")
     parser.add_argument("--batch-size", type=int, help="micro-batch of our rows (default: the size's)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, profile N more steps of the raw rows (GPU time by kernel)")
     parser.add_argument("--row-timeout", type=float, help="seconds before a row is killed; its output so far is "
                         "recorded as the row's error (the table and JSON are still written)")
     parser.add_argument("--tag", default="", help="suffix of the result files' names")
@@ -310,13 +420,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         return worker(args)
 
-    rows = []
+    date = datetime.date.today().isoformat()
+    command = " ".join(["python -m experiments.benchmark_throughput", *(argv if argv is not None else sys.argv[1:])])
+    report = {"card": card(), "date": date, "command": command, "steps": args.steps, "warmup": args.warmup,
+              "rows": []}
+    name = f"throughput_{date}{'_' + args.tag if args.tag else ''}"
     for size in args.sizes:
         for row in args.rows:
             if row == "reference" and (SIZES[size][3] is None or not REFERENCE.exists()):
                 continue
             cmd = [sys.executable, "-m", "experiments.benchmark_throughput", "--worker", row, size,
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--devices", str(args.devices)]
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--devices", str(args.devices),
+                   "--profile", str(args.profile)]
             if args.batch_size:
                 cmd += ["--batch-size", str(args.batch_size)]
             start = time.time()
@@ -324,17 +439,12 @@ def main(argv: list[str] | None = None) -> None:
             found = [json.loads(ln[4:]) for ln in stdout.splitlines() if ln.startswith("ROW ")]
             result = found[0] if found else {"size": size, "row": row, "error": (stderr or stdout)[-2000:].strip()}
             result["wall_s"] = round(time.time() - start, 1)
-            rows.append(result)
-            print(json.dumps(result), flush=True)
-
-    date = datetime.date.today().isoformat()
-    report = {"card": card(), "date": date, "command": " ".join(["python -m experiments.benchmark_throughput",
-                                                                    *(argv if argv is not None else sys.argv[1:])]),
-              "steps": args.steps, "warmup": args.warmup, "rows": rows}
-    text = table(rows)
-    md = f"Card: {report['card']}; date: {date}; `{report['command']}`\n\n{text}\n"
-    name = f"throughput_{date}{'_' + args.tag if args.tag else ''}"
-    save_results(name, report, md)
+            report["rows"].append(result)
+            print(json.dumps({k: v for k, v in result.items() if k != "profile"}), flush=True)
+            md = f"Card: {report['card']}; date: {date}; `{command}`\n\n{table(report['rows'])}\n"
+            if profile_text(report["rows"]):
+                md += "\n" + profile_text(report["rows"]) + "\n"
+            save_results(name, report, md)  # after every row: a call cut short keeps the rows it finished
     print(md)
 
 

@@ -11,6 +11,7 @@ and pass the class as ``Transformer(config, attention=MyAttention)``; see
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, fields, replace
 from typing import Callable
@@ -126,6 +127,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x[..., :half], x[..., half:]
     c, s = cos[..., :half].type_as(x), sin[..., :half].type_as(x)
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+ATTENTION_KERNELS = ("default", "cudnn", "flash", "efficient", "math")
+"""Choices of :func:`attention_kernel`: ``default`` is PyTorch's own order (flash, memory-efficient, math,
+cuDNN); another name puts that ``F.scaled_dot_product_attention`` kernel first."""
+
+
+def attention_kernel(first: str = "default") -> contextlib.AbstractContextManager:
+    """A context in which ``F.scaled_dot_product_attention`` tries kernel ``first`` (one of
+    :data:`ATTENTION_KERNELS`) before the others, which stay as fallbacks for inputs it cannot take (a
+    padding mask, an unsupported head size), so no call fails for the choice.
+
+    Enter it around the call of a compiled function, not inside it: compilation fixes the kernel when it
+    traces, and a context inside the compiled region bypasses PyTorch's compile cache (pytorch#194007)."""
+    if first not in ATTENTION_KERNELS:
+        raise StagewiseError(f"unknown attention kernel '{first}'; choose one of: {', '.join(ATTENTION_KERNELS)}")
+    if first == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.CUDNN_ATTENTION]
+    chosen = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[first]
+    return sdpa_kernel([chosen] + [b for b in order if b != chosen], set_priority=True)
 
 
 class LayerCache:

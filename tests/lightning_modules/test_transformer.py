@@ -107,3 +107,20 @@ def test_unknown_size_or_field_lists_valid_choices():
     with pytest.raises(StagewiseError, match="n_kv_heads"):
         TransformerConfig.from_preset("tiny", n_kv_heads=3)
     assert set(PRESETS) == {"tiny", "small", "base", "medium", "large", "xl"}
+
+
+def test_attention_kernel_puts_one_kernel_first_and_keeps_the_others_as_fallbacks():
+    from torch.nn.attention import SDPBackend
+
+    from lightning_modules.transformer import attention_kernel
+
+    before = torch._C._get_sdp_priority_order()
+    model, ids = tiny(), torch.randint(0, 64, (2, 9))
+    with attention_kernel("cudnn"):
+        assert torch._C._get_sdp_priority_order()[0] == SDPBackend.CUDNN_ATTENTION.value
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+        logits = model(ids)  # on CPU cuDNN cannot run: a fallback does
+    assert torch._C._get_sdp_priority_order() == before
+    torch.testing.assert_close(logits, model(ids))
+    with pytest.raises(StagewiseError, match="choose one of: default, cudnn, flash"):
+        attention_kernel("fa9")
