@@ -5,8 +5,6 @@ Rows (each in its own subprocess, so compile caches and memory never leak betwee
              AdamW with clipping at 1.0, the Throughput callback logging every 10 steps
   fp8        the same with ``Float8MixedPrecision`` (torchao float8 linears, output head in bf16)
   raw        our Transformer + the same loss and optimizer in a plain PyTorch loop
-  raw_before the raw row with transformer.py's earlier RMSNorm (float32 upcast by hand) and RoPE
-             (``x·cos + rotate_half(x)·sin``), patched in: what the change of 2026-11-25 bought
   reference_raw  the reference script's hand-written model in the raw row's loop (our loss, fused AdamW,
              two parameter groups): separates what the model costs from what the loop costs
   fsdp       the stagewise row under Lightning's ``FSDPStrategy`` (blocks wrapped, full shard), with
@@ -14,9 +12,7 @@ Rows (each in its own subprocess, so compile caches and memory never leak betwee
              training resumes from it for 2 steps
   reference  ``throughput_reference.py`` (``RUNS=gpt:raw FUSED=1``: hand-written model, raw loop, fused AdamW)
 
-A row may name the attention kernel it puts first, e.g. ``stagewise:cudnn`` (``CausalLM(attention_kernel=)``;
-the reference always runs PyTorch's default). ``--profile N`` adds a per-kernel GPU-time breakdown of N
-steps to the raw rows.
+``--profile N`` adds a per-kernel GPU-time breakdown of N more steps to the raw rows.
 
 Sizes: ``base`` (124M, T=1024, B=32) and ``xl`` (1.1B, T=2048, B=8), vocab 32768, random tokens from
 memory. Every row times ``--steps`` steps after ``--warmup`` steps, like the reference.
@@ -65,8 +61,7 @@ def random_windows(n: int, seq_len: int, seed: int = 0) -> list[dict]:
     return [{"input_ids": w[:-1], "targets": w[1:]} for w in ids]
 
 
-def row_stagewise(size: str, steps: int, warmup: int, devices: int, fp8: bool, fsdp: bool = False,
-                  attention: str = "default") -> dict:
+def row_stagewise(size: str, steps: int, warmup: int, devices: int, fp8: bool, fsdp: bool = False) -> dict:
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
@@ -79,7 +74,7 @@ def row_stagewise(size: str, steps: int, warmup: int, devices: int, fp8: bool, f
     cfg = model_config(size)
     overrides = {k: getattr(cfg, k) for k in ("n_layers", "max_seq_len")}
     model = CausalLM(size=SIZES[size][0], vocab_size=VOCAB, model_overrides=overrides, compile=True,
-                     warmup_steps=10, max_steps=1000, attention_kernel=attention)
+                     warmup_steps=10, max_steps=1000)
     times: list[float] = []
 
     class Timer(L.Callback):
@@ -161,19 +156,16 @@ def fsdp_checkpoint_round_trip(trainer, model, windows, batch: int, done_steps: 
     return result
 
 
-def row_raw(size: str, steps: int, warmup: int, before: bool = False, attention: str = "default",
-            reference_model: bool = False, profile_steps: int = 0) -> dict:
+def row_raw(size: str, steps: int, warmup: int, reference_model: bool = False, profile_steps: int = 0) -> dict:
     """Our Transformer (or, with ``reference_model``, the reference script's hand-written ``GPT``) with our
     loss and fused AdamW in a plain loop; with ``profile_steps``, then that many steps under the profiler."""
     import torch
 
     from lightning_modules.causal_lm import cross_entropy
-    from lightning_modules.transformer import Transformer, attention_kernel
+    from lightning_modules.transformer import Transformer
 
     torch.set_float32_matmul_precision("high")
     _, seq_len, batch, _ = SIZES[size]
-    if before:
-        patch_earlier_model()
     if reference_model:
         ref = load_reference()
         model = ref.GPT(*ref.SIZES[SIZES[size][3]][:7]).cuda()
@@ -191,7 +183,7 @@ def row_raw(size: str, steps: int, warmup: int, before: bool = False, attention:
 
     def step(i: int) -> None:
         b = batches[i % 4]
-        with torch.autocast("cuda", dtype=torch.bfloat16), attention_kernel(attention):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = loss_fn(b["input_ids"], b["targets"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -242,7 +234,7 @@ def profile(step, n: int) -> dict:
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
-               and e.self_device_time_total > 0]
+               and e.self_device_time_total > 0 and not getattr(e, "is_user_annotation", False)]
     kernels.sort(key=lambda e: -e.self_device_time_total)
     families: dict[str, float] = {}
     for e in kernels:
@@ -256,24 +248,6 @@ def profile(step, n: int) -> dict:
         "top_kernels": [{"name": e.key[:120], "ms": round(e.self_device_time_total / 1e3 / n, 3),
                          "calls": round(e.count / n, 1)} for e in kernels[:25]],
     }
-
-
-def patch_earlier_model() -> None:
-    """transformer.py's RMSNorm and RoPE as they were before 2026-11-25's speed change (same math)."""
-    import torch
-    import torch.nn.functional as F
-
-    from lightning_modules import transformer
-
-    def norm_forward(self, x):
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
-
-    def apply_rope(x, cos, sin):
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos.type_as(x) + torch.cat((-x2, x1), dim=-1) * sin.type_as(x)
-
-    transformer.RMSNorm.forward = norm_forward
-    transformer.apply_rope = apply_rope
 
 
 def measured(size: str, step_s: float, tokens_per_step: int, devices: int) -> dict:
@@ -308,38 +282,23 @@ def run_reference(size: str) -> dict:
             "peak_mem_GB": ref["peak_mem_GB"], "devices": 1, "precision": "bf16 autocast (FUSED=1)"}
 
 
-ROWS = ("reference", "stagewise", "raw", "raw_before", "reference_raw", "fp8", "fsdp")
-
-
-def parse_row(row: str) -> tuple[str, str]:
-    """``"stagewise:cudnn"`` -> ``("stagewise", "cudnn")``: a row and the attention kernel it puts first."""
-    from lightning_modules.transformer import ATTENTION_KERNELS
-
-    name, _, kernel = row.partition(":")
-    if name not in ROWS or (kernel or "default") not in ATTENTION_KERNELS or (kernel and name == "reference"):
-        raise argparse.ArgumentTypeError(
-            f"row '{row}': use one of {', '.join(ROWS)}, optionally with ':KERNEL' "
-            f"(one of {', '.join(ATTENTION_KERNELS)}; not for the reference)")
-    return name, kernel or "default"
+ROWS = ("reference", "stagewise", "raw", "reference_raw", "fp8", "fsdp")
 
 
 def worker(args: argparse.Namespace) -> None:
     row, size = args.worker
-    name, kernel = parse_row(row)
-    if args.batch_size and name != "reference":
-        preset, seq_len, _, ref_name = SIZES[size]
-        SIZES[size] = (preset, seq_len, args.batch_size, ref_name)
-    if name == "reference":
+    if args.batch_size and row != "reference":
+        preset, seq_len, _, name = SIZES[size]
+        SIZES[size] = (preset, seq_len, args.batch_size, name)
+    if row == "reference":
         result = run_reference(size)
-    elif name in ("raw", "raw_before", "reference_raw"):
-        result = row_raw(size, args.steps, args.warmup, before=name == "raw_before", attention=kernel,
-                         reference_model=name == "reference_raw", profile_steps=args.profile)
+    elif row in ("raw", "reference_raw"):
+        result = row_raw(size, args.steps, args.warmup, reference_model=row == "reference_raw",
+                         profile_steps=args.profile)
     else:
-        result = row_stagewise(size, args.steps, args.warmup, args.devices, fp8=name == "fp8", fsdp=name == "fsdp",
-                               attention=kernel)
+        result = row_stagewise(size, args.steps, args.warmup, args.devices, fp8=row == "fp8", fsdp=row == "fsdp")
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("RANK", "0")) == 0:
-        print("ROW " + json.dumps({"size": size, "row": row, "micro_batch": SIZES[size][2], "attention": kernel,
-                                   **result}), flush=True)
+        print("ROW " + json.dumps({"size": size, "row": row, "micro_batch": SIZES[size][2], **result}), flush=True)
 
 
 def run_row(cmd: list[str], timeout: float | None) -> tuple[str, str]:
@@ -366,22 +325,16 @@ def card() -> str:
 
 def table(rows: list[dict]) -> str:
     refs = {r["size"]: r["tokens_per_s"] for r in rows if r["row"] == "reference" and "tokens_per_s" in r}
-    lines = ["| size | row | GPUs | micro-batch | precision | attention | tokens/s | MFU % | peak mem GiB/GPU | "
-             "vs reference |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| size | row | GPUs | micro-batch | precision | tokens/s | MFU % | peak mem GiB/GPU | vs reference |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['size']} | {r['row']} | | | failed: {r['error'][-80:]} | | | | | |")
+            lines.append(f"| {r['size']} | {r['row']} | | | failed: {r['error'][-80:]} | | | | |")
             continue
         ratio = f"{r['tokens_per_s'] / refs[r['size']]:.3f}×" if r["size"] in refs else "–"
-        attention = "PyTorch default" if r["row"] == "reference" else r.get("attention", "default")
         lines.append(f"| {r['size']} | {r['row']} | {r['devices']} | {r.get('micro_batch', '')} | {r['precision']} | "
-                     f"{attention} | {r['tokens_per_s']:,} | {r['mfu_pct']} | {r['peak_mem_GB']} | {ratio} |")
+                     f"{r['tokens_per_s']:,} | {r['mfu_pct']} | {r['peak_mem_GB']} | {ratio} |")
     return "\n".join(lines)
-
-
-def row_arg(text: str) -> str:
-    parse_row(text)
-    return text
 
 
 def profile_text(rows: list[dict]) -> str:
@@ -402,9 +355,7 @@ def profile_text(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["base", "xl"], choices=list(SIZES))
-    parser.add_argument("--rows", nargs="+", default=["reference", "stagewise", "raw", "fp8"], type=row_arg,
-                        help=f"rows to run, of {', '.join(ROWS)}; ROW:KERNEL puts that attention kernel first "
-                        "(e.g. stagewise:cudnn)")
+    parser.add_argument("--rows", nargs="+", default=["reference", "stagewise", "raw", "fp8"], choices=ROWS)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation)")
     parser.add_argument("--devices", type=int, default=1,

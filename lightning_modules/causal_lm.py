@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from datamodules.errors import StagewiseError, TokenizerMismatchError
-from lightning_modules.transformer import ARCHITECTURES, ATTENTION_KERNELS, TransformerConfig, attention_kernel
+from lightning_modules.transformer import ARCHITECTURES, TransformerConfig
 
 
 def lr_factor(
@@ -83,9 +83,6 @@ class CausalLM(L.LightningModule):
         init_from: A checkpoint (``.ckpt``) whose model weights this stage starts from.
         compile: ``torch.compile`` the forward pass together with the loss (state-dict keys stay unchanged).
         fused_adamw: Use the fused AdamW kernel; ``None``: on CUDA unless fp16 loss scaling is on.
-        attention_kernel: Which ``F.scaled_dot_product_attention`` kernel to try first: ``default``
-            (PyTorch's order: flash, memory-efficient, math, cuDNN), ``cudnn``, ``flash``, ``efficient`` or
-            ``math``; the others remain fallbacks (see ``transformer.attention_kernel``).
         max_bad_steps: A step whose loss or gradient norm is not finite is skipped (weights and optimizer
             state unchanged; it still counts for the LR schedule and ``max_steps``) and counted in
             ``train/skipped_steps``; after this many in a row the stage stops with an error, leaving the
@@ -110,15 +107,10 @@ class CausalLM(L.LightningModule):
         init_from: str | None = None,
         compile: bool = False,
         fused_adamw: bool | None = None,
-        attention_kernel: Literal[ATTENTION_KERNELS] = "default",
         max_bad_steps: int = 10,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if attention_kernel not in ATTENTION_KERNELS:
-            raise StagewiseError(
-                f"unknown attention_kernel '{attention_kernel}'; choose one of: {', '.join(ATTENTION_KERNELS)}"
-            )
         if architecture not in ARCHITECTURES:
             raise StagewiseError(
                 f"unknown architecture '{architecture}'; choose one of: {', '.join(ARCHITECTURES)}"
@@ -238,8 +230,7 @@ class CausalLM(L.LightningModule):
         return cross_entropy(self.model(input_ids), targets, loss_mask)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        with attention_kernel(self.hparams.attention_kernel):
-            loss = self.training_loss(batch["input_ids"], batch["targets"], batch.get("loss_mask"))
+        loss = self.training_loss(batch["input_ids"], batch["targets"], batch.get("loss_mask"))
         self._step_loss = loss.detach()
         # Host-side count (numel is known without a device sync); each rank sees an equal-sized batch.
         self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
@@ -367,8 +358,7 @@ class CausalLM(L.LightningModule):
 
     # ------------------------------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        with attention_kernel(self.hparams.attention_kernel):
-            loss, n_tokens = self.validation_loss(batch["input_ids"], batch["targets"], batch.get("loss_mask"))
+        loss, n_tokens = self.validation_loss(batch["input_ids"], batch["targets"], batch.get("loss_mask"))
         domain = self._domain(dataloader_idx)
         if domain not in self.val_metrics:
             self.val_metrics[domain] = MeanMetric().to(self.device)
@@ -481,15 +471,14 @@ class CausalLM(L.LightningModule):
         was_training = self.training
         self.eval()
         cache = model.make_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+        logits = model(input_ids, cache, attention_mask=attention_mask, last_only=True)
         out, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
-        with attention_kernel(self.hparams.attention_kernel):
-            logits = model(input_ids, cache, attention_mask=attention_mask, last_only=True)
-            for i in range(max_new_tokens):
-                token = torch.where(done, pad, logits[:, -1].argmax(dim=-1))
-                done |= torch.isin(token, stops)
-                out.append(token[:, None])
-                if i == max_new_tokens - 1 or bool(done.all()):
-                    break
-                logits = model(token[:, None], cache, last_only=True)
+        for i in range(max_new_tokens):
+            token = torch.where(done, pad, logits[:, -1].argmax(dim=-1))
+            done |= torch.isin(token, stops)
+            out.append(token[:, None])
+            if i == max_new_tokens - 1 or bool(done.all()):
+                break
+            logits = model(token[:, None], cache, last_only=True)
         self.train(was_training)
         return torch.cat(out, dim=1)

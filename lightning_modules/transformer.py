@@ -11,7 +11,6 @@ and pass the class as ``Transformer(config, attention=MyAttention)``; see
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, fields, replace
 from typing import Callable
@@ -112,45 +111,22 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def rope_cos_sin(start: int, length: int, head_dim: int, theta: float, device: torch.device):
-    """cos and sin, [length, head_dim], for positions ``start .. start+length-1`` (float32)."""
+def rope_cos_sin(length: int, head_dim: int, theta: float, device: torch.device | None = None):
+    """cos and sin, [length, head_dim / 2] (float32), of positions ``0 .. length-1``; in the Hugging Face
+    convention the two halves of a head share these frequencies."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    freqs = torch.outer(torch.arange(start, start + length, device=device, dtype=torch.float32), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)  # HF convention: the two halves share frequencies
-    return emb.cos(), emb.sin()
+    freqs = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    return freqs.cos(), freqs.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` [B, heads, T, head_dim] by position (``rotate_half`` over split halves): the pair
-    (x1, x2) of halves becomes (x1·cos − x2·sin, x2·cos + x1·sin); ``cos``/``sin`` carry both halves."""
+    (x1, x2) of halves becomes (x1·cos − x2·sin, x2·cos + x1·sin); ``cos``/``sin`` are [T, head_dim / 2]
+    or [B, 1, T, head_dim / 2]."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    c, s = cos[..., :half].type_as(x), sin[..., :half].type_as(x)
+    c, s = cos.type_as(x), sin.type_as(x)
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-
-
-ATTENTION_KERNELS = ("default", "cudnn", "flash", "efficient", "math")
-"""Choices of :func:`attention_kernel`: ``default`` is PyTorch's own order (flash, memory-efficient, math,
-cuDNN); another name puts that ``F.scaled_dot_product_attention`` kernel first."""
-
-
-def attention_kernel(first: str = "default") -> contextlib.AbstractContextManager:
-    """A context in which ``F.scaled_dot_product_attention`` tries kernel ``first`` (one of
-    :data:`ATTENTION_KERNELS`) before the others, which stay as fallbacks for inputs it cannot take (a
-    padding mask, an unsupported head size), so no call fails for the choice.
-
-    Enter it around the call of a compiled function, not inside it: compilation fixes the kernel when it
-    traces, and a context inside the compiled region bypasses PyTorch's compile cache (pytorch#194007)."""
-    if first not in ATTENTION_KERNELS:
-        raise StagewiseError(f"unknown attention kernel '{first}'; choose one of: {', '.join(ATTENTION_KERNELS)}")
-    if first == "default":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.CUDNN_ATTENTION]
-    chosen = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[first]
-    return sdpa_kernel([chosen] + [b for b in order if b != chosen], set_priority=True)
 
 
 class LayerCache:
@@ -198,7 +174,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, cache: LayerCache | None = None, start: int = 0,
                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``cos``/``sin`` are [T, hd], or [B, 1, T, hd] for per-row positions; ``key_mask`` [B, S] marks
+        """``cos``/``sin`` are [T, hd/2], or [B, 1, T, hd/2] for per-row positions; ``key_mask`` [B, S] marks
         the key slots that hold real tokens (left-padded batches; passed to ``attend`` only when given)."""
         B, T, _ = x.shape
         sizes = [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
@@ -281,10 +257,20 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
+        # RoPE's cos and sin of every position, computed once: computed inside the compiled step instead, the
+        # q/k rotation kernel re-derived them per element and ran ~4x slower than a plain memory pass (H200
+        # profile, experiments/results/throughput_summary.md). Not in the state dict.
+        for name in ("rope_cos", "rope_sin"):
+            self.register_buffer(name, torch.empty(config.max_seq_len, config.head_dim // 2), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) for matrices, output projections scaled down by sqrt(2 * n_layers), norms at 1."""
+        """Normal(0, init_std) for matrices, output projections scaled down by sqrt(2 * n_layers), norms at 1;
+        the RoPE tables recomputed (also what a model built on the meta device needs once materialised)."""
+        cos, sin = rope_cos_sin(self.config.max_seq_len, self.config.head_dim, self.config.rope_theta)
+        with torch.no_grad():
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
         std = self.config.init_std
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -323,10 +309,8 @@ class Transformer(nn.Module):
             before = torch.zeros(B, dtype=torch.long, device=input_ids.device)
             if cache is not None and cache.lengths is not None:
                 before = cache.lengths
-            positions = (before[:, None] + real.long().cumsum(1) - 1).clamp(min=0)  # [B, T]
-            # positions < start + T: no need to read their maximum back from the device
-            cos, sin = rope_cos_sin(0, start + T, self.config.head_dim, self.config.rope_theta, input_ids.device)
-            cos, sin = cos[positions][:, None], sin[positions][:, None]  # [B, 1, T, hd]
+            positions = (before[:, None] + real.long().cumsum(1) - 1).clamp(min=0)  # [B, T], all < start + T
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # [B, 1, T, hd/2]
             key_mask = real
             if cache is not None:
                 if cache.key_mask is None:
@@ -335,7 +319,7 @@ class Transformer(nn.Module):
                 cache.lengths = before + real.sum(1)
                 key_mask = cache.key_mask[:, :start + T]
         else:
-            cos, sin = rope_cos_sin(start, T, self.config.head_dim, self.config.rope_theta, input_ids.device)
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.tok_embeddings(input_ids)
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None

@@ -276,24 +276,3 @@ def test_sliding_window_example(tmp_path, make_batch):
             seq = torch.cat([seq, windowed.model(seq)[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(out, seq)
     trainer(tmp_path, max_steps=2).fit(windowed, loader(make_batch))
-
-
-def test_attention_kernel_applies_to_training_validation_and_generation(tmp_path, make_batch, monkeypatch):
-    from torch.nn.attention import SDPBackend
-
-    real, firsts = torch.nn.functional.scaled_dot_product_attention, []
-
-    def spy(*args, **kwargs):
-        firsts.append(torch._C._get_sdp_priority_order()[0])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    model = tiny_lm(attention_kernel="efficient")
-    trainer(tmp_path, max_steps=1, val_check_interval=1).fit(model, loader(make_batch), loader(make_batch, n=1))
-    model.generate(torch.randint(0, VOCAB, (1, 4)), max_new_tokens=3)
-    n_layers = model.config.n_layers
-    assert len(firsts) == n_layers * (1 + 1 + 3)  # a training step, a validation batch, prefill + 2 decode steps
-    assert set(firsts) == {SDPBackend.EFFICIENT_ATTENTION.value}
-    assert torch._C._get_sdp_priority_order()[0] == SDPBackend.FLASH_ATTENTION.value  # restored
-    with pytest.raises(StagewiseError, match="unknown attention_kernel 'fa3'"):
-        tiny_lm(attention_kernel="fa3")

@@ -109,18 +109,16 @@ def test_unknown_size_or_field_lists_valid_choices():
     assert set(PRESETS) == {"tiny", "small", "base", "medium", "large", "xl"}
 
 
-def test_attention_kernel_puts_one_kernel_first_and_keeps_the_others_as_fallbacks():
-    from torch.nn.attention import SDPBackend
 
-    from lightning_modules.transformer import attention_kernel
+def test_rope_tables_are_computed_once_and_stay_out_of_the_state_dict():
+    from lightning_modules.transformer import rope_cos_sin
 
-    before = torch._C._get_sdp_priority_order()
-    model, ids = tiny(), torch.randint(0, 64, (2, 9))
-    with attention_kernel("cudnn"):
-        assert torch._C._get_sdp_priority_order()[0] == SDPBackend.CUDNN_ATTENTION.value
-        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
-        logits = model(ids)  # on CPU cuDNN cannot run: a fallback does
-    assert torch._C._get_sdp_priority_order() == before
-    torch.testing.assert_close(logits, model(ids))
-    with pytest.raises(StagewiseError, match="choose one of: default, cudnn, flash"):
-        attention_kernel("fa9")
+    model = tiny()
+    cos, sin = rope_cos_sin(model.config.max_seq_len, model.config.head_dim, model.config.rope_theta)
+    assert torch.equal(model.rope_cos, cos) and torch.equal(model.rope_sin, sin)
+    assert not any(k.startswith("rope_") for k in model.state_dict())
+    with torch.device("meta"):  # how sharded strategies build it
+        meta = Transformer(model.config)
+    meta.to_empty(device="cpu")
+    meta.reset_parameters()
+    assert torch.equal(meta.rope_cos, cos)
