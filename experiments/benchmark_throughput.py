@@ -122,13 +122,13 @@ def fsdp_strategy():
 def fsdp_checkpoint_round_trip(trainer, model, windows, batch: int, done_steps: int) -> dict:
     """Save a full checkpoint of the sharded run, load it into a fresh unsharded model (every tensor equal
     to the gathered shards) and resume the sharded run from it for 2 steps."""
+    import tempfile
+
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
 
     from lightning_modules.causal_lm import CausalLM
-
-    import tempfile
 
     path = Path(tempfile.gettempdir()) / "stagewise_fsdp_benchmark.ckpt"  # xl: ~13 GB, not a result to return
     start = time.perf_counter()
@@ -143,12 +143,15 @@ def fsdp_checkpoint_round_trip(trainer, model, windows, batch: int, done_steps: 
         fresh.model.load_state_dict(state, strict=True)
         result["checkpoint_loads"] = True
         result["checkpoint_optimizer_state"] = "optimizer_states" in ckpt and bool(ckpt["optimizer_states"])
+        del ckpt, fresh, state
+    torch.cuda.empty_cache()
     resumed = L.Trainer(accelerator="gpu", devices=trainer.num_devices, max_steps=done_steps + 2,
                         gradient_clip_val=1.0, strategy=fsdp_strategy(), precision=trainer.precision,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=True)
     again = CausalLM(**{**model.hparams, "compile": False})  # 2 steps: not worth compiling again
-    resumed.fit(again, DataLoader(windows, batch_size=batch, drop_last=True), ckpt_path=path)
+    # uncompiled, so a smaller micro-batch keeps its activations (beside the first run's state) in memory
+    resumed.fit(again, DataLoader(windows, batch_size=max(1, batch // 4), drop_last=True), ckpt_path=path)
     result["resumed_to_step"] = resumed.global_step
     result["resumed_loss"] = round(float(resumed.callback_metrics["train/loss"]), 4)
     if trainer.global_rank == 0:
@@ -207,8 +210,11 @@ def load_reference():
     """The shared reference script as a module (its model classes and sizes)."""
     import importlib.util
 
+    if "throughput_reference" in sys.modules:
+        return sys.modules["throughput_reference"]
     spec = importlib.util.spec_from_file_location("throughput_reference", REFERENCE)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # torch.compile re-imports the functions' module by name
     spec.loader.exec_module(module)
     return module
 

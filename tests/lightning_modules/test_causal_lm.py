@@ -53,6 +53,35 @@ def test_weight_decay_only_on_matrices_not_embeddings_or_norms():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.model.parameters()))
 
 
+
+def test_weight_decay_groups_survive_fsdp_flattening_parameters():
+    model = tiny_lm(weight_decay=0.3)
+    model.configure_model()
+    before = [{id(p) for p in group["params"]} for group in model.param_groups()]
+    for p in model.model.parameters():  # what FSDP's use_orig_params does: same objects, 1-D shard views
+        p.data = p.data.flatten()[: p.numel() // 2]
+    assert [{id(p) for p in group["params"]} for group in model.param_groups()] == before
+
+
+def test_gradients_are_freed_right_after_each_optimizer_step(tmp_path, make_batch):
+    """Lightning zeroes gradients after the next forward pass; held that long, they add a model-sized block
+    of float32 to the peak memory of every step."""
+    seen = []
+
+    class GradsAtBatchStart(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(sum(p.grad is not None for p in pl_module.parameters()))
+
+    model = tiny_lm()
+    trainer(tmp_path, max_steps=3, callbacks=[GradsAtBatchStart()]).fit(model, loader(make_batch))
+    assert seen == [0, 0, 0]
+    accumulating = tiny_lm()  # between micro-batches of one step the gradients must stay
+    trainer(tmp_path, max_steps=2, accumulate_grad_batches=2, callbacks=[GradsAtBatchStart()]).fit(
+        accumulating, loader(make_batch))
+    n = len(list(accumulating.parameters()))
+    assert seen[3:] == [0, n, 0, n]
+
+
 def test_training_logs_and_lr_follows_schedule(tmp_path, make_batch):
     model = tiny_lm(warmup_steps=2, schedule="constant")
     t = trainer(tmp_path, max_steps=3)
