@@ -24,7 +24,9 @@ def model_shape(pl_module: L.LightningModule) -> tuple[int, int, int]:
     ``.model`` (``CausalLM``) or being one."""
     model = getattr(pl_module, "model", pl_module)
     config = getattr(model, "config", None) or getattr(pl_module, "config")
-    if hasattr(model, "num_parameters"):
+    if getattr(pl_module, "non_embedding_parameters", None):  # CausalLM counts them before any sharding
+        n = pl_module.non_embedding_parameters
+    elif hasattr(model, "num_parameters"):
         n = model.num_parameters(non_embedding=True)
     else:
         n = sum(p.numel() for p in model.parameters())

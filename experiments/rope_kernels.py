@@ -91,17 +91,17 @@ def measure(size: str, name: str) -> dict:
 
 
 def main() -> None:
-    rows = []
+    rows, date, name = [], datetime.date.today().isoformat(), card()
     for size in ("base", "xl"):
-        for name in ("inline", "table", "table_stack", "reference"):
-            rows.append(measure(size, name))
+        for variant_name in ("inline", "table", "table_stack", "reference"):
+            rows.append(measure(size, variant_name))
             print(rows[-1], flush=True)
-    date = datetime.date.today().isoformat()
-    lines = ["| size | shape | variant | fwd+bwd ms | GB/s of one pass | max rel. error |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['size']} | {r['shape']} | {r['variant']} | {r['ms']} | {r['GB_per_s']} | {r['rel_error']:.1e} |"
-              for r in rows]
-    md = f"Card: {card()}; date: {date}; `python -m experiments.rope_kernels`\n\n" + "\n".join(lines) + "\n"
-    save_results(f"rope_kernels_{date}", {"card": card(), "date": date, "rows": rows}, md)
+            lines = ["| size | shape | variant | fwd+bwd ms | GB/s of one pass | max rel. error |",
+                     "|---|---|---|---|---|---|"]
+            lines += [f"| {r['size']} | {r['shape']} | {r['variant']} | {r['ms']} | {r['GB_per_s']} | "
+                      f"{r['rel_error']:.1e} |" for r in rows]
+            md = f"Card: {name}; date: {date}; `python -m experiments.rope_kernels`\n\n" + "\n".join(lines) + "\n"
+            save_results(f"rope_kernels_{date}", {"card": name, "date": date, "rows": rows}, md)  # after every row
     print(md)
 
 

@@ -159,6 +159,9 @@ class CausalLM(L.LightningModule):
         # Each parameter's rank as built: FSDP (use_orig_params) later turns the same Parameter objects into
         # flat 1-D shards, which would otherwise all look like norms to param_groups (no weight decay at all).
         self._built_ndim = {id(p): p.dim() for p in self.model.parameters()}
+        # N of the MFU formula, counted before sharding (FSDP's shards would count this rank's part only)
+        if hasattr(self.model, "num_parameters"):
+            self.non_embedding_parameters = self.model.num_parameters(non_embedding=True)
         # Without a Trainer (``load_from_checkpoint``) the weights come from that checkpoint instead.
         if self.hparams.init_from and self._trainer is not None:
             self.load_init_from(self.hparams.init_from)

@@ -83,3 +83,15 @@ def test_validation_time_is_not_counted_as_training_time(tmp_path, monkeypatch):
     (step, m), = [(s, m) for s, m in logger.logged if "throughput/step_time_s" in m]
     # the validation after step 2 falls inside the window; counted, it would add 250 s per step
     assert step == 4 and m["throughput/step_time_s"] < 10
+
+
+def test_mfu_counts_the_whole_model_when_parameters_are_sharded():
+    from callbacks.throughput import model_shape
+
+    model = CausalLM(size="tiny", vocab_size=VOCAB, model_overrides={"n_layers": 1})
+    model.configure_model()
+    whole = model_shape(model)
+    for p in model.model.parameters():  # FSDP keeps each rank's part of every parameter as a 1-D view
+        p.data = p.data.flatten()[: p.numel() // 2]
+    assert model_shape(model) == whole
+    assert model.model.num_parameters(non_embedding=True) < whole[0]  # what the shards alone would count
