@@ -6,9 +6,10 @@ Timed: forward + backward (median, ``triton.testing.do_bench``), against the byt
 (read q and k, write the rotated copies; the same again backward). Every variant is checked against the
 model's own ``apply_rope`` in float32.
 
-  inline     cos/sin derived inside the compiled step from the positions (the model before 2026-11-26)
-  table      cos/sin read from precomputed [T, hd/2] tables, halves rotated and concatenated (the model now)
-  table_stack  the same tables, halves as a [2, hd/2] view rotated and stacked
+  inline     cos/sin derived inside the compiled step from the positions, halves rotated and concatenated
+             (the model before 2026-11-26)
+  table      cos/sin read from precomputed [T, hd/2] tables, halves rotated and concatenated
+  table_stack  the same tables, halves as a [2, hd/2] view rotated and stacked (the model's ``apply_rope`` now)
   reference  the shared reference script's formulation (interleaved pairs, cos/sin derived inline)
 
     python -m experiments.rope_kernels          # on a GPU; writes rope_kernels_<date>.json / .md
@@ -30,6 +31,14 @@ def split_heads(qkv: torch.Tensor, heads: int, kv_heads: int, hd: int):
     return q.view(B, T, heads, hd).transpose(1, 2), k.view(B, T, kv_heads, hd).transpose(1, 2)
 
 
+def rotate_cat(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split rotation with the halves concatenated (``apply_rope`` as it was before ``table_stack``)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos.type_as(x), sin.type_as(x)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
 def variant(name: str, heads: int, kv_heads: int, hd: int, theta: float):
     """fn(qkv, cos, sin) -> (rotated q, rotated k) for variant ``name`` (cos/sin: [T, hd/2] tables)."""
     if name == "inline":
@@ -37,14 +46,11 @@ def variant(name: str, heads: int, kv_heads: int, hd: int, theta: float):
             T = x.shape[2]
             inv = 1.0 / theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
             f = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv)
-            return apply_rope(x, f.cos(), f.sin())
+            return rotate_cat(x, f.cos(), f.sin())
     elif name == "table":
-        rotate = apply_rope
+        rotate = rotate_cat
     elif name == "table_stack":
-        def rotate(x, cos, sin):
-            x1, x2 = x.unflatten(-1, (2, hd // 2)).unbind(-2)
-            c, s = cos.type_as(x), sin.type_as(x)
-            return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-2).flatten(-2)
+        rotate = apply_rope
     elif name == "reference":
         ref = load_reference()
 

@@ -123,10 +123,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate ``x`` [B, heads, T, head_dim] by position (``rotate_half`` over split halves): the pair
     (x1, x2) of halves becomes (x1·cos − x2·sin, x2·cos + x1·sin); ``cos``/``sin`` are [T, head_dim / 2]
     or [B, 1, T, head_dim / 2]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
+    x1, x2 = x.unflatten(-1, (2, x.shape[-1] // 2)).unbind(-2)
     c, s = cos.type_as(x), sin.type_as(x)
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    # stacked rather than concatenated halves: compiled, 13% faster forward + backward at xl's shape
+    # (experiments/rope_kernels.py, "table_stack" vs "table")
+    return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-2).flatten(-2)
 
 
 class LayerCache:
