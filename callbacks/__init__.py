@@ -8,4 +8,4 @@ from callbacks.text_samples import TextSamples  # noqa: F401
 from callbacks.tool_call_eval import ToolCallEval  # noqa: F401
 from callbacks.precision import Float8MixedPrecision, MixedPrecisionMonitor  # noqa: F401
 from callbacks.throughput import Throughput  # noqa: F401
-from callbacks.safety import AtomicCheckpointIO, LastCheckpoint  # noqa: F401
+from callbacks.safety import AtomicCheckpointIO, LastCheckpoint, PreemptionCheck  # noqa: F401

@@ -2,7 +2,8 @@
 
 Rows (each in its own subprocess, so compile caches and memory never leak between them):
   stagewise  CausalLM under the Lightning Trainer: bf16-mixed (``precision: auto``), compile, fused
-             AdamW with clipping at 1.0, the Throughput callback logging every 10 steps
+             AdamW with clipping at 1.0, the Throughput callback logging every 10 steps, and the
+             PreemptionCheck that ``stagewise fit`` installs (matters with ``--devices`` > 1)
   fp8        the same with ``Float8MixedPrecision`` (torchao float8 linears, output head in bf16)
   raw        our Transformer + the same loss and optimizer in a plain PyTorch loop
   reference_raw  the reference script's hand-written model in the raw row's loop (our loss, fused AdamW,
@@ -67,6 +68,7 @@ def row_stagewise(size: str, steps: int, warmup: int, devices: int, fp8: bool, f
     from torch.utils.data import DataLoader
 
     from callbacks.precision import Float8MixedPrecision, MixedPrecisionMonitor, resolve_precision
+    from callbacks.safety import PreemptionCheck
     from callbacks.throughput import Throughput
     from lightning_modules.causal_lm import CausalLM
 
@@ -93,7 +95,7 @@ def row_stagewise(size: str, steps: int, warmup: int, devices: int, fp8: bool, f
     trainer = L.Trainer(
         accelerator="gpu", devices=devices, max_steps=warmup + steps, gradient_clip_val=1.0, strategy=strategy,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[Timer(), throughput, MixedPrecisionMonitor()], use_distributed_sampler=devices > 1,
+        callbacks=[Timer(), throughput, MixedPrecisionMonitor(), PreemptionCheck()], use_distributed_sampler=devices > 1,
         **precision,
     )
     windows = random_windows((warmup + steps + 2) * batch * devices, seq_len)

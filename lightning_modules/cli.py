@@ -39,15 +39,18 @@ class StagewiseCLI(LightningCLI):
     """LightningCLI with the data's vocabulary and tokenizer linked into the model, and safety nets.
 
     Every checkpoint is written atomically (``callbacks.safety.AtomicCheckpointIO``); ``last.ckpt`` is kept
-    by ``--last_checkpoint.*`` (``callbacks.safety.LastCheckpoint``) for ``--ckpt_path last``; ``fit``
+    by ``--last_checkpoint.*`` (``callbacks.safety.LastCheckpoint``) for ``--ckpt_path last``; multi-process runs
+    check for SIGTERM every ``--preemption_check.every_n_steps`` steps (``callbacks.safety.PreemptionCheck``)
+    instead of syncing with the GPU before every step; ``fit``
     refuses to write into a run directory or best checkpoint of another run unless resuming
     (``--ckpt_path``) or given ``--overwrite``.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        from callbacks.safety import LastCheckpoint
+        from callbacks.safety import LastCheckpoint, PreemptionCheck
 
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+        parser.add_lightning_class_args(PreemptionCheck, "preemption_check")
         parser.add_argument(
             "--overwrite", action=ActionYesNo, default=False,
             help="Start this run even where its run directory already holds checkpoints or its best checkpoint "

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SEQ, BATCH, VOCAB, WINDOWS, STEPS = 8, 2, 256, 24, 2
+SEQ, BATCH, VOCAB, WINDOWS, STEPS = 8, 2, 256, 24, 3
 
 
 def write_corpus(data_dir: Path) -> None:
@@ -30,11 +30,20 @@ def write_corpus(data_dir: Path) -> None:
 def train(data_dir: str, out: str, devices: int, batch_size: int) -> None:
     """Two steps of a tiny CausalLM; each rank saves its batches' windows, losses and (reduced) grads."""
     import lightning as L
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 
+    from callbacks.safety import PreemptionCheck
     from datamodules.datamodule import LanguageDataModule
     from lightning_modules.causal_lm import CausalLM
 
-    record = {"windows": [], "loss": [], "grad": []}
+    record = {"windows": [], "loss": [], "grad": [], "sigterm_broadcasts": 0}
+    lightning_check = _TrainingEpochLoop._broadcast_sigterm_tensor
+
+    def counted_check(loop):
+        record["sigterm_broadcasts"] += 1
+        return lightning_check(loop)
+
+    _TrainingEpochLoop._broadcast_sigterm_tensor = counted_check
 
     class Recorder(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -51,7 +60,8 @@ def train(data_dir: str, out: str, devices: int, batch_size: int) -> None:
     trainer = L.Trainer(
         max_steps=STEPS, accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
         use_distributed_sampler=False, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Recorder()],
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[Recorder(), PreemptionCheck(every_n_steps=2)],
     )
     trainer.fit(model, datamodule=data)
     torch.save(record, Path(out) / f"world{devices}_rank{trainer.global_rank}.pt")
@@ -81,6 +91,14 @@ def test_ddp_loss_and_grads_match_one_process_on_the_global_batch(runs):
         assert (r0["loss"][step] + r1["loss"][step]) / 2 == pytest.approx(single["loss"][step], rel=1e-5)
         torch.testing.assert_close(r0["grad"][step], r1["grad"][step])  # all-reduced: identical
         torch.testing.assert_close(r0["grad"][step], single["grad"][step], rtol=1e-4, atol=1e-6)
+
+
+
+def test_sigterm_is_broadcast_every_n_steps_not_every_step(runs):
+    """Lightning broadcasts (and reads back: a host sync on GPUs) before every batch of a multi-process run;
+    with PreemptionCheck(every_n_steps=2) the 3 steps check on batches 0 and 2 only, on both ranks."""
+    assert runs["world2_rank0"]["sigterm_broadcasts"] == runs["world2_rank1"]["sigterm_broadcasts"] == 2
+    assert runs["world1_rank0"]["sigterm_broadcasts"] == 0  # one process: Lightning never broadcasts
 
 
 if __name__ == "__main__":

@@ -269,3 +269,33 @@ def test_a_checkpoint_saved_at_a_batch_end_records_the_steps_taken(tmp_path):
     trainer.fit(CausalLM(**tiny()), datamodule=LanguageDataModule(data_dir=str(tmp_path / "data"), seq_len=8,
                                                                    batch_size=2, seed=3))
     assert seen == [(1, 1), (2, 2)]
+
+
+def test_preemption_check_runs_lightnings_sigterm_check_every_n_batches():
+    from types import SimpleNamespace
+
+    from callbacks.safety import PreemptionCheck
+
+    class Loop:  # stands in for Lightning's training epoch loop
+        checks, sigterm = [], False
+
+        def _broadcast_sigterm_tensor(self):
+            self.checks.append(self.batch)
+            if self.sigterm:
+                raise KeyboardInterrupt("SIGTERM seen")
+
+    loop = Loop()
+    trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=loop))
+    for fit in range(2):  # a second fit restarts the count and does not wrap the wrapper
+        Loop.checks = []
+        PreemptionCheck(every_n_steps=4).on_fit_start(trainer, None)
+        for loop.batch in range(10):
+            loop._broadcast_sigterm_tensor()
+        assert Loop.checks == [0, 4, 8]
+    Loop.sigterm = True  # a SIGTERM still stops the run, at the next checked batch
+    with pytest.raises(KeyboardInterrupt):
+        for loop.batch in range(10, 20):
+            loop._broadcast_sigterm_tensor()
+    assert Loop.checks[-1] == 12
+    with pytest.raises(StagewiseError, match="at least 1"):
+        PreemptionCheck(every_n_steps=0)
