@@ -112,13 +112,12 @@ def row_stagewise(size: str, steps: int, warmup: int, devices: int, fp8: bool, f
 
 
 def fsdp_strategy():
-    from lightning.pytorch.strategies import FSDPStrategy
+    """Lightning's FSDPStrategy as ``configs/strategies/fsdp.yaml`` sets it up for ``stagewise fit`` (blocks
+    wrapped, full shard, full-state checkpoints; ``use_orig_params``, Lightning's default, which
+    ``torch.compile`` and our per-parameter optimizer groups need)."""
+    from lightning_modules.cli import strategy_from_config
 
-    from lightning_modules.transformer import Block
-
-    # use_orig_params: torch.compile and per-parameter optimizer groups (no decay on norms) need it.
-    return FSDPStrategy(auto_wrap_policy={Block}, sharding_strategy="FULL_SHARD", state_dict_type="full",
-                        use_orig_params=True)
+    return strategy_from_config(ROOT / "configs" / "strategies" / "fsdp.yaml")
 
 
 def fsdp_checkpoint_round_trip(trainer, model, windows, batch: int, done_steps: int) -> dict:

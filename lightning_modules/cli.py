@@ -149,6 +149,17 @@ def _check_not_overwriting(trainer: Trainer, overwrite: bool) -> None:
             last.unlink()
 
 
+def strategy_from_config(path: str | Path):
+    """The Trainer strategy a config file's ``trainer.strategy`` describes (e.g. ``configs/strategies/fsdp.yaml``),
+    built as ``stagewise fit -c <path>`` builds it, without a Trainer."""
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import Strategy
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--trainer.strategy", type=Strategy)
+    return parser.instantiate_classes(parser.parse_path(str(path))).trainer.strategy
+
+
 def persistent_callbacks() -> list:
     """Callbacks every stage gets in addition to its config's: the final losses in the HPARAMS tab
     (``last.ckpt`` comes from ``--last_checkpoint.*``; ``CausalLM`` logs the LR)."""

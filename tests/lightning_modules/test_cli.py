@@ -95,3 +95,19 @@ def test_tiny_fit_writes_best_checkpoint_and_stage_record(tmp_path, monkeypatch,
     assert stage["tokens"]["stage"] == 3 * 2 * 32
     assert stage["tokenizer_sha256"] == tokenizer_sha256(data_dir / "tokenizer")
     assert Path(stage["checkpoint"]["path"]).resolve() == (tmp_path / "models" / "language_model_best.ckpt").resolve()
+
+
+def test_fsdp_config_builds_the_strategy_the_benchmark_measured():
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from lightning_modules.cli import strategy_from_config
+    from lightning_modules.transformer import Block
+
+    strategy = strategy_from_config(Path(__file__).parents[2] / "configs" / "strategies" / "fsdp.yaml")
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.sharding_strategy == ShardingStrategy.FULL_SHARD and strategy._state_dict_type == "full"
+    policy = strategy.kwargs["auto_wrap_policy"]  # passed on to FullyShardedDataParallel
+    assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {Block}
+    assert strategy.kwargs["use_orig_params"]  # compile and the weight-decay groups rely on it
