@@ -11,6 +11,7 @@ checks for SIGTERM across ranks every N steps. Non-finite steps are skipped by `
 from __future__ import annotations
 
 import errno
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks.stage_record import atomic_path
 from datamodules.errors import StagewiseError
+from datamodules.shards import atomic_path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -141,7 +142,7 @@ class PreemptionCheck(L.Callback):
         check = getattr(type(loop), "_broadcast_sigterm_tensor", None)  # Lightning 2.6 internals
         if check is None or self.every_n_steps == 1:
             return
-        batches = iter(range(2**62))
+        batches = itertools.count()
 
         def sparse_check() -> None:
             if next(batches) % self.every_n_steps == 0:

@@ -16,9 +16,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.precision import precision_label
 from callbacks.stage_record import (
-    atomic_path, file_sha256, read_checkpoint, stage_of_checkpoint, stage_record_for_checkpoint, update_stage_record,
+    file_sha256, read_checkpoint, stage_of_checkpoint, stage_record_for_checkpoint, update_stage_record,
 )
 from datamodules.errors import StagewiseError, TokenizerMismatchError
+from datamodules.shards import atomic_path
 
 
 class StageHandoff(L.Callback):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from datamodules.errors import StagewiseError
+from datamodules.shards import atomic_path
 
 BEST_SUFFIX = "_model_best"
 
@@ -73,41 +74,6 @@ def read_checkpoint(path: str | Path, hint: str, prefix: str = "") -> dict[str, 
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise StagewiseError(f"{prefix}{path} is not a Lightning checkpoint (no 'state_dict'); {hint}")
     return ckpt
-
-
-@contextmanager
-def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write; on success it is renamed into place (atomic within one
-    directory: readers see the old file or the new one, never half of one), on any error it is removed.
-    ``durable`` also fsyncs the file before the rename and the directory after it (checkpoints)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        if durable:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if durable:
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename: fsync the directory entry (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from datamodules.errors import StagewiseError
-from datamodules.shards import ShardWriter, stage_manifest, stage_text
+from datamodules.shards import ShardWriter, atomic_path, stage_manifest
 from datamodules.sources import Document, Source, SourceStats
 from datamodules.tokenizer import (
     encode_document,
@@ -136,7 +136,8 @@ def _read_source(source: Source, cache_dir: Path, fingerprint: str, progress: Pr
     progress.update(task, completed=len(files) or 1, total=len(files) or 1)
     header = {"documents": stats.documents, "bytes": stats.bytes, "skipped": dict(stats.skipped)}
     body = "\n".join(json.dumps(asdict(d)) for d in docs)
-    os.replace(stage_text(cache, json.dumps(header) + "\n" + body + ("\n" if body else "")), cache)
+    with atomic_path(cache) as tmp:
+        tmp.write_text(json.dumps(header) + "\n" + body + ("\n" if body else ""))
     for old in cache_dir.glob(f"{source.name}-*.jsonl"):
         if old != cache:
             old.unlink()

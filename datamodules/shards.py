@@ -8,15 +8,18 @@ Layout of ``data/<corpus>/``::
     manifest.json      counts, sources, tokenizer sha256, dtype, kind, config (written last)
 
 Every file is written to ``<file>.tmp`` and renamed into place, so an interrupted run leaves the previous
-shards intact, never half-written ones.
+shards intact, never half-written ones. :func:`atomic_path` does the same for any one file (checkpoints,
+stage records, caches).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -194,22 +197,52 @@ def open_split(corpus_dir: str | Path, split: str) -> Split:
     return Split(tokens, offsets, mask)
 
 
-def stage_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``<path>.tmp`` (removed again if that fails) and return it; ``os.replace`` it onto
-    ``path`` to publish."""
-    tmp = _tmp(Path(path))
+def stage_manifest(corpus_dir: str | Path, manifest: dict) -> Path:
+    """Write ``manifest.json.tmp`` (removed again if that fails) and return its path; ``os.replace`` it onto
+    ``manifest.json`` to publish, after the shards (``prepare`` publishes all corpora together)."""
+    tmp = _tmp(Path(corpus_dir) / "manifest.json")
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
-        tmp.write_text(text)
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
 
 
-def stage_manifest(corpus_dir: str | Path, manifest: dict) -> Path:
-    """Write ``manifest.json.tmp`` and return its path; ``os.replace`` it onto ``manifest.json`` to publish."""
-    return stage_text(Path(corpus_dir) / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+@contextmanager
+def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write; on success it is renamed into place (atomic within one
+    directory: readers see the old file or the new one, never half of one), on any error it is removed.
+    ``durable`` also fsyncs the file before the rename and the directory after it (checkpoints)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a rename: fsync the directory entry (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_manifest(corpus_dir: str | Path, manifest: dict) -> None:
