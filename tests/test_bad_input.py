@@ -90,15 +90,21 @@ def assert_clear(err: str, *fragments: str) -> None:
         assert fragment in message, f"{fragment!r} not in: {message}"
 
 
-def assert_prepare_refused(config: Path, capsys, *fragments: str) -> None:
-    """``stagewise prepare -c config`` exits 2 with one clear paragraph and leaves its ``data_dir`` as it was."""
-    data_dir = Path(yaml.safe_load(Path(config).read_text())["data_dir"])
-    before = snapshot(data_dir)
-    assert before, f"no prepared data in {data_dir} to compare with"
-    code, err = run(["prepare", "-c", str(config)], capsys)
+def assert_refused(argv: list[str], capsys, *fragments: str, unchanged: Path) -> None:
+    """``stagewise <argv>`` exits 2 with one clear paragraph naming ``fragments`` and changes no file under
+    ``unchanged`` (none added, removed or rewritten)."""
+    before = snapshot(unchanged)
+    code, err = run(argv, capsys)
     assert code == 2
     assert_clear(err, *fragments)
-    assert snapshot(data_dir) == before
+    assert snapshot(unchanged) == before
+
+
+def assert_prepare_refused(config: Path, capsys, *fragments: str) -> None:
+    """``stagewise prepare -c config`` is refused and leaves its ``data_dir`` as it was."""
+    data_dir = Path(yaml.safe_load(Path(config).read_text())["data_dir"])
+    assert snapshot(data_dir), f"no prepared data in {data_dir} to compare with"
+    assert_refused(["prepare", "-c", str(config)], capsys, *fragments, unchanged=data_dir)
 
 
 @pytest.fixture(scope="module")
@@ -171,22 +177,16 @@ def test_parse_errors_become_one_paragraph(argv, message):
 
 def test_unknown_config_key_names_it(workdir, capsys):
     (workdir / "typo.yaml").write_text("model:\n  init_args:\n    lr_typo: 0.1\n")
-    before = snapshot(workdir)
-    code, err = run(fit_argv("-c", "typo.yaml"), capsys)
-    assert code == 2
-    assert_clear(err, "unknown option `model.init_args.lr_typo`", "stagewise fit --help")
-    assert snapshot(workdir) == before
+    assert_refused(fit_argv("-c", "typo.yaml"), capsys, "unknown option `model.init_args.lr_typo`",
+                   "stagewise fit --help", unchanged=workdir)
     config = data_config(workdir)
     config.write_text(config.read_text() + "tokenizr:\n  vocab_size: 512\n")
     assert_prepare_refused(config, capsys, "unknown option `tokenizr.vocab_size`", "stagewise prepare --help")
 
 
 def test_wrong_type_names_the_key_and_the_expected_type(workdir, capsys):
-    before = snapshot(workdir)
-    code, err = run(fit_argv("--trainer.max_steps", "ten"), capsys)
-    assert code == 2
-    assert_clear(err, "`trainer.max_steps` must be int, got 'ten'", "stagewise fit --help")
-    assert snapshot(workdir) == before
+    assert_refused(fit_argv("--trainer.max_steps", "ten"), capsys, "`trainer.max_steps` must be int, got 'ten'",
+                   "stagewise fit --help", unchanged=workdir)
 
 
 # ------------------------------------------------------------------------------------------ corpora
@@ -206,18 +206,14 @@ def test_corpus_without_documents(workdir, capsys, files, fragments):
 
 
 def test_data_dir_never_prepared(workdir, capsys):
-    code, err = run(fit_argv("--data.init_args.data_dir", "nowhere"), capsys)
-    assert code == 2
-    assert_clear(err, "no prepared data in nowhere/code/", "run `stagewise prepare -c")
+    assert_refused(fit_argv("--data.init_args.data_dir", "nowhere"), capsys, "no prepared data in nowhere/code/",
+                   "run `stagewise prepare -c", unchanged=workdir)
     assert not (workdir / "nowhere").exists()
 
 
 def test_stage_validates_on_a_domain_with_no_prepared_data(workdir, capsys):
-    before = snapshot(workdir)
-    code, err = run(fit_argv("--data.init_args.val_domains", "[language, code, tools]"), capsys)
-    assert code == 2
-    assert_clear(err, "no prepared data in data/tools/", "run `stagewise prepare -c")
-    assert snapshot(workdir) == before
+    assert_refused(fit_argv("--data.init_args.val_domains", "[language, code, tools]"), capsys,
+                   "no prepared data in data/tools/", "run `stagewise prepare -c", unchanged=workdir)
 
 
 # ------------------------------------------------------------------------------------------ init_from
@@ -246,11 +242,9 @@ def _other_tokenizer(path: Path) -> str:
 ], ids=["missing", "not_a_checkpoint", "other_shapes", "other_tokenizer"])
 def test_bad_init_from(workdir, capsys, make, fragments):
     init_from = make(workdir / "models" / "parent.ckpt")
-    before = snapshot(workdir / "models")
-    code, err = run(fit_argv("--model.init_args.init_from", init_from), capsys)
-    assert code == 2
-    assert_clear(err, "init_from", *fragments)
-    assert snapshot(workdir / "models") == before  # no code_model_best.ckpt, the parent untouched
+    # no code_model_best.ckpt, the parent untouched
+    assert_refused(fit_argv("--model.init_args.init_from", init_from), capsys, "init_from", *fragments,
+                   unchanged=workdir / "models")
 
 
 def test_stage_handoff_refuses_a_parent_that_is_not_a_checkpoint(tmp_path):
@@ -263,9 +257,8 @@ def test_stage_handoff_refuses_a_parent_that_is_not_a_checkpoint(tmp_path):
 
 
 def test_evaluate_a_file_that_is_not_a_checkpoint(workdir, capsys):
-    code, err = run(["evaluate", "--ckpt", _write_text(workdir / "notes.ckpt"), "--data_dir", "data"], capsys)
-    assert code == 2
-    assert_clear(err, "notes.ckpt is not a readable checkpoint", "pass --ckpt <file.ckpt>")
+    assert_refused(["evaluate", "--ckpt", _write_text(workdir / "notes.ckpt"), "--data_dir", "data"], capsys,
+                   "notes.ckpt is not a readable checkpoint", "pass --ckpt <file.ckpt>", unchanged=workdir)
 
 
 def test_export_and_interpolate_a_file_that_is_not_a_checkpoint(workdir, capsys):
@@ -274,10 +267,8 @@ def test_export_and_interpolate_a_file_that_is_not_a_checkpoint(workdir, capsys)
     from lightning_modules.interpolate import load_checkpoint
 
     notes = _write_text(workdir / "notes.ckpt")
-    code, err = run(["export", "--ckpt", notes, "--out", str(workdir / "hf")], capsys)
-    assert code == 2
-    assert_clear(err, "notes.ckpt is not a readable checkpoint", "train a stage first")
-    assert not (workdir / "hf").exists()
+    assert_refused(["export", "--ckpt", notes, "--out", str(workdir / "hf")], capsys,
+                   "notes.ckpt is not a readable checkpoint", "train a stage first", unchanged=workdir)
     with pytest.raises(StagewiseError, match="notes.ckpt is not a readable checkpoint"):
         load_checkpoint(notes)
 
@@ -336,11 +327,8 @@ def test_pipeline_naming_a_missing_stage_runs_nothing(workdir, capsys, monkeypat
     monkeypatch.setattr(pipeline_mod, "_run_stage", lambda spec, *args: ran.append(spec.name) or "trained")
     stages = [{"name": "language", "configs": [TINY]}, {"name": "code", "configs": [CODE_STAGE, TINY], **change}]
     (workdir / "pipeline.yaml").write_text(yaml.safe_dump({"experiment": "t", "stages": stages, "report": False}))
-    before = snapshot(workdir)
-    code, err = run(["pipeline", "-c", "pipeline.yaml"], capsys)
-    assert code == 2
-    assert_clear(err, *fragments, "nothing has run yet")
-    assert ran == [] and snapshot(workdir) == before
+    assert_refused(["pipeline", "-c", "pipeline.yaml"], capsys, *fragments, "nothing has run yet", unchanged=workdir)
+    assert ran == []
 
 
 # ------------------------------------------------------------------------------------------ full disk
@@ -348,7 +336,6 @@ def test_pipeline_naming_a_missing_stage_runs_nothing(workdir, capsys, monkeypat
 
 def test_disk_full_while_preparing_keeps_the_earlier_data(workdir, capsys, monkeypatch):
     (workdir / "text" / "new.txt").write_text("a new document about the river and the stone.\n" * 3)
-    before = snapshot(workdir / "data")
     real_flush = ShardWriter._flush
 
     def flush(self):
@@ -357,8 +344,7 @@ def test_disk_full_while_preparing_keeps_the_earlier_data(workdir, capsys, monke
         real_flush(self)
 
     monkeypatch.setattr(ShardWriter, "_flush", flush)
-    code, err = run(["prepare", "-c", str(data_config(workdir))], capsys)
-    assert code == 2
-    assert_clear(err, "the disk is full", "Nothing was changed", "re-run `stagewise prepare`")
-    assert snapshot(workdir / "data") == before  # tokenizer, shards and manifests as they were
+    # tokenizer, shards and manifests as they were
+    assert_refused(["prepare", "-c", str(data_config(workdir))], capsys, "the disk is full", "Nothing was changed",
+                   "re-run `stagewise prepare`", unchanged=workdir / "data")
     assert not [p for p in (workdir / "data").rglob("*") if ".tmp" in p.name or p.name.endswith(".old")]
