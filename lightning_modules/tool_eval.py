@@ -218,11 +218,6 @@ def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int, s
     return results
 
 
-def greedy_continuation(model, prompt: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
-    """Greedy new tokens after one ``prompt``, up to and including the first of ``stop_ids``."""
-    return greedy_continuations(model, [prompt], max_new_tokens, stop_ids)[0]
-
-
 def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: int = 128,
                         limit: int | None = None, num_samples: int = 3, batch_size: int = 16,
                         max_prompt_tokens: int | None = None) -> dict:

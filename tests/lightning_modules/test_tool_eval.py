@@ -181,16 +181,30 @@ def test_evaluate_with_tiny_causal_lm_stops_and_restores_train_mode(data_dir):
     assert model.training
 
 
+@torch.no_grad()
+def greedy_by_recompute(model, prompt: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
+    """The reference: one prompt, the whole sequence recomputed for every token (no cache, no padding)."""
+    ids, new = torch.tensor([prompt]), []
+    for _ in range(max_new_tokens):
+        token = int(model.model(ids)[0, -1].argmax())
+        new.append(token)
+        if token in stop_ids:
+            break
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return new
+
+
 def test_batched_decoding_equals_one_prompt_at_a_time():
     from lightning_modules.causal_lm import CausalLM
-    from lightning_modules.tool_eval import greedy_continuation, greedy_continuations
+    from lightning_modules.tool_eval import greedy_continuations
 
     torch.manual_seed(0)
     model = CausalLM(size="tiny", vocab_size=64, model_overrides={"n_layers": 2, "max_seq_len": 64})
     model.configure_model()
     prompts = [torch.randint(0, 64, (n,)).tolist() for n in (3, 11, 7, 1, 9)]
     stops = [5, 17]
-    one_by_one = [greedy_continuation(model, p, 12, stops) for p in prompts]
+    model.eval()
+    one_by_one = [greedy_by_recompute(model, p, 12, stops) for p in prompts]
     assert greedy_continuations(model, prompts, 12, stops, batch_size=5) == one_by_one
     assert greedy_continuations(model, prompts, 12, stops, batch_size=2) == one_by_one
     assert all(not set(new[:-1]) & set(stops) for new in one_by_one)  # each stops at its first stop id
@@ -213,13 +227,14 @@ def test_long_prompts_keep_their_last_tokens():
 
 def test_attention_subclass_without_padding_support_still_decodes_batches():
     from experiments.examples.sliding_window_attention import SlidingWindowLM
-    from lightning_modules.tool_eval import greedy_continuation, greedy_continuations
+    from lightning_modules.tool_eval import greedy_continuations
 
     torch.manual_seed(0)
     model = SlidingWindowLM(window=4, size="tiny", vocab_size=64, model_overrides={"n_layers": 1, "max_seq_len": 64})
     model.configure_model()
+    model.eval()
     prompts = [torch.randint(0, 64, (n,)).tolist() for n in (3, 8, 5)]
-    assert greedy_continuations(model, prompts, 6, [5]) == [greedy_continuation(model, p, 6, [5]) for p in prompts]
+    assert greedy_continuations(model, prompts, 6, [5]) == [greedy_by_recompute(model, p, 6, [5]) for p in prompts]
 
 
 # --------------------------------------------------------------------------- in a tool stage, and evaluate
