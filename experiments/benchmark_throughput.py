@@ -324,10 +324,17 @@ def run_row(cmd: list[str], timeout: float | None) -> tuple[str, str]:
     return stdout, stderr
 
 
-def card() -> str:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
-    names = out.stdout.strip().splitlines()
-    return f"{len(names)}x {names[0]}" if names else "unknown"
+def card(index: str | int | None = None) -> str:
+    """The machine's GPUs, e.g. ``2x NVIDIA H200``, or the name of GPU ``index``; from ``nvidia-smi``, so no
+    CUDA context is opened in the calling process."""
+    cmd = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", *([f"--id={index}"] if index is not None else [])]
+    try:
+        names = subprocess.run(cmd, capture_output=True, text=True).stdout.strip().splitlines()
+    except FileNotFoundError:  # no NVIDIA driver here
+        names = []
+    if not names:
+        return "unknown"
+    return names[0] if index is not None else f"{len(names)}x {names[0]}"
 
 
 def table(rows: list[dict]) -> str:

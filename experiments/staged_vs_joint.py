@@ -47,6 +47,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from experiments.benchmark_throughput import card
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 DOMAINS = ("language", "code")
@@ -209,7 +211,7 @@ def execute(run: Run, cmd: list[str], device: str, out: Path) -> dict:
     if device != "cpu":
         env["CUDA_VISIBLE_DEVICES"] = device
     record = {"condition": run.condition, "seed": run.seed, "stage": run.stage, "lr": run.lr,
-              "parent": run.parent.name if run.parent else None, "device": device, "card": card_name(device),
+              "parent": run.parent.name if run.parent else None, "device": device, "card": "cpu" if device == "cpu" else card(device),
               "command": shlex.join(["python", *cmd[1:]]), "date": _now()}
     start = time.perf_counter()
     with open(rdir / "stdout.log", "w") as stdout, open(rdir / "stderr.log", "w") as stderr:
@@ -231,14 +233,6 @@ def execute(run: Run, cmd: list[str], device: str, out: Path) -> dict:
         "precision": stage.get("precision"),
         "mixture": stage.get("replay"),
     }
-
-
-def card_name(device: str) -> str:
-    if device == "cpu":
-        return "cpu"
-    import torch
-
-    return torch.cuda.get_device_name(int(device))
 
 
 def _now() -> str:
