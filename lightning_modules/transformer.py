@@ -98,8 +98,9 @@ class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned scale (``F.rms_norm``; autocast runs it in float32).
 
     Upcasting by hand (``x.float()`` around the norm, as Hugging Face's Llama does) kept float32 copies of
-    every normed activation for backward; with this form and the RoPE below our raw training loop ran 2.6%
-    faster on an H200 (``experiments/results/throughput_summary.md``). The result differs only by rounding.
+    every normed activation for backward; this form, together with half-size RoPE tables, made our raw
+    training loop 2.6% faster on an H200 (first session of 2026-11-26 in
+    ``experiments/results/throughput_summary.md``). The result differs only by rounding.
     """
 
     def __init__(self, dim: int, eps: float) -> None:
