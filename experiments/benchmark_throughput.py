@@ -3,7 +3,8 @@
 Rows (each in its own subprocess, so compile caches and memory never leak between them):
   stagewise  CausalLM under the Lightning Trainer: bf16-mixed (``precision: auto``), compile, fused
              AdamW with clipping at 1.0, the Throughput callback logging every 10 steps, and the
-             PreemptionCheck that ``stagewise fit`` installs (matters with ``--devices`` > 1)
+             PreemptionCheck that ``stagewise fit`` installs (matters with ``--devices`` > 1; its
+             interval is ``--preemption-every``, 1 = Lightning's own check before every step)
   fp8        the same with ``Float8MixedPrecision`` (torchao float8 linears, output head in bf16)
   raw        our Transformer + the same loss and optimizer in a plain PyTorch loop
   reference_raw  the reference script's hand-written model in the raw row's loop (our loss, fused AdamW,
@@ -20,6 +21,7 @@ memory. Every row times ``--steps`` steps after ``--warmup`` steps, like the ref
 
     python -m experiments.benchmark_throughput --sizes base xl --rows stagewise raw reference fp8
     python -m experiments.benchmark_throughput --sizes base --rows stagewise --devices 2   # DDP
+    python -m experiments.benchmark_throughput --sizes base --rows stagewise --devices 2 --preemption-every 1
     python -m experiments.benchmark_throughput --sizes xl --rows fsdp --devices 2 --row-timeout 400
     python -m experiments.benchmark_throughput --sizes base --rows reference_raw raw --profile 5
 
@@ -62,7 +64,8 @@ def random_windows(n: int, seq_len: int, seed: int = 0) -> list[dict]:
     return [{"input_ids": w[:-1], "targets": w[1:]} for w in ids]
 
 
-def row_stagewise(size: str, steps: int, warmup: int, devices: int, fp8: bool, fsdp: bool = False) -> dict:
+def row_stagewise(size: str, steps: int, warmup: int, devices: int, fp8: bool, fsdp: bool = False,
+                  preemption_every: int = 20) -> dict:
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
@@ -95,7 +98,8 @@ def row_stagewise(size: str, steps: int, warmup: int, devices: int, fp8: bool, f
     trainer = L.Trainer(
         accelerator="gpu", devices=devices, max_steps=warmup + steps, gradient_clip_val=1.0, strategy=strategy,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[Timer(), throughput, MixedPrecisionMonitor(), PreemptionCheck()], use_distributed_sampler=devices > 1,
+        callbacks=[Timer(), throughput, MixedPrecisionMonitor(), PreemptionCheck(preemption_every)],
+        use_distributed_sampler=devices > 1,
         **precision,
     )
     windows = random_windows((warmup + steps + 2) * batch * devices, seq_len)
@@ -104,6 +108,8 @@ def row_stagewise(size: str, steps: int, warmup: int, devices: int, fp8: bool, f
     row = measured(size, dt, batch * seq_len * devices, devices)
     row["precision"] = "fp8 (torchao tensorwise) + bf16-mixed" if fp8 else str(trainer.precision)
     row["strategy"] = type(trainer.strategy).__name__
+    if devices > 1:
+        row["preemption_check_every"] = preemption_every
     if fsdp:
         row.update(fsdp_checkpoint_round_trip(trainer, model, windows, batch, warmup + steps))
     row["throughput_callback"] = {k.split("/")[1]: round(v, 4) for k, v in throughput.metrics.items()}
@@ -303,7 +309,8 @@ def worker(args: argparse.Namespace) -> None:
         result = row_raw(size, args.steps, args.warmup, reference_model=row == "reference_raw",
                          profile_steps=args.profile)
     else:
-        result = row_stagewise(size, args.steps, args.warmup, args.devices, fp8=row == "fp8", fsdp=row == "fsdp")
+        result = row_stagewise(size, args.steps, args.warmup, args.devices, fp8=row == "fp8", fsdp=row == "fsdp",
+                               preemption_every=args.preemption_every)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("RANK", "0")) == 0:
         print("ROW " + json.dumps({"size": size, "row": row, "micro_batch": SIZES[size][2], **result}), flush=True)
 
@@ -375,6 +382,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--devices", type=int, default=1,
                         help="GPUs for the stagewise/fp8 rows (DDP if > 1) and the fsdp row")
     parser.add_argument("--batch-size", type=int, help="micro-batch of our rows (default: the size's)")
+    parser.add_argument("--preemption-every", type=int, default=20, metavar="N",
+                        help="with --devices > 1: check for SIGTERM across ranks every N steps (PreemptionCheck, "
+                        "as stagewise fit does by default); 1 = Lightning's check before every step")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, profile N more steps of the raw rows (GPU time by kernel)")
     parser.add_argument("--row-timeout", type=float, help="seconds before a row is killed; its output so far is "
@@ -396,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             cmd = [sys.executable, "-m", "experiments.benchmark_throughput", "--worker", row, size,
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--devices", str(args.devices),
-                   "--profile", str(args.profile)]
+                   "--profile", str(args.profile), "--preemption-every", str(args.preemption_every)]
             if args.batch_size:
                 cmd += ["--batch-size", str(args.batch_size)]
             start = time.time()
