@@ -10,6 +10,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from datamodules.errors import StagewiseError
+
 
 class ForgettingMonitor(L.Callback):
     """Measure forgetting of earlier domains during a stage; warn, stop, or back off the LR when it grows.
@@ -101,6 +103,12 @@ class ForgettingMonitor(L.Callback):
 
     # ----------------------------------------------------------------------------------------- baselines
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self.action == "backoff" and isinstance(trainer.strategy, FSDPStrategy):
+            raise StagewiseError("ForgettingMonitor action 'backoff' restores a kept copy of the weights, which it "
+                                 "cannot do under FSDP (each rank holds a shard); use action 'stop' or 'log', or "
+                                 "train this stage without the FSDP strategy")
         val_domains = getattr(trainer.datamodule, "val_domains", None)
         if self.domains is None and val_domains is not None:
             self.domains = [d for d in val_domains if d != self.stage_domain]

@@ -26,7 +26,10 @@ class L2SP(L.Callback):
       once per step at its true scale; ``on_after_backward`` would add it once per micro-batch and to
       scaled gradients. Under DDP the gradients are already all-reduced there; ``w`` and ``w0`` are the
       same on every rank, so the added term is too. Logs ``train/l2sp`` (the penalty's value) as a
-      tensor, without a host sync per step.
+      tensor, without a host sync per step. Under FSDP each rank holds a shard of ``w`` and of its
+      gradient, and the term is added to that shard (still exact), but ``train/l2sp`` is then rank 0's
+      shard's part of the penalty, and after a resume ``w0`` is the resumed weights (shard shapes
+      differ from the checkpoint's; a warning says so). Not measured on GPUs.
 
     With AdamW the penalty's gradient is normalized like any other gradient (it is not decoupled like
     weight decay, which still pulls toward zero).

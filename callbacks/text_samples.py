@@ -19,8 +19,9 @@ class TextSamples(L.Callback):
     """Write greedy continuations of a few prompts to TensorBoard (``samples/<name>``) at validation end.
 
     Acts in ``on_validation_end`` (every ``every_n_validations``-th validation, not the sanity check).
-    Every rank generates (a few short prompts in one batch; safe under sharded strategies), rank 0 writes. Each entry
-    shows the prompt and its continuation at the current optimizer step.
+    Rank 0 generates (a few short prompts in one batch; under FSDP from the gathered weights, see
+    ``tool_eval.decoding_model``) and writes. Each entry shows the prompt and its continuation at the current
+    optimizer step.
 
     Args:
         prompts: Name -> prompt text. Default: a prose opening (``language``), a Python ``def`` opening
@@ -62,17 +63,18 @@ class TextSamples(L.Callback):
             return
         if self._prompt_ids is None:
             self._prepare(trainer)
-        from lightning_modules.tool_eval import decoding_threads, greedy_continuations, stop_token_ids
+        from lightning_modules.tool_eval import decoding_model, decoding_threads, greedy_continuations, stop_token_ids
 
+        model = decoding_model(trainer, pl_module)  # every rank: collective under FSDP; None off rank 0
+        if model is None:
+            return
         tok, names = self._tokenizer, list(self._prompt_ids)
         prompts = [self._prompt_ids[name] for name in names]
-        with trainer.precision_plugin.forward_context(), decoding_threads(pl_module):
-            generated = greedy_continuations(pl_module, prompts, self.max_new_tokens, stop_token_ids(tok))
+        with trainer.precision_plugin.forward_context(), decoding_threads(model):
+            generated = greedy_continuations(model, prompts, self.max_new_tokens, stop_token_ids(tok))
         texts = {name: _markdown(tok.decode(ids, skip_special_tokens=False), tok.decode(new, skip_special_tokens=False),
                                  trainer.global_step, len(new))
                  for name, ids, new in zip(names, prompts, generated)}
-        if not trainer.is_global_zero:
-            return
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 for name, text in texts.items():

@@ -32,8 +32,7 @@ class ToolCallEval(L.Callback):
       the validation with the best monitored loss (the best checkpoint's), ``final`` (the last
       validation's) and ``history`` (every evaluation's step, tokens and scores).
 
-    Generation runs on rank 0 only: use it with single-device or DDP training, not with sharded
-    (FSDP) strategies.
+    Generation runs on rank 0 only; under FSDP from the gathered full weights (``tool_eval.decoding_model``).
 
     Args:
         data_dir: Where ``stagewise prepare`` wrote the shards and tokenizer, when the data module has no ``data_dir``.
@@ -87,13 +86,14 @@ class ToolCallEval(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._every.due(trainer):
             return
-        result = None
-        if trainer.is_global_zero:
-            from lightning_modules.tool_eval import evaluate_tool_calls
+        from lightning_modules.tool_eval import decoding_model, evaluate_tool_calls
 
+        result = None
+        model = decoding_model(trainer, pl_module)  # every rank: collective under FSDP; None off rank 0
+        if model is not None:
             self._load(trainer)
             with trainer.precision_plugin.forward_context():
-                result = evaluate_tool_calls(pl_module, self._tokenizer, self._examples, self.max_new_tokens,
+                result = evaluate_tool_calls(model, self._tokenizer, self._examples, self.max_new_tokens,
                                              batch_size=self.batch_size, max_prompt_tokens=self._prompt_tokens(trainer))
         scores = trainer.strategy.broadcast({k: result[k] for k in SCORES} if result else None, src=0)
         monitor = self._monitor(trainer)

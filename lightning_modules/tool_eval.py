@@ -168,6 +168,34 @@ def prompt_ids_of(tokenizer, example: dict) -> list[int]:
     return list(render_tool_prompt(tokenizer, example))
 
 
+def decoding_model(trainer, pl_module):
+    """The module to decode with during a fit, on rank 0; ``None`` on the other ranks.
+
+    ``pl_module`` itself, except under Lightning's ``FSDPStrategy``: there each rank holds only a shard
+    of the weights, and the FSDP units gather theirs only inside the strategy's training or validation
+    step, all ranks together, so ``pl_module.generate`` called from a callback fails (the embedding is a
+    1-D shard) and decoding on all ranks in lock step would hang as soon as their stop tokens differ. Under
+    FSDP the full weights are gathered to rank 0 (``strategy.lightning_module_state_dict()``, the same
+    gather a full checkpoint does) and loaded into an unsharded, uncompiled copy on rank 0's device, which
+    rank 0 decodes with alone. Every rank must call this: the gather is collective. The copy costs one
+    model's float32 weights on rank 0's GPU while it is referenced.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return pl_module if trainer.is_global_zero else None
+    state = trainer.strategy.lightning_module_state_dict()  # collective; the full weights on rank 0 only
+    if not trainer.is_global_zero:
+        return None
+    with torch.device(pl_module.device):
+        # LightningCLI adds `_instantiator` (and `_class_path`) to hparams; they are not init arguments
+        init = {k: v for k, v in pl_module.hparams.items() if not k.startswith("_")}
+        copy = type(pl_module)(**{**init, "compile": False, "init_from": None})
+        copy.configure_model()
+    copy.load_state_dict(state, strict=True)
+    return copy.train(pl_module.training)
+
+
 @contextmanager
 def decoding_threads(model):
     """On CPU, decode with one intra-op thread: one token's matmuls are too small to share, and thread

@@ -230,3 +230,25 @@ def test_causal_lm_stage_two_at_absurd_lr_stops_and_records(tmp_path):
     assert stop and stop[0]["step"] <= 10 + 2 * 5 and trainer.global_step == stop[0]["step"]
     record = (tmp_path / "models" / "own" / "stage.json").read_text()
     assert '"level": "stop"' in record
+
+
+def test_backoff_is_refused_under_fsdp_before_training(monkeypatch):
+    """A backoff restores a kept copy of the whole weights, which a rank holding a shard cannot do. Lightning
+    runs FSDP on GPUs only, so a stand-in for FSDPStrategy stands in for it here."""
+    import types
+
+    import lightning.pytorch.strategies as strategies
+
+    from datamodules.errors import StagewiseError
+
+    class FakeFSDP:
+        pass
+
+    monkeypatch.setattr(strategies, "FSDPStrategy", FakeFSDP)
+    trainer = types.SimpleNamespace(strategy=FakeFSDP(), datamodule=Data())
+    with pytest.raises(StagewiseError, match="backoff.*FSDP.*'stop' or 'log'"):
+        ForgettingMonitor(stage="own", action="backoff").on_fit_start(trainer, Bigram())
+    for action in ("stop", "log"):
+        m = ForgettingMonitor(stage="own", action=action)
+        m.on_fit_start(trainer, Bigram())
+        assert m.domains == ["old"]

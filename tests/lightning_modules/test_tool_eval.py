@@ -318,3 +318,48 @@ def test_text_samples_default_prompts_include_a_heldout_tool_request(tool_stage)
         acc.Tags()["tensors"])
     text = acc.Tensors("samples/tools/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert "What is the weather in Paris for 1 days?<|end|><|assistant|>" in text
+
+
+# --------------------------------------------------------------------------------------------- decoding_model
+class _Ranks:
+    """Stand-in for the Trainer as decoding_model sees it: its strategy and whether this is rank 0."""
+
+    def __init__(self, strategy, rank0: bool) -> None:
+        self.strategy, self.is_global_zero = strategy, rank0
+
+
+def test_decoding_model_under_fsdp_decodes_a_copy_of_the_gathered_weights_on_rank_0(monkeypatch):
+    """Lightning runs FSDP on GPUs only; here a stand-in strategy returns the full state dict the way
+    FSDPStrategy does on rank 0. The copy must decode exactly as the module; other ranks get None but
+    still join the gather."""
+    import lightning.pytorch.strategies as strategies
+
+    from lightning_modules.tool_eval import decoding_model, greedy_continuations
+
+    gathers = []
+
+    class FakeFSDP:
+        def lightning_module_state_dict(self):
+            gathers.append(1)
+            return {k: v.clone() for k, v in model.state_dict().items()}
+
+    monkeypatch.setattr(strategies, "FSDPStrategy", FakeFSDP)
+    torch.manual_seed(0)
+    model = CausalLM(size="tiny", vocab_size=64, model_overrides={"n_layers": 2, "max_seq_len": 64}, compile=True)
+    model.configure_model()
+    model.hparams["_instantiator"] = "lightning.pytorch.cli.instantiate_module"  # as LightningCLI saves them
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)  # weights a fresh init would not have
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    expected = greedy_continuations(model, prompts, 12, [])
+
+    assert decoding_model(_Ranks(FakeFSDP(), rank0=False), model) is None
+    copy = decoding_model(_Ranks(FakeFSDP(), rank0=True), model)
+    assert len(gathers) == 2
+    assert copy is not model and type(copy) is CausalLM and not copy.hparams.compile
+    assert greedy_continuations(copy, prompts, 12, []) == expected
+    # without FSDP: the module itself on rank 0, nothing on the others, no gather
+    assert decoding_model(_Ranks("ddp", rank0=True), model) is model
+    assert decoding_model(_Ranks("ddp", rank0=False), model) is None
+    assert len(gathers) == 2
