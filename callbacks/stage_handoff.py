@@ -28,8 +28,9 @@ class StageHandoff(L.Callback):
     When it acts:
 
     - ``on_fit_start``: with ``model.init_from`` set, reads the parent's ``stage.json`` and refuses a parent
-      trained with another tokenizer (``TokenizerMismatchError``); logs the stage boundary to TensorBoard
-      (``stage/boundary`` = 1 and a text entry, at the lineage's total tokens).
+      trained with another tokenizer (``TokenizerMismatchError``).
+    - ``on_train_start``: logs the stage boundary to TensorBoard (``stage/boundary`` = 1 and a text entry,
+      at the lineage's total tokens), once per stage, not again on resume.
     - every ``log_every_n_steps`` optimizer steps: ``train_tokens/loss`` against the lineage's total tokens;
     - ``on_validation_end``: ``val_tokens/<domain>/loss`` against the lineage's total tokens, so the
       separate runs of the stages (``runs/<experiment>/<stage>/``) read as one curve per domain; remembers
@@ -76,6 +77,10 @@ class StageHandoff(L.Callback):
         init_from = _hparam(pl_module, "init_from")
         if init_from and self.parent is None:
             self.parent = self._check_parent(init_from, _hparam(pl_module, "tokenizer_sha256"))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Here, not in on_fit_start: FSDP restores a resumed run's callback state after on_fit_start.
+        init_from = _hparam(pl_module, "init_from")
         if trainer.is_global_zero and not self.boundary_logged:
             tokens = _total_tokens(trainer, pl_module)
             origin = f"from `{init_from}` ({self.parent['stage']})" if self.parent else "from scratch"
@@ -221,8 +226,7 @@ class StageHandoff(L.Callback):
         self.val_history = dict(state_dict.get("val_history") or {})
         self.parent = state_dict.get("parent")
         self.boundary_logged = bool(state_dict.get("boundary_logged"))
-        self._wall_before = float(state_dict.get("wall_time_s") or 0.0)
-        self._t0 = None
+        self._wall_before = float(state_dict.get("wall_time_s") or 0.0)  # _t0 stays: FSDP restores after on_fit_start
 
 
 # ----------------------------------------------------------------------------------------- helpers

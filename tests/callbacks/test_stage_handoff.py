@@ -41,7 +41,8 @@ class RandomTokens(L.LightningDataModule):
         return [DataLoader(self._windows(4, 100 + i), batch_size=BATCH) for i, _ in enumerate(self.val_domains)]
 
 
-def run_stage(stage, domains, init_from=None, tokenizer_sha=SHA, max_steps=6, callbacks=()):
+def run_stage(stage, domains, init_from=None, tokenizer_sha=SHA, max_steps=6, callbacks=(), strategy="auto",
+              ckpt_path=None):
     model = CausalLM(size="tiny", vocab_size=VOCAB, tokenizer_sha256=tokenizer_sha, init_from=init_from,
                      model_overrides={"n_layers": 1, "max_seq_len": 64}, warmup_steps=1, lr=1e-2)
     best = ModelCheckpoint(dirpath="models", filename=f"{stage}_model_best", monitor=f"val/{stage}/loss",
@@ -51,9 +52,9 @@ def run_stage(stage, domains, init_from=None, tokenizer_sha=SHA, max_steps=6, ca
         max_steps=max_steps, val_check_interval=3, check_val_every_n_epoch=None, num_sanity_val_steps=0,
         logger=TensorBoardLogger("runs", name="exp", version=stage, default_hp_metric=False),
         callbacks=[best, handoff, *callbacks], enable_progress_bar=False, enable_model_summary=False,
-        accelerator="cpu", devices=1, use_distributed_sampler=False,
+        accelerator="cpu", devices=1, use_distributed_sampler=False, strategy=strategy,
     )
-    trainer.fit(model, datamodule=RandomTokens(domains))
+    trainer.fit(model, datamodule=RandomTokens(domains), ckpt_path=ckpt_path)
     return trainer, model
 
 
@@ -167,6 +168,32 @@ def test_resume_keeps_losses_and_wall_time():
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
     assert b.val_history == {"250": {"code": 1.5, "language": 2.0}}
     assert b.wall_time_s() == pytest.approx(12.0)
+
+
+@pytest.mark.parametrize("restore_after_setup", [False, True])
+def test_resume_logs_one_boundary_and_adds_the_resumed_run_to_wall_time(tmp_path, monkeypatch, restore_after_setup):
+    """FSDP restores callback states after ``on_fit_start`` (``restore_checkpoint_after_setup``), other
+    strategies before it; a resumed stage must come out the same either way."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    class RestoresAfterSetup(SingleDeviceStrategy):  # FSDP's order of restore and on_fit_start, on CPU
+        @property
+        def restore_checkpoint_after_setup(self) -> bool:
+            return True
+
+    monkeypatch.chdir(tmp_path)
+    last = ModelCheckpoint(dirpath="ckpt", save_last=True, save_top_k=0)
+    run_stage("language", ["language"], max_steps=3, callbacks=[last])
+    first = read_stage_record("models", "language")["wall_time_s"]
+    strategy = RestoresAfterSetup(torch.device("cpu")) if restore_after_setup else "auto"
+    run_stage("language", ["language"], max_steps=6, strategy=strategy, ckpt_path="ckpt/last.ckpt")
+    assert read_stage_record("models", "language")["wall_time_s"] > first
+    boundaries = []
+    for events in sorted((tmp_path / "runs/exp/language").glob("events*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        boundaries += [e.step for e in acc.Scalars("stage/boundary")] if "stage/boundary" in acc.Tags()["scalars"] else []
+    assert boundaries == [0]
 
 
 def test_best_losses_are_those_of_the_checkpointed_step_not_of_a_step0_baseline(tmp_path, monkeypatch):
