@@ -188,6 +188,8 @@ class StageHandoff(L.Callback):
         steps = counters.get("optimizer_steps", trained_steps)
         best_step = int(saved.get("global_step", trainer.global_step))
         final = _val_losses(trainer)
+        if not final and self.val_history:  # a resumed run that ended before its first validation
+            final = dict(self.val_history[max(self.val_history, key=int)])
         best = self.val_history.get(str(best_step))
         if best is None:
             rank_zero_warn(f"StageHandoff: no validation at step {best_step}, where {self.best_path} was saved; "
