@@ -65,7 +65,7 @@ def random_windows(n: int, seq_len: int, seed: int = 0) -> list[dict]:
 
 
 def row_stagewise(size: str, steps: int, warmup: int, devices: int, fp8: bool, fsdp: bool = False,
-                  preemption_every: int = 20) -> dict:
+                  preemption_every: int = 20, bucket_view: bool = False) -> dict:
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
@@ -95,6 +95,10 @@ def row_stagewise(size: str, steps: int, warmup: int, devices: int, fp8: bool, f
     throughput = Throughput(log_every_n_steps=10)
     precision = {"plugins": [Float8MixedPrecision()]} if fp8 else {"precision": resolve_precision("auto")}
     strategy = fsdp_strategy() if fsdp else "auto"
+    if bucket_view and devices > 1 and not fsdp:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no copies
     trainer = L.Trainer(
         accelerator="gpu", devices=devices, max_steps=warmup + steps, gradient_clip_val=1.0, strategy=strategy,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -110,6 +114,8 @@ def row_stagewise(size: str, steps: int, warmup: int, devices: int, fp8: bool, f
     row["strategy"] = type(trainer.strategy).__name__
     if devices > 1:
         row["preemption_check_every"] = preemption_every
+        if bucket_view and not fsdp:
+            row["ddp"] = "gradient_as_bucket_view"
     if fsdp:
         row.update(fsdp_checkpoint_round_trip(trainer, model, windows, batch, warmup + steps))
     row["throughput_callback"] = {k.split("/")[1]: round(v, 4) for k, v in throughput.metrics.items()}
@@ -310,7 +316,7 @@ def worker(args: argparse.Namespace) -> None:
                          profile_steps=args.profile)
     else:
         result = row_stagewise(size, args.steps, args.warmup, args.devices, fp8=row == "fp8", fsdp=row == "fsdp",
-                               preemption_every=args.preemption_every)
+                               preemption_every=args.preemption_every, bucket_view=args.ddp_bucket_view)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("RANK", "0")) == 0:
         print("ROW " + json.dumps({"size": size, "row": row, "micro_batch": SIZES[size][2], **result}), flush=True)
 
@@ -385,6 +391,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preemption-every", type=int, default=20, metavar="N",
                         help="with --devices > 1: check for SIGTERM across ranks every N steps (PreemptionCheck, "
                         "as stagewise fit does by default); 1 = Lightning's check before every step")
+    parser.add_argument("--ddp-bucket-view", action="store_true",
+                        help="with --devices > 1: DDP with gradient_as_bucket_view=True (no gradient copies into "
+                        "and out of the all-reduce buckets)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, profile N more steps of the raw rows (GPU time by kernel)")
     parser.add_argument("--row-timeout", type=float, help="seconds before a row is killed; its output so far is "
@@ -407,6 +416,8 @@ def main(argv: list[str] | None = None) -> None:
             cmd = [sys.executable, "-m", "experiments.benchmark_throughput", "--worker", row, size,
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--devices", str(args.devices),
                    "--profile", str(args.profile), "--preemption-every", str(args.preemption_every)]
+            if args.ddp_bucket_view:
+                cmd.append("--ddp-bucket-view")
             if args.batch_size:
                 cmd += ["--batch-size", str(args.batch_size)]
             start = time.time()
