@@ -184,6 +184,10 @@ def decoding_model(trainer, pl_module):
 
     if not isinstance(trainer.strategy, FSDPStrategy):
         return pl_module if trainer.is_global_zero else None
+    if getattr(trainer.strategy, "_state_dict_type", "full") != "full":  # Lightning keeps the choice privately
+        raise StagewiseError("decoding during an FSDP fit (TextSamples, ToolCallEval) gathers the full weights and "
+                             "needs the strategy's state_dict_type: full, as in configs/strategies/fsdp.yaml; "
+                             "set it, or leave these callbacks out of this run")
     state = trainer.strategy.lightning_module_state_dict()  # collective; the full weights on rank 0 only
     if not trainer.is_global_zero:
         return None

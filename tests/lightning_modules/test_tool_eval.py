@@ -334,6 +334,7 @@ def test_decoding_model_under_fsdp_decodes_a_copy_of_the_gathered_weights_on_ran
     still join the gather."""
     import lightning.pytorch.strategies as strategies
 
+    from datamodules.errors import StagewiseError
     from lightning_modules.tool_eval import decoding_model, greedy_continuations
 
     gathers = []
@@ -359,6 +360,10 @@ def test_decoding_model_under_fsdp_decodes_a_copy_of_the_gathered_weights_on_ran
     assert len(gathers) == 2
     assert copy is not model and type(copy) is CausalLM and not copy.hparams.compile
     assert greedy_continuations(copy, prompts, 12, []) == expected
+    sharded = FakeFSDP()
+    sharded._state_dict_type = "sharded"  # its state dict would hold this rank's shards only
+    with pytest.raises(StagewiseError, match="state_dict_type: full"):
+        decoding_model(_Ranks(sharded, rank0=True), model)
     # without FSDP: the module itself on rank 0, nothing on the others, no gather
     assert decoding_model(_Ranks("ddp", rank0=True), model) is model
     assert decoding_model(_Ranks("ddp", rank0=False), model) is None
