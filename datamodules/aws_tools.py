@@ -11,6 +11,7 @@ same service are offered as distractors.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import html
 import io
@@ -399,7 +400,11 @@ class _Extractor:
     def __init__(self, tmp: Path, min_distractors: int, max_distractors: int):
         _, self.botocore, create_clidriver = _awscli()
         from awscli.clidriver import ServiceCommand
+        from awscli.customizations import cloudfront
 
+        # awscli's cloudfront shorthand (`--origin-domain-name`) fills CallerReference and the origin id with
+        # the clock and a random number: a fixed suffix keeps every prepare's examples the same.
+        cloudfront.unique_string = lambda prefix="cli": f"{prefix}-ref"
         self.tmp = tmp
         self.min_distractors, self.max_distractors = min_distractors, max_distractors
         for logger in ("awscli", "botocore", "s3transfer"):
@@ -451,7 +456,10 @@ class _Extractor:
         self.services: dict[str, tuple[Any, dict[str, str]]] = {}
 
     def _record(self, params, model, **kwargs):
-        self.calls.append((model.service_model.service_name, model.name, params))
+        # A copy, as the command gave them: botocore's before-parameter-build handlers then change this dict
+        # in place (a random UUID for an idempotency token the command left out, base64 of ec2 user data),
+        # which is not the call the command makes and made every prepare's corpus differ.
+        self.calls.append((model.service_model.service_name, model.name, copy.deepcopy(params)))
 
     @staticmethod
     def _dummy_response(model, params, **kwargs):

@@ -112,3 +112,20 @@ def test_parallel_workers_give_the_serial_documents_and_counts():
     capped = SourceStats()
     first = [(d.path, d.text) for d in AwsCliExamples(services=["sqs", "acm"], workers=2, max_documents=5).read(capped)]
     assert first == serial[:5] and capped.documents == 5
+
+
+def test_the_same_examples_every_prepare():
+    """Two values the command does not give were random: botocore fills a missing idempotency token with a
+    UUID (accessanalyzer apply-archive-rule: clientToken), awscli's cloudfront shorthand a CallerReference
+    from the clock (create-distribution). They made every prepare's tool corpus, its split and the
+    tokenizer trained on it differ."""
+    def read(service, n):
+        return [(d.path, d.text) for d in AwsCliExamples(services=[service], workers=1, max_documents=n).read(SourceStats())]
+
+    for service, n in [("accessanalyzer", 3), ("cloudfront", 9)]:
+        first = read(service, n)
+        assert first == read(service, n), service
+    call = json.loads(read("accessanalyzer", 1)[0][1])["tool_calls"][0]
+    assert call["name"] == "accessanalyzer_apply_archive_rule" and "clientToken" not in call["arguments"]
+    path, text = read("cloudfront", 9)[-1]
+    assert path == "cloudfront/create-distribution.rst#0" and '"CallerReference": "cli-ref"' in text
