@@ -150,13 +150,10 @@ def fsdp_checkpoint_round_trip(trainer, model, windows, batch: int, done_steps: 
     result = {"checkpoint_save_s": round(saved_s, 1), "checkpoint_GB": round(path.stat().st_size / 1e9, 2)}
     if trainer.global_rank == 0:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        fresh = CausalLM(**{k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")})
-        fresh.configure_model()
-        state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-        fresh.model.load_state_dict(state, strict=True)
+        fresh = CausalLM.from_state(ckpt["hyper_parameters"], ckpt["state_dict"], compile=False)  # strict
         result["checkpoint_loads"] = True
         result["checkpoint_optimizer_state"] = "optimizer_states" in ckpt and bool(ckpt["optimizer_states"])
-        del ckpt, fresh, state
+        del ckpt, fresh
     torch.cuda.empty_cache()
     resumed = L.Trainer(accelerator="gpu", devices=trainer.num_devices, max_steps=done_steps + 2,
                         gradient_clip_val=1.0, strategy=fsdp_strategy(), precision=trainer.precision,

@@ -172,6 +172,17 @@ class CausalLM(L.LightningModule):
             self.training_loss = torch.compile(self.training_loss)
             self.validation_loss = torch.compile(self.validation_loss)
 
+    @classmethod
+    def from_state(cls, hparams: dict[str, Any], state_dict: dict[str, torch.Tensor], **overrides: Any) -> "CausalLM":
+        """A module built from saved init arguments (``hparams``, e.g. a checkpoint's ``hyper_parameters``;
+        the ``_``-prefixed entries LightningCLI adds are not init arguments) with ``overrides`` replacing some,
+        its model built and ``state_dict`` (the whole module's, ``model.*`` keys) loaded strictly."""
+        init = {k: v for k, v in hparams.items() if not k.startswith("_")}
+        module = cls(**{**init, **overrides})
+        module.configure_model()
+        module.load_state_dict(state_dict, strict=True)
+        return module
+
     def load_init_from(self, path: str | Path) -> None:
         """Load the model weights of checkpoint ``path`` (no optimizer, schedule or step) and record its
         lineage's token count in ``parent_tokens``."""

@@ -192,12 +192,7 @@ def decoding_model(trainer, pl_module):
     if not trainer.is_global_zero:
         return None
     with torch.device(pl_module.device):
-        # LightningCLI adds `_instantiator` (and `_class_path`) to hparams; they are not init arguments
-        init = {k: v for k, v in pl_module.hparams.items() if not k.startswith("_")}
-        copy = type(pl_module)(**{**init, "compile": False, "init_from": None})
-        copy.configure_model()
-    copy.load_state_dict(state, strict=True)
-    return copy.train(pl_module.training)
+        return type(pl_module).from_state(pl_module.hparams, state, compile=False, init_from=None)
 
 
 @contextmanager

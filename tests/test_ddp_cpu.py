@@ -93,7 +93,6 @@ def test_ddp_loss_and_grads_match_one_process_on_the_global_batch(runs):
         torch.testing.assert_close(r0["grad"][step], single["grad"][step], rtol=1e-4, atol=1e-6)
 
 
-
 def test_sigterm_is_broadcast_every_n_steps_not_every_step(runs):
     """Lightning broadcasts (and reads back: a host sync on GPUs) before every batch of a multi-process run;
     with PreemptionCheck(every_n_steps=2) the 3 steps check on batches 0 and 2 only, on both ranks."""

@@ -72,7 +72,6 @@ def test_default_prompts_without_a_tool_corpus(tmp_path):
     assert set(cb._prompt_ids) == {"language", "code"} and all(cb._prompt_ids.values())
 
 
-
 def test_tokenizer_comes_from_the_data_modules_data_dir(tmp_path):
     train_tokenizer(TEXT, 300, tmp_path / "tokenizer")
 

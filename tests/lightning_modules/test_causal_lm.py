@@ -53,7 +53,6 @@ def test_weight_decay_only_on_matrices_not_embeddings_or_norms():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.model.parameters()))
 
 
-
 def test_weight_decay_groups_survive_fsdp_flattening_parameters():
     model = tiny_lm(weight_decay=0.3)
     model.configure_model()

@@ -109,7 +109,6 @@ def test_unknown_size_or_field_lists_valid_choices():
     assert set(PRESETS) == {"tiny", "small", "base", "medium", "large", "xl"}
 
 
-
 def test_rope_tables_are_computed_once_and_stay_out_of_the_state_dict():
     from lightning_modules.transformer import rope_cos_sin
 
