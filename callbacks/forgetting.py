@@ -8,9 +8,15 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.errors import StagewiseError
+from datamodules.metric_names import (
+    FORGETTING_ALARMS, VAL_PREFIX, domain_of_val_loss, forgetting, forgetting_max_rise, forgetting_vs_tokens,
+    val_loss,
+)
+from datamodules.stage_record import stage_record_for_checkpoint, update_stage_record
 
 
 class ForgettingMonitor(L.Callback):
@@ -28,7 +34,7 @@ class ForgettingMonitor(L.Callback):
       period, a rise above ``warn`` or ``stop`` for ``patience`` consecutive validations raises an alarm
       (console + TensorBoard text); ``warn`` only logs, ``stop`` does what ``action`` says.
     - ``on_fit_end``: writes ``forgetting`` {domain: {baseline, final, max_rise, max_rise_step, alarms}}
-      into ``models/<stage>/stage.json``.
+      into ``<models_dir>/<stage>/stage.json``.
 
     ``max_rise`` covers every validation, the grace period included, so the early dip that recovers
     ("stability gap") stays visible in the record even though it never raises an alarm.
@@ -37,6 +43,10 @@ class ForgettingMonitor(L.Callback):
     (baselines, rises, counters, alarms, backoffs) is saved in checkpoints; the weights kept for a backoff
     are not, so after a resume from ``last.ckpt`` a backoff restores the weights at the resume point.
     After a backoff the optimizer's moments are kept as they are.
+
+    ``stagewise fit`` gives every stage one (``--forgetting.*``) and sets ``stage``, ``stage_domain`` and
+    ``models_dir`` from ``--stage.*``, and ``domains`` (unless given) to the earlier domains of the lineage,
+    so a stage from scratch watches nothing. It acts in ``fit`` only.
 
     Args:
         stage: The stage's name; ``stage.json`` goes to ``<models_dir>/<stage>/stage.json``.
@@ -61,7 +71,7 @@ class ForgettingMonitor(L.Callback):
 
     def __init__(
         self,
-        stage: str,
+        stage: str | None = None,
         stage_domain: str | None = None,
         domains: list[str] | None = None,
         models_dir: str = "models",
@@ -105,6 +115,10 @@ class ForgettingMonitor(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
 
+        if self.stage is None:
+            raise StagewiseError("ForgettingMonitor needs its stage's name: ForgettingMonitor(stage=...), or run the "
+                                 "stage with `stagewise fit`, which sets it from --stage.name")
+
         if self.action == "backoff" and isinstance(trainer.strategy, FSDPStrategy):
             raise StagewiseError("ForgettingMonitor action 'backoff' restores a kept copy of the weights, which it "
                                  "cannot do under FSDP (each rank holds a shard); use action 'stop' or 'log', or "
@@ -116,8 +130,6 @@ class ForgettingMonitor(L.Callback):
             return
         init_from = getattr(pl_module.hparams, "init_from", None)
         if init_from:
-            from callbacks.stage_record import stage_record_for_checkpoint
-
             losses = ((stage_record_for_checkpoint(init_from) or {}).get("losses")) or {}
             for key in ("best", "final"):
                 for d in self.domains:
@@ -147,20 +159,20 @@ class ForgettingMonitor(L.Callback):
             self._measuring_baseline = False
         if self.domains is None:
             missing = self.domains = self._validated_domains(trainer)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        metrics = _val_metrics(trainer)
         for d in missing:
-            if f"val/{d}/loss" in metrics:
-                self.baselines[d] = metrics[f"val/{d}/loss"]
+            if val_loss(d) in metrics:
+                self.baselines[d] = metrics[val_loss(d)]
         self._keep_if_best(pl_module, metrics)
         self.baseline_source = " + ".join(filter(None, [self.baseline_source, f"validation at step {trainer.global_step}"]))
         rank_zero_info(f"ForgettingMonitor baselines ({self.baseline_source}): {self.baselines}")
 
     # ----------------------------------------------------------------------------------------- each validation
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self._measuring_baseline:
+        if trainer.sanity_checking or self._measuring_baseline or trainer.state.fn != TrainerFn.FITTING:
             return
         step = trainer.global_step
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        metrics = _val_metrics(trainer)
         if self.domains is None:
             self.domains = self._validated_domains(trainer)
         decision = self._update(metrics, step, self._grace_steps(trainer)) if trainer.is_global_zero else None
@@ -182,19 +194,19 @@ class ForgettingMonitor(L.Callback):
 
     def _validated_domains(self, trainer: L.Trainer) -> list[str]:
         """Every domain with a ``val/<d>/loss`` metric but the stage's own (when no datamodule names them)."""
-        names = [k.split("/")[1] for k in trainer.callback_metrics if k.startswith("val/") and k.endswith("/loss")]
-        return sorted(set(names) - {self.stage_domain})
+        names = {domain_of_val_loss(k) for k in trainer.callback_metrics} - {None, self.stage_domain}
+        return sorted(names)
 
     def _keep_if_best(self, pl_module: L.LightningModule, metrics: dict[str, float]) -> None:
         """Track the best own-domain loss among validations where no watched domain rose above ``warn``;
         with ``action="backoff"`` keep a CPU copy of those weights as the restore target."""
-        own = metrics.get(f"val/{self.stage_domain}/loss")
-        forgetting = any(
-            (metrics[f"val/{d}/loss"] - b) / abs(b) > self.warn
+        own = metrics.get(val_loss(self.stage_domain))
+        rising = any(
+            (metrics[val_loss(d)] - b) / abs(b) > self.warn
             for d, b in self.baselines.items()
-            if f"val/{d}/loss" in metrics
+            if val_loss(d) in metrics
         )
-        if own is None or forgetting or own >= self.best_own_loss:
+        if own is None or rising or own >= self.best_own_loss:
             return
         self.best_own_loss = own
         if self.action == "backoff":
@@ -204,7 +216,7 @@ class ForgettingMonitor(L.Callback):
         """Record this validation's rises; return (domain, rise) when a stop alarm fires (rank 0 only)."""
         fired = None
         for d in self.domains or []:
-            loss, base = metrics.get(f"val/{d}/loss"), self.baselines.get(d)
+            loss, base = metrics.get(val_loss(d)), self.baselines.get(d)
             if loss is None or base is None:
                 continue
             rise = (loss - base) / abs(base)
@@ -259,32 +271,29 @@ class ForgettingMonitor(L.Callback):
         rank_zero_warn(msg)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("forgetting/alarms", msg, global_step=step)
+                logger.experiment.add_text(FORGETTING_ALARMS, msg, global_step=step)
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         values = {}
         for d in self.domains or []:
             if d in self.final:
-                values[f"forgetting/{d}"] = (self.final[d] - self.baselines[d]) / abs(self.baselines[d])
-                values[f"forgetting/{d}/max_rise"] = self.max_rise[d]
+                values[forgetting(d)] = (self.final[d] - self.baselines[d]) / abs(self.baselines[d])
+                values[forgetting_max_rise(d)] = self.max_rise[d]
         tokens = getattr(pl_module, "total_tokens", None)
         texts, self._pending_text = self._pending_text, []
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
             if isinstance(logger, TensorBoardLogger):
                 for msg in texts:
-                    logger.experiment.add_text("forgetting/alarms", msg, global_step=step)
+                    logger.experiment.add_text(FORGETTING_ALARMS, msg, global_step=step)
                 if tokens is not None:
                     for tag, v in values.items():
-                        logger.experiment.add_scalar(tag.replace("forgetting/", "forgetting_vs_tokens/", 1), v,
-                                                     global_step=int(tokens))
+                        logger.experiment.add_scalar(forgetting_vs_tokens(tag), v, global_step=int(tokens))
 
     # ----------------------------------------------------------------------------------------- record, state
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or not self.baselines:
             return
-        from callbacks.stage_record import update_stage_record
-
         update_stage_record(self.models_dir, self.stage, {"forgetting": self.summary()})
 
     def summary(self) -> dict[str, dict[str, Any]]:
@@ -324,6 +333,10 @@ class ForgettingMonitor(L.Callback):
         self.alarms = {d: list(a) for d, a in state_dict["alarms"].items()}
         self.backoffs = state_dict["backoffs"]
         self.best_own_loss = state_dict["best_own_loss"]
+
+
+def _val_metrics(trainer: L.Trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(VAL_PREFIX)}
 
 
 def _cpu_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:

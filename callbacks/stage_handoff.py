@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from pathlib import Path
@@ -14,12 +13,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from callbacks.best_checkpoint import BestCheckpoint
 from callbacks.precision import precision_label
-from callbacks.stage_record import (
-    file_sha256, read_checkpoint, stage_of_checkpoint, stage_record_for_checkpoint, update_stage_record,
-)
 from datamodules.errors import StagewiseError, TokenizerMismatchError
+from datamodules.metric_names import STAGE_BOUNDARY, TRAIN_TOKENS_LOSS, val_losses, val_tokens_loss
 from datamodules.shards import atomic_path
+from datamodules.stage_record import (
+    checked_record, file_sha256, lineage_domains, read_checkpoint, stage_of_checkpoint, update_stage_record,
+)
+from lightning_modules.export import export_hf
 
 
 class StageHandoff(L.Callback):
@@ -27,7 +29,8 @@ class StageHandoff(L.Callback):
 
     When it acts:
 
-    - ``on_fit_start``: with ``model.init_from`` set, reads the parent's ``stage.json`` and refuses a parent
+    - ``on_fit_start``: with ``model.init_from`` set, reads the parent's ``stage.json``, refuses a parent
+      its record does not describe (replaced after the record was written: ``LineageError``) and a parent
       trained with another tokenizer (``TokenizerMismatchError``).
     - ``on_train_start``: logs the stage boundary to TensorBoard (``stage/boundary`` = 1 and a text entry,
       at the lineage's total tokens), once per stage, not again on resume.
@@ -38,22 +41,26 @@ class StageHandoff(L.Callback):
     - ``on_fit_end`` (rank 0): makes sure the best checkpoint is ``<models_dir>/<stage>_model_best.ckpt``
       (copies it there if the ModelCheckpoint wrote it elsewhere), exports it to
       ``<models_dir>/<stage>/hf`` (transformers format), and writes ``<models_dir>/<stage>/stage.json``:
-      stage, experiment, checkpoint and parent (path, sha256), tokenizer sha256, tokens and optimizer
-      steps (of the best checkpoint, in this stage and in the lineage; and trained in all), wall time, final and best per-domain losses, precision, config.
+      stage, experiment, domain and the lineage's domains, checkpoint and parent (path, sha256), tokenizer
+      sha256, tokens and optimizer steps (of the best checkpoint, in this stage and in the lineage; and
+      trained in all), wall time, final and best per-domain losses, precision, config.
 
     Its state (per-validation losses, wall time so far, parent) is saved in checkpoints, so a resumed stage
     records the same numbers as an uninterrupted one.
 
+    ``stagewise fit`` gives every stage one (``--handoff.*``) and sets ``stage``, ``models_dir`` and
+    ``experiment`` from ``--stage.*``.
+
     Args:
         stage: The stage's name: the checkpoint is ``<models_dir>/<stage>_model_best.ckpt``.
-        models_dir: Where best checkpoints and stage records live.
-        experiment: The experiment's name for the record. Default: the logger's name (``runs/<experiment>/``).
+        models_dir: Where the experiment's best checkpoints and stage records live.
+        experiment: The experiment's name for the record. Default: the logger's name.
         export_hf: Also export the best checkpoint as a transformers directory ``<models_dir>/<stage>/hf``.
         log_every_n_steps: Optimizer steps between ``train_tokens/loss`` points. Default: the Trainer's
             ``log_every_n_steps``.
     """
 
-    def __init__(self, stage: str, models_dir: str = "models", experiment: str | None = None,
+    def __init__(self, stage: str | None = None, models_dir: str = "models", experiment: str | None = None,
                  export_hf: bool = True, log_every_n_steps: int | None = None) -> None:
         self.stage = stage
         self.models_dir = models_dir
@@ -73,6 +80,9 @@ class StageHandoff(L.Callback):
 
     # ------------------------------------------------------------------------------------- fit start
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.stage is None:
+            raise StagewiseError("StageHandoff needs its stage's name: StageHandoff(stage=...), or run the stage "
+                                 "with `stagewise fit`, which sets it from --stage.name")
         self._t0 = time.perf_counter()
         init_from = _hparam(pl_module, "init_from")
         if init_from and self.parent is None:
@@ -85,15 +95,15 @@ class StageHandoff(L.Callback):
             tokens = _total_tokens(trainer, pl_module)
             origin = f"from `{init_from}` ({self.parent['stage']})" if self.parent else "from scratch"
             for tb in _tensorboards(trainer):
-                tb.add_scalar("stage/boundary", 1.0, global_step=tokens)
-                tb.add_text("stage/boundary", f"stage **{self.stage}** starts {origin} at {tokens:,} tokens",
+                tb.add_scalar(STAGE_BOUNDARY, 1.0, global_step=tokens)
+                tb.add_text(STAGE_BOUNDARY, f"stage **{self.stage}** starts {origin} at {tokens:,} tokens",
                             global_step=tokens)
         self.boundary_logged = True
 
     def _check_parent(self, init_from: str, tokenizer_sha: str | None) -> dict:
         path = Path(init_from)
         hint = "run the earlier stage first or point --model.init_args.init_from at a .ckpt written by `stagewise fit`"
-        record = stage_record_for_checkpoint(path) if path.is_file() else None
+        record = checked_record(path) if path.is_file() else None
         parent_sha = (record or {}).get("tokenizer_sha256")
         if parent_sha is None:  # no record (a checkpoint from elsewhere): its hyperparameters say it
             ckpt = read_checkpoint(path, hint, prefix="init_from: ")
@@ -112,6 +122,7 @@ class StageHandoff(L.Callback):
             "stage": record.get("stage") or stage_of_checkpoint(path),
             "tokens": (record.get("tokens") or {}).get("total"),
             "optimizer_steps": (record.get("optimizer_steps") or {}).get("total"),
+            "domains": lineage_domains(record),
         }
 
     # ------------------------------------------------------------------------------------- curves
@@ -126,7 +137,7 @@ class StageHandoff(L.Callback):
             return
         self._last_train_log = step
         for tb in _tensorboards(trainer):
-            tb.add_scalar("train_tokens/loss", float(loss), global_step=_total_tokens(trainer, pl_module))
+            tb.add_scalar(TRAIN_TOKENS_LOSS, float(loss), global_step=_total_tokens(trainer, pl_module))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -136,10 +147,13 @@ class StageHandoff(L.Callback):
             tokens = _total_tokens(trainer, pl_module)
             for tb in _tensorboards(trainer):
                 for domain, loss in losses.items():
-                    tb.add_scalar(f"val_tokens/{domain}/loss", loss, global_step=tokens)
+                    tb.add_scalar(val_tokens_loss(domain), loss, global_step=tokens)
         self.val_history[str(trainer.global_step)] = losses
 
     def _best_checkpoint_callback(self, trainer: L.Trainer) -> ModelCheckpoint | None:
+        best = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, BestCheckpoint) and cb.stage == self.stage]
+        if best:
+            return best[0]
         for cb in trainer.checkpoint_callbacks:
             if cb.dirpath and cb.filename and Path(cb.dirpath, cb.filename + cb.FILE_EXTENSION) == self.best_path:
                 return cb
@@ -165,8 +179,6 @@ class StageHandoff(L.Callback):
                        f"({record['tokens']['total']:,} tokens in the lineage)")
 
     def _export(self, trainer: L.Trainer) -> None:
-        from lightning_modules.export import export_hf
-
         tokenizer_dir = getattr(trainer.datamodule, "tokenizer_dir", None)
         export_hf(str(self.best_path), str(Path(self.models_dir) / self.stage / "hf"), tokenizer_dir=tokenizer_dir)
 
@@ -194,9 +206,14 @@ class StageHandoff(L.Callback):
         if best is None:
             rank_zero_warn(f"StageHandoff: no validation at step {best_step}, where {self.best_path} was saved; "
                            "recording the final losses as its losses")
+        domain = getattr(trainer.datamodule, "corpus", None)
+        trained = [domain] + list(getattr(trainer.datamodule, "mixture_fractions", None) or {}) if domain else []
         return {
             "stage": self.stage,
             "experiment": self.experiment or _experiment_name(trainer),
+            "domain": domain,
+            # the domains the lineage has trained on, through this stage: the next stage validates on them
+            "domains": list(dict.fromkeys(parent.get("domains", []) + trained)),
             "checkpoint": {"path": str(self.best_path), "sha256": file_sha256(self.best_path)},
             "parent": {k: parent[k] for k in ("path", "sha256", "stage")} if self.parent else None,
             "tokenizer_sha256": _hparam(pl_module, "tokenizer_sha256"),
@@ -246,13 +263,8 @@ def _tensorboards(trainer: L.Trainer) -> list:
 
 
 def _val_losses(trainer: L.Trainer) -> dict[str, float]:
-    """``val/<domain>/loss`` of the latest validation, by domain (finite values only)."""
-    losses = {}
-    for name, value in trainer.callback_metrics.items():
-        parts = name.split("/")
-        if len(parts) == 3 and parts[0] == "val" and parts[2] == "loss" and value.numel() == 1:
-            if math.isfinite(float(value)):
-                losses[parts[1]] = float(value)
+    """``val/<domain>/loss`` of the latest validation, by domain (finite values only), in validation order."""
+    losses = val_losses(trainer.callback_metrics)
     domains = getattr(trainer.datamodule, "val_domains", None) or []
     return {d: losses[d] for d in domains if d in losses} | losses
 

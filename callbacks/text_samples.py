@@ -8,6 +8,8 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks.every_n import EveryNValidations
+from lightning_modules.decoding import decoding_model, decoding_threads, greedy_continuations
+from lightning_modules.tool_eval import load_heldout_examples, stop_token_ids
 
 DEFAULT_PROMPTS = {
     "language": "The purpose of this chapter is to explain how the",
@@ -20,7 +22,7 @@ class TextSamples(L.Callback):
 
     Acts in ``on_validation_end`` (every ``every_n_validations``-th validation, not the sanity check).
     Rank 0 generates (a few short prompts in one batch; under FSDP from the gathered weights, see
-    ``tool_eval.decoding_model``) and writes. Each entry shows the prompt and its continuation at the current
+    ``decoding.decoding_model``) and writes. Each entry shows the prompt and its continuation at the current
     optimizer step.
 
     Args:
@@ -52,8 +54,6 @@ class TextSamples(L.Callback):
             return
         self._prompt_ids = {k: tok.encode(v, add_special_tokens=False) for k, v in DEFAULT_PROMPTS.items()}
         if (Path(data_dir) / "tools" / "manifest.json").exists():
-            from lightning_modules.tool_eval import load_heldout_examples
-
             examples = load_heldout_examples(data_dir, "val", limit=1, tokenizer=tok)
             if examples:
                 self._prompt_ids["tools"] = examples[0]["prompt_ids"]
@@ -63,8 +63,6 @@ class TextSamples(L.Callback):
             return
         if self._prompt_ids is None:
             self._prepare(trainer)
-        from lightning_modules.tool_eval import decoding_model, decoding_threads, greedy_continuations, stop_token_ids
-
         model = decoding_model(trainer, pl_module)  # every rank: collective under FSDP; None off rank 0
         if model is None:
             return

@@ -11,7 +11,10 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks.every_n import EveryNValidations
-from callbacks.stage_record import update_stage_record
+from datamodules.metric_names import TOOL_SAMPLES, tool_score
+from datamodules.stage_record import update_stage_record
+from lightning_modules.decoding import decoding_model
+from lightning_modules.tool_eval import evaluate_tool_calls, load_heldout_examples
 
 SCORES = ("json_valid", "name_accuracy", "call_accuracy")
 
@@ -32,7 +35,7 @@ class ToolCallEval(L.Callback):
       the validation with the best monitored loss (the best checkpoint's), ``final`` (the last
       validation's) and ``history`` (every evaluation's step, tokens and scores).
 
-    Generation runs on rank 0 only; under FSDP from the gathered full weights (``tool_eval.decoding_model``).
+    Generation runs on rank 0 only; under FSDP from the gathered full weights (``decoding.decoding_model``).
 
     Args:
         data_dir: Where ``stagewise prepare`` wrote the shards and tokenizer, when the data module has no ``data_dir``.
@@ -74,7 +77,6 @@ class ToolCallEval(L.Callback):
 
     def _load(self, trainer: L.Trainer) -> None:
         from datamodules.tokenizer import load_tokenizer
-        from lightning_modules.tool_eval import load_heldout_examples
 
         if self._examples is None:
             data_dir = getattr(trainer.datamodule, "data_dir", None) or self.data_dir  # the run's data first
@@ -86,8 +88,6 @@ class ToolCallEval(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._every.due(trainer):
             return
-        from lightning_modules.tool_eval import decoding_model, evaluate_tool_calls
-
         result = None
         model = decoding_model(trainer, pl_module)  # every rank: collective under FSDP; None off rank 0
         if model is not None:
@@ -103,11 +103,11 @@ class ToolCallEval(L.Callback):
             entry[monitor] = float(trainer.callback_metrics[monitor])
         self.history.append(entry)
         for name, value in scores.items():
-            trainer.callback_metrics[f"tools/{name}"] = torch.tensor(value)
+            trainer.callback_metrics[tool_score(name)] = torch.tensor(value)
         for logger in trainer.loggers:
-            logger.log_metrics({f"tools/{k}": v for k, v in scores.items()}, step=trainer.global_step)
+            logger.log_metrics({tool_score(k): v for k, v in scores.items()}, step=trainer.global_step)
             if isinstance(logger, TensorBoardLogger) and result is not None:
-                logger.experiment.add_text("tools/samples", _samples_markdown(result), global_step=trainer.global_step)
+                logger.experiment.add_text(TOOL_SAMPLES, _samples_markdown(result), global_step=trainer.global_step)
 
     def _prompt_tokens(self, trainer: L.Trainer) -> int | None:
         seq_len = getattr(trainer.datamodule, "seq_len", None)

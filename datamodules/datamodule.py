@@ -166,9 +166,14 @@ class CorpusDataModule(L.LightningDataModule):
     ``vocab_size`` and ``tokenizer_sha256`` are available right after construction (read from the prepared
     data, without ``setup()``); the CLI links them into the model.
 
+    Its init arguments are its hyperparameters (``self.hparams``: in ``hparams.yaml`` and TensorBoard's HPARAMS
+    tab beside the model's).
+
     Args:
         corpus: The corpus to train on: a directory ``<data_dir>/<corpus>/`` made by ``stagewise prepare``.
-        val_domains: The corpora to validate on, one loader each, in this order (default: ``[corpus]``).
+            ``stagewise fit`` sets it to ``--stage.domain``.
+        val_domains: The corpora to validate on, one loader each, in this order (default: ``[corpus]``;
+            ``stagewise fit``: every domain of the stage's lineage so far).
         data_dir: Where ``stagewise prepare`` wrote the tokenizer and the corpora.
         seq_len: Tokens per training example (the model's context during training).
         batch_size: Examples per batch, per device.
@@ -182,7 +187,7 @@ class CorpusDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        corpus: str,
+        corpus: str | None = None,
         val_domains: list[str] | None = None,
         data_dir: str = "data",
         seq_len: int = 512,
@@ -193,6 +198,10 @@ class CorpusDataModule(L.LightningDataModule):
         align_tool_examples: bool = True,
     ):
         super().__init__()
+        if not corpus:
+            raise StagewiseError("the data module needs a corpus to train on: `data.corpus`, or `--stage.domain` "
+                                 "under `stagewise fit`")
+        self.save_hyperparameters()
         self.align_tool_examples = align_tool_examples
         self.corpus = corpus
         self.val_domains = list(val_domains) if val_domains else [corpus]

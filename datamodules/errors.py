@@ -19,6 +19,10 @@ class TokenizerMismatchError(StagewiseError):
     """Two artifacts were made with different tokenizers."""
 
 
+class LineageError(StagewiseError):
+    """A checkpoint and the stage record that should describe it disagree (the file was replaced)."""
+
+
 def _type_name(text: str) -> str:
     name = re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", text).replace("typing.", "").replace("NoneType", "None")
     return re.sub(r"^Literal\[(.*)\]$", r"one of \1", name)

@@ -137,7 +137,8 @@ class MixtureDataModule(CorpusDataModule):
     every token is trained on while tool windows keep the loss on tool calls only.
 
     Args:
-        corpus: The stage's own domain: it must be in the mixture, and its train windows set the epoch length.
+        corpus: The stage's own domain: it must be in the mixture, and its train windows set the epoch length
+            (``stagewise fit`` sets it to ``--stage.domain``).
         mixture: Token fraction of each domain, summing to 1 (e.g. ``{code: 0.95, language: 0.05}``), or
             ``natural``: ``corpus`` and every ``val_domains`` entry in proportion to their train tokens.
         val_domains: The corpora to validate on, one loader each, in this order (default: the mixture's domains).
@@ -147,12 +148,12 @@ class MixtureDataModule(CorpusDataModule):
 
     def __init__(
         self,
-        corpus: str,
+        corpus: str | None = None,
         mixture: dict[str, float] | Literal["natural"] = "natural",
         val_domains: list[str] | None = None,
         **kwargs,
     ):
-        if mixture != "natural":
+        if mixture != "natural" and corpus:
             mixture = self._check_mixture(corpus, mixture)
             val_domains = val_domains or list(mixture)
         super().__init__(corpus=corpus, val_domains=val_domains, **kwargs)

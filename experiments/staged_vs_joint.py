@@ -12,10 +12,13 @@ Conditions (one model size and token budget for all; every one with each ``--see
 Stage 1 is trained once per seed and shared by the four staged conditions. Budget, scaled like the seed:
 stage 1 trains ``--language-tokens`` (≈ ``--language-epochs`` epochs of the language data), stage 2 trains
 ``--code-epochs`` epochs of a code corpus ``--code-fraction`` / (1 - fraction) the size of the language data
-used; the joint run trains their sum. Every run is ``python -m lightning_modules fit`` with the stage configs
-of ``configs/`` and overrides, one subprocess each, spread over ``--devices`` (one worker per entry: list a
-GPU twice for two runs on it). Every run hands on and is scored by its **final** weights (the last
-validation is at the run's last step); validation uses the same held-out windows of each domain in all runs.
+used; the joint run trains their sum. Every run is a stage of the experiment ``seed<k>`` (stage 1 is
+``language``, the others are named after their condition, the code conditions with parent ``language``)
+with the configs of ``configs/`` and overrides, run by ``lightning_modules.pipeline.run_stage`` (the
+pipeline's own orchestration: one ``stagewise fit`` subprocess each, resumed if interrupted), spread over
+``--devices`` (one worker per entry: list a GPU twice for two runs on it). Every run hands on and is scored
+by its **final** weights (``--best_checkpoint.keep final``; the last validation is at the run's last step);
+validation uses the same held-out windows of each domain in all runs.
 
     stagewise prepare -c configs/data/study.yaml
     python -m experiments.staged_vs_joint --size small --seeds 1 2 3 --devices 0 1
@@ -24,9 +27,10 @@ One H100, one worker, ``small`` at the default budget (10M + 4 × 2.5M + 12.5M t
 ~13 s per run is process start-up; ``--compile`` adds ~25 s of compilation per run, more than it saves here.
 
 Writes ``--out``: ``results.json`` (every run), ``results.md`` (mean ± std per condition and a verdict on each
-seed claim by the rules it states), ``quality_vs_time.png``, ``loss_vs_tokens.png``; TensorBoard runs under
-``runs/<condition>/seed<k>/``, checkpoints under ``models/``. Re-running with the same ``--out`` skips the runs
-whose result exists with the same command line (after a timeout, only the missing runs train).
+seed claim by the rules it states), ``quality_vs_time.png``, ``loss_vs_tokens.png``; TensorBoard runs (and each run's ``result.json`` and logs)
+under ``runs/seed<k>/<condition>/``, checkpoints and stage records under ``models/seed<k>/``. Re-running with
+the same ``--out`` skips the runs whose result exists with the same command line (after a timeout, only the
+missing runs train).
 """
 
 from __future__ import annotations
@@ -34,11 +38,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -47,7 +49,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from datamodules.errors import StagewiseError
+from datamodules.metric_names import domain_of_val_loss, val_tokens_loss
+from datamodules.stage_record import read_stage_record
 from experiments.benchmark_throughput import card
+from lightning_modules.pipeline import StageSpec, Workspace, fit_command, run_stage
+from lightning_modules.report import plot_loss_vs_tokens, read_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -90,11 +97,10 @@ def plan_budget(args: argparse.Namespace) -> Budget:
 
 @dataclass
 class Run:
-    """One ``stagewise fit`` subprocess of the study."""
+    """One stage of the study: stage ``condition`` of experiment ``seed<seed>``."""
 
-    condition: str  # one of CONDITIONS, or STAGE1
+    condition: str  # one of CONDITIONS, or STAGE1: the stage's name
     seed: int
-    stage: str  # the StageHandoff stage name: language, code or joint
     configs: list[str]
     lr: float
     steps: int
@@ -114,17 +120,17 @@ def plan_runs(args: argparse.Namespace, budget: Budget) -> list[Run]:
     replay = {"replay5": 0.05, "replay25": 0.25}
     runs = []
     for seed in args.seeds:
-        language = Run(STAGE1, seed, "language", [stage("language"), model], args.language_lr, budget.language_steps,
+        language = Run(STAGE1, seed, [stage("language"), model], args.language_lr, budget.language_steps,
                        ["--data.init_args.val_domains=[language, code]"])  # code's loss from the start of the curve
         runs.append(language)
-        runs.append(Run("joint", seed, "joint", [str(CONFIGS / "joint.yaml"), model], args.language_lr,
+        runs.append(Run("joint", seed, [str(CONFIGS / "baselines" / "joint.yaml"), model], args.language_lr,
                         budget.joint_steps, [_mixture({"language": 1 - args.code_fraction, "code": args.code_fraction})]))
         for condition in CONDITIONS[:-1]:
             configs, extra = [stage("code")], []
             if condition in replay:
                 configs.append(stage("code_replay"))
                 extra.append(_mixture({"code": 1 - replay[condition], "language": replay[condition]}))
-            runs.append(Run(condition, seed, "code", configs + [model], code_lr[condition], budget.code_steps,
+            runs.append(Run(condition, seed, configs + [model], code_lr[condition], budget.code_steps,
                             extra, parent=language))
     return runs
 
@@ -139,35 +145,23 @@ def _rel(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
+def workspace(out: Path, run: Run, args: argparse.Namespace) -> Workspace:
+    """The study's experiment of ``run``'s seed and its directories (relative to the repository, where it runs)."""
+    return Workspace(f"seed{run.seed}", _rel(out / "models"), _rel(out / "runs"), _rel(args.data_dir))
+
+
 def run_dir(out: Path, run: Run) -> Path:
-    return out / "runs" / run.condition / f"seed{run.seed}"
-
-
-def models_dir(out: Path, run: Run) -> Path:
-    return out / "models" / run.condition / f"seed{run.seed}"
+    return out / "runs" / f"seed{run.seed}" / run.condition
 
 
 def best_checkpoint(out: Path, run: Run) -> Path:
-    return models_dir(out, run) / f"{run.stage}_model_best.ckpt"
+    return out / "models" / f"seed{run.seed}" / f"{run.condition}_model_best.ckpt"
 
 
-def fit_command(run: Run, args: argparse.Namespace, out: Path, cpu: bool) -> list[str]:
-    """The ``stagewise fit`` command line of ``run`` (run from the repository root)."""
-    mdir = _rel(models_dir(out, run))
+def stage_spec(run: Run, args: argparse.Namespace, cpu: bool) -> StageSpec:
+    """The stage of ``run``: its configs and the overrides that make the study's budget."""
     interval = run.steps // args.val_points
-    callbacks = [
-        # The final weights: monitoring "step" (max), every validation replaces the file, the last one is at the
-        # last step. (Saved at validation end, not by every_n_train_steps: that runs before CausalLM counts the step.)
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"dirpath": mdir, "filename": f"{run.stage}_model_best", "monitor": "step", "mode": "max",
-                       "save_weights_only": True, "auto_insert_metric_name": False, "enable_version_counter": False}},
-        # stage.json (tokens, steps, wall time, final losses) and val_tokens/<domain>/loss curves.
-        {"class_path": "callbacks.StageHandoff", "init_args": {"stage": run.stage, "models_dir": mdir, "export_hf": False}},
-    ]
-    cmd = [sys.executable, "-m", "lightning_modules", "fit"]
-    for config in run.configs:
-        cmd += ["-c", _rel(Path(config))]
-    cmd += [
+    overrides = [
         f"--seed_everything={run.seed}",
         f"--trainer.max_steps={run.steps}",
         "--trainer.max_epochs=-1",
@@ -179,51 +173,50 @@ def fit_command(run: Run, args: argparse.Namespace, out: Path, cpu: bool) -> lis
         "--trainer.devices=1",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
-        f"--trainer.logger.init_args.save_dir={_rel(out / 'runs')}",
-        f"--trainer.logger.init_args.name={run.condition}",
-        f"--trainer.logger.init_args.version=seed{run.seed}",
-        f"--trainer.callbacks={json.dumps(callbacks)}",
+        "--trainer.callbacks=[]",  # wall times are compared: no text samples or throughput probes
+        # The final weights are handed on and scored: every validation replaces the file, the last one is at the
+        # last step. The next stage starts from them and resumes use last.ckpt, so weights only.
+        "--best_checkpoint.keep=final",
+        "--best_checkpoint.save_weights_only=true",
+        "--handoff.export_hf=false",
         f"--model.init_args.lr={run.lr:g}",
         f"--model.init_args.warmup_steps={min(args.warmup_steps, max(1, run.steps // 10))}",
         f"--model.init_args.compile={str(args.compile).lower()}",
-        f"--data.init_args.data_dir={_rel(args.data_dir)}",
         f"--data.init_args.seq_len={args.seq_len}",
         f"--data.init_args.batch_size={args.batch_size}",
         f"--data.init_args.seed={run.seed}",
         f"--data.init_args.val_max_windows={args.val_windows}",
     ]
-    if run.parent is not None:
-        cmd.append(f"--model.init_args.init_from={_rel(best_checkpoint(out, run.parent))}")
-    return cmd + run.args
+    return StageSpec(run.condition, [_rel(Path(c)) for c in run.configs], overrides + run.args)
+
+
+def fit_command_of(run: Run, args: argparse.Namespace, out: Path, cpu: bool) -> list[str]:
+    """The ``stagewise fit`` command line of ``run`` (run from the repository root)."""
+    return fit_command(stage_spec(run, args, cpu), run.parent and run.parent.condition, workspace(out, run, args))
 
 
 # -------------------------------------------------------------------------------------------- execute
-def execute(run: Run, cmd: list[str], device: str, out: Path) -> dict:
-    """Run one fit subprocess on ``device`` and return its result record (``status`` ok or failed)."""
-    from callbacks.stage_record import read_stage_record
-    from lightning_modules.report import read_scalars
-
-    rdir, mdir = run_dir(out, run), models_dir(out, run)
-    for d in (rdir, mdir):  # a run starts clean: old event files would mix into its curves
-        shutil.rmtree(d, ignore_errors=True)
-    rdir.mkdir(parents=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if device != "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = device
-    record = {"condition": run.condition, "seed": run.seed, "stage": run.stage, "lr": run.lr,
+def execute(run: Run, args: argparse.Namespace, device: str, out: Path) -> dict:
+    """Run one stage on ``device`` through the pipeline's ``run_stage`` and return its result record
+    (``status`` ok or failed)."""
+    cmd = fit_command_of(run, args, out, device == "cpu")
+    env = {} if device == "cpu" else {"CUDA_VISIBLE_DEVICES": device}
+    record = {"condition": run.condition, "seed": run.seed, "lr": run.lr,
               "parent": run.parent.name if run.parent else None, "device": device, "card": "cpu" if device == "cpu" else card(device),
               "command": shlex.join(["python", *cmd[1:]]), "date": _now()}
     start = time.perf_counter()
-    with open(rdir / "stdout.log", "w") as stdout, open(rdir / "stderr.log", "w") as stderr:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=stderr)
+    try:
+        run_stage(stage_spec(run, args, device == "cpu"), run.parent and run.parent.condition,
+                  workspace(out, run, args), env=env, log_to_files=True, cwd=ROOT)
+    except StagewiseError as err:
+        stderr = run_dir(out, run) / "stderr.log"
+        tail = stderr.read_text(errors="replace")[-3000:] if stderr.exists() else str(err)
+        return record | {"status": "failed", "stderr_tail": tail, "process_time_s": round(time.perf_counter() - start, 2)}
     record["process_time_s"] = round(time.perf_counter() - start, 2)
-    stage = read_stage_record(mdir, run.stage)
-    if proc.returncode != 0 or stage is None:
-        tail = (rdir / "stderr.log").read_text(errors="replace")[-3000:]
-        return record | {"status": "failed", "returncode": proc.returncode, "stderr_tail": tail}
+    stage = read_stage_record(out / "models" / f"seed{run.seed}", run.condition)
     curves = {}
-    for tag, points in read_scalars(rdir, "val_tokens/").items():
-        curves[tag.split("/")[1]] = [[int(step), value] for step, value, _ in points]
+    for tag, points in read_scalars(run_dir(out, run), "val_tokens/").items():  # val_tokens/<domain>/loss
+        curves[domain_of_val_loss(tag, axis="val_tokens")] = [[int(step), value] for step, value, _ in points]
     return record | {
         "status": "ok",
         "losses": {"final": stage["losses"]["final"], "curve": curves},
@@ -247,7 +240,7 @@ def run_all(runs: list[Run], args: argparse.Namespace, out: Path, on_result=None
     todo: list[Run] = []
     for run in runs:
         path = run_dir(out, run) / "result.json"
-        cmd = fit_command(run, args, out, cpu)
+        cmd = fit_command_of(run, args, out, cpu)
         old = json.loads(path.read_text()) if path.exists() else None
         parent_reruns = run.parent is not None and run.parent in todo
         same = old and old.get("status") == "ok" and old.get("command") == shlex.join(["python", *cmd[1:]])
@@ -273,14 +266,13 @@ def run_all(runs: list[Run], args: argparse.Namespace, out: Path, on_result=None
     def worker(device: str) -> None:
         while (run := next_run()) is not None:
             parent = results.get(run.parent.name) if run.parent else None
-            cmd = fit_command(run, args, out, cpu)
             if parent is not None and parent["status"] != "ok":
                 result = {"condition": run.condition, "seed": run.seed, "status": "failed",
                           "stderr_tail": f"not run: its stage 1 ({run.parent.name}) failed"}
             else:
-                console.print(f"[bold]start[/] {run.name} ({run.stage}, lr {run.lr:g}, {run.steps} steps) on {device}")
+                console.print(f"[bold]start[/] {run.name} (lr {run.lr:g}, {run.steps} steps) on {device}")
                 try:
-                    result = execute(run, cmd, device, out)
+                    result = execute(run, args, device, out)
                 except Exception as err:  # noqa: BLE001  (a broken run must not stop the study)
                     result = {"condition": run.condition, "seed": run.seed, "status": "failed",
                               "stderr_tail": f"{type(err).__name__}: {err}"}
@@ -312,7 +304,7 @@ def run_all(runs: list[Run], args: argparse.Namespace, out: Path, on_result=None
         t.join()
     if not args.keep_checkpoints:  # stage 1's weights are needed only by its code stages
         for run in runs:
-            if run.stage != "language":
+            if run.condition != STAGE1:
                 best_checkpoint(out, run).unlink(missing_ok=True)
     return {run.name: results[run.name] for run in runs}
 
@@ -477,7 +469,7 @@ def write_markdown(out: Path, study: dict, results: dict[str, dict], plots: list
         for r in failed:
             last = (r.get("stderr_tail") or "").strip().splitlines() or ["(no stderr)"]
             name = f"{r['condition']}/seed{r['seed']}"
-            lines.append(f"- {name}: `{last[-1]}` (stderr: runs/{name}/stderr.log)")
+            lines.append(f"- {name}: `{last[-1]}` (stderr: runs/seed{r['seed']}/{r['condition']}/stderr.log)")
     lines += ["", "## Plots", "", *(f"![{p}]({p})" for p in plots)]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
@@ -491,8 +483,6 @@ def plot(out: Path, results: dict[str, dict]) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from lightning_modules.report import plot_loss_vs_tokens
 
     by_condition = paths(results)
     color = {c: f"C{i}" for i, c in enumerate((*CONDITIONS, STAGE1))}
@@ -534,7 +524,7 @@ def mean_curves(results: dict[str, dict]) -> tuple[dict[str, dict[str, list]], d
         parent = results[r["parent"]] if r.get("parent") else None
         for run in ([parent] if parent else []) + [r]:
             for d, points in run["losses"]["curve"].items():
-                by_tokens = curves.setdefault(r["condition"], {}).setdefault(f"val_tokens/{d}/loss", {})
+                by_tokens = curves.setdefault(r["condition"], {}).setdefault(val_tokens_loss(d), {})
                 for tokens, value in points:
                     by_tokens.setdefault(tokens, []).append(value)
         if parent:

@@ -19,6 +19,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from datamodules.errors import StagewiseError, TokenizerMismatchError
+from datamodules.metric_names import (
+    TRAIN_GRAD_NORM, TRAIN_LOSS, TRAIN_LR, TRAIN_SKIPPED_STEPS, TRAIN_TOKENS, val_loss, val_ppl,
+)
+from datamodules.stage_record import read_checkpoint
+from lightning_modules.decoding import generate
 from lightning_modules.transformer import ARCHITECTURES, TransformerConfig
 
 
@@ -188,8 +193,6 @@ class CausalLM(L.LightningModule):
         lineage's token count in ``parent_tokens``."""
         path = Path(path)
         hint = "train the previous stage first or pass --model.init_from <checkpoint>"
-        from callbacks.stage_record import read_checkpoint  # callbacks/ imports this module: import late
-
         ckpt = read_checkpoint(path, hint, prefix="init_from: ")
         theirs = (ckpt.get("hyper_parameters") or {}).get("tokenizer_sha256")
         ours = self.hparams.tokenizer_sha256
@@ -252,11 +255,11 @@ class CausalLM(L.LightningModule):
         # Host-side count (numel is known without a device sync); each rank sees an equal-sized batch.
         self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
         bs = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, batch_size=bs)
+        self.log(TRAIN_LOSS, loss, batch_size=bs)
         self._show_loss(loss, bs)
         # CPU tensors: a Python float would be copied to the GPU, a host sync on every step.
-        self.log("train/tokens", torch.tensor(float(self.tokens_seen)), batch_size=bs)
-        self.log("train/lr", torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=bs)
+        self.log(TRAIN_TOKENS, torch.tensor(float(self.tokens_seen)), batch_size=bs)
+        self.log(TRAIN_LR, torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=bs)
         return loss
 
     def _show_loss(self, loss: torch.Tensor, batch_size: int) -> None:
@@ -322,10 +325,10 @@ class CausalLM(L.LightningModule):
             if hasattr(norm, "full_tensor"):  # DTensor gradients (ModelParallelStrategy / FSDP2)
                 norm = norm.full_tensor()
         if not self.skip_non_finite_step(norm):
-            self.log("train/grad_norm", norm)
+            self.log(TRAIN_GRAD_NORM, norm)
         pending = self._bad_counts  # on the device path: count without a host sync
         skipped = torch.tensor(float(self._skipped_steps)) if pending is None else pending[0] + self._skipped_steps
-        self.log("train/skipped_steps", skipped)
+        self.log(TRAIN_SKIPPED_STEPS, skipped)
 
     def skip_non_finite_step(self, grad_norm: torch.Tensor) -> bool:
         """Skip this optimizer step when the loss or ``grad_norm`` is not finite; stop the stage after
@@ -394,8 +397,11 @@ class CausalLM(L.LightningModule):
                 continue
             loss = metric.compute()  # reduced across ranks by torchmetrics
             metric.reset()
-            self.log(f"val/{domain}/loss", loss, add_dataloader_idx=False)
-            self.log(f"val/{domain}/ppl", torch.exp(loss), add_dataloader_idx=False)
+            self.log(val_loss(domain), loss, add_dataloader_idx=False)
+            self.log(val_ppl(domain), torch.exp(loss), add_dataloader_idx=False)
+        # The x of these points: optimizer steps taken, the step every callback logs this validation at
+        # (Lightning would use its count of batches that stepped, one less inside a fit's validation).
+        self.log("step", float(self.trainer.global_step), add_dataloader_idx=False)
 
     def _domain(self, dataloader_idx: int) -> str:
         domains = getattr(getattr(self._trainer, "datamodule", None), "val_domains", None) or []
@@ -466,45 +472,6 @@ class CausalLM(L.LightningModule):
         self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
         attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
     ) -> torch.Tensor:
-        """Greedy continuation of prompts ``input_ids`` [B, T], all rows decoded together with a KV cache.
-
-        Args:
-            input_ids: Prompts [B, T]; prompts of different lengths are left-padded.
-            max_new_tokens: Most tokens generated per row.
-            eos_token_id: Stop id(s): a row stops after emitting any of them; generation ends once all rows
-                have stopped.
-            attention_mask: [B, T], 1 for prompt tokens and 0 for left padding (None: no padding).
-            pad_token_id: Fills a stopped row's later slots (default: the first stop id).
-
-        Returns:
-            Prompt + new tokens [B, T + n]; row ``b`` equals its own unbatched greedy continuation.
-        """
-        import inspect
-
-        self.configure_model()
-        model = self.model
-        input_ids = input_ids.to(self.device)
-        stops = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int)
-                             else list(eos_token_id), dtype=torch.long, device=self.device)
-        pad = pad_token_id if pad_token_id is not None else int(stops[0]) if len(stops) else 0
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None
-        if attention_mask is not None and "key_mask" not in inspect.signature(model.layers[0].attn.attend).parameters:
-            # an attention subclass without padding support: decode the rows one by one, unpadded
-            news = [self.generate(ids[mask.bool()][None], max_new_tokens, eos_token_id, None, pad)[0, int(mask.sum()):]
-                    for ids, mask in zip(input_ids, attention_mask.to(self.device))]
-            return torch.cat([input_ids, nn.utils.rnn.pad_sequence(news, batch_first=True, padding_value=pad)], 1)
-        was_training = self.training
-        self.eval()
-        cache = model.make_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
-        logits = model(input_ids, cache, attention_mask=attention_mask, last_only=True)
-        out, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
-        for i in range(max_new_tokens):
-            token = torch.where(done, pad, logits[:, -1].argmax(dim=-1))
-            done |= torch.isin(token, stops)
-            out.append(token[:, None])
-            if i == max_new_tokens - 1 or bool(done.all()):
-                break
-            logits = model(token[:, None], cache, last_only=True)
-        self.train(was_training)
-        return torch.cat(out, dim=1)
+        """Greedy continuation of prompts ``input_ids`` [B, T], all rows decoded together with a KV cache
+        (:func:`lightning_modules.decoding.generate`, where the arguments are documented)."""
+        return generate(self, input_ids, max_new_tokens, eos_token_id, attention_mask, pad_token_id)

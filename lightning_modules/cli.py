@@ -1,26 +1,39 @@
 """The `stagewise` command.
 
-``stagewise fit|validate|test|predict`` is a LightningCLI: compose several ``-c`` YAML files, override
-any init argument from the command line (``--model.lr 1e-4``), ``--print_config`` for a complete
-runnable config. The other subcommands (``prepare``, ``export``, ``pipeline``...) are jsonargparse
-commands in the same style. A problem the user can fix (``StagewiseError``) prints one message and
-exits with status 2, without a traceback.
+``stagewise fit|validate|test|predict`` is a LightningCLI: ``configs/base.yaml`` first (without being
+named), then the ``-c`` YAML files in order, then any init argument from the command line
+(``--model.init_args.lr 1e-4``); ``--print_config`` prints a complete runnable config. Each run is a stage
+(the ``stage:`` section, :mod:`lightning_modules.stage`), from which its files, callbacks, data domains
+and starting weights follow. The other subcommands (``prepare``, ``export``, ``pipeline``...) are
+jsonargparse commands in the same style. A problem the user can fix (``StagewiseError``) prints one
+message and exits with status 2, without a traceback. Class paths may name modules of the working
+directory (``--model experiments.examples.label_smoothing.LabelSmoothingLM``, ``--model mymodule.MyLM``),
+from the console script as from ``python -m lightning_modules``.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from jsonargparse import ActionYesNo
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+import callbacks  # noqa: F401  (registers our callbacks so configs may name them by class name)
+from callbacks import FinalMetricsToHparams
+from callbacks.precision import resolve_precision
+from callbacks.safety import AtomicCheckpointIO, LastCheckpoint, PreemptionCheck
+from datamodules.datamodule import CorpusDataModule
 from datamodules.errors import StagewiseError, argument_error
+from lightning_modules.causal_lm import CausalLM
+from lightning_modules.stage import BASE_CONFIG, SECTIONS, Stage, apply_stage
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -36,25 +49,27 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 class StagewiseCLI(LightningCLI):
-    """LightningCLI with the data's vocabulary and tokenizer linked into the model, and safety nets.
+    """LightningCLI in which every run is a stage: the ``stage:`` section decides where its files go, its
+    callbacks' stage, its data domains and starting weights (:func:`lightning_modules.stage.apply_stage`).
 
-    Every checkpoint is written atomically (``callbacks.safety.AtomicCheckpointIO``); ``last.ckpt`` is kept
-    by ``--last_checkpoint.*`` (``callbacks.safety.LastCheckpoint``) for ``--ckpt_path last``; multi-process runs
-    check for SIGTERM every ``--preemption_check.every_n_steps`` steps (``callbacks.safety.PreemptionCheck``)
-    instead of syncing with the GPU before every step; ``fit``
-    refuses to write into a run directory or best checkpoint of another run unless resuming
-    (``--ckpt_path``) or given ``--overwrite``.
+    Every stage also gets ``--best_checkpoint.*`` (``callbacks.BestCheckpoint``), ``--handoff.*``
+    (``callbacks.StageHandoff``), ``--forgetting.*`` (``callbacks.ForgettingMonitor``), ``last.ckpt`` kept by
+    ``--last_checkpoint.*`` for ``--ckpt_path last``, SIGTERM checks every ``--preemption_check.every_n_steps``
+    steps in multi-process runs instead of a GPU sync before every step, and atomic checkpoint writes. The
+    data's vocabulary and tokenizer are linked into the model. ``fit`` refuses to replace an earlier run of
+    its stage unless resuming (``--ckpt_path``) or given ``--overwrite``.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        from callbacks.safety import LastCheckpoint, PreemptionCheck
-
+        parser.add_class_arguments(Stage, "stage")
+        for key, cls in SECTIONS.items():
+            parser.add_lightning_class_args(cls, key)
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(PreemptionCheck, "preemption_check")
         parser.add_argument(
             "--overwrite", action=ActionYesNo, default=False,
-            help="Start this run even where its run directory already holds checkpoints or its best checkpoint "
-                 "exists (both get replaced); without it such a fit refuses to start.",
+            help="Start this stage afresh even where an earlier run of it exists: its run directory is moved aside "
+                 "(<stage>.<time>), its best checkpoint and record are removed. Without it such a fit refuses to start.",
         )
         # The model's embedding size and tokenizer check come from the prepared data, never by hand.
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
@@ -65,10 +80,11 @@ class StagewiseCLI(LightningCLI):
         action.default = "auto"
 
     def before_instantiate_classes(self) -> None:
-        """Resolve ``trainer.precision: auto`` to bf16-mixed / 16-mixed / 32-true for this machine."""
-        from callbacks.precision import resolve_precision
-
-        trainer = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
+        """Apply the stage to the config; resolve ``trainer.precision: auto`` to bf16-mixed / 16-mixed / 32-true."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        self.stage = Stage(**config.stage)
+        apply_stage(config, self.stage, self.subcommand or "fit", resuming=bool(config.get("ckpt_path")))
+        trainer = config.trainer
         if trainer.get("plugins") and trainer.precision == "auto":
             trainer.precision = None  # a precision plugin (e.g. Float8MixedPrecision) chooses instead
         elif trainer.precision == "auto":
@@ -76,10 +92,6 @@ class StagewiseCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer, with :class:`~callbacks.safety.AtomicCheckpointIO` unless the config names a CheckpointIO."""
-        from lightning.fabric.plugins import CheckpointIO
-
-        from callbacks.safety import AtomicCheckpointIO
-
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -87,27 +99,34 @@ class StagewiseCLI(LightningCLI):
         return super().instantiate_trainer(plugins=plugins, **kwargs)
 
     def before_fit(self) -> None:
-        """Check ``--ckpt_path`` points at a checkpoint, or that this fit overwrites no other run's files."""
+        """Check ``--ckpt_path`` points at a checkpoint, or that this fit replaces no earlier run of its stage
+        (with ``--overwrite``: move that run aside first), before anything is written."""
         if self.trainer.global_rank != 0:  # ranks started by the DDP launcher: rank 0 checked already
             return
         config = self.config[self.subcommand]
         if config.get("ckpt_path"):
             _check_resume_path(self.trainer, str(config.ckpt_path))
         else:
-            _check_not_overwriting(self.trainer, bool(config.get("overwrite")))
+            _check_not_overwriting(self.trainer, self.stage, bool(config.get("overwrite")))
 
 
-def _run_dir(trainer: Trainer) -> Path:
-    """The run's directory ``<save_dir>/<experiment>/<version>`` (where Lightning puts ``checkpoints/``)."""
-    if not trainer.loggers:
-        return Path(trainer.default_root_dir)
-    logger = trainer.loggers[0]
-    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-    return Path(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
+class SaveStageConfig(SaveConfigCallback):
+    """Writes the run's complete config (the stage applied) to ``config.yaml`` in its run directory. A resumed
+    run keeps the config the run started with and writes its own beside it, ``config.resume<k>.yaml``."""
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        log_dir = trainer.log_dir
+        if not self.already_saved and self.config.get("ckpt_path") and log_dir:
+            k = 1
+            while Path(log_dir, f"config.resume{k}.yaml").exists():
+                k += 1
+            if Path(log_dir, self.config_filename).exists():
+                self.config_filename = f"config.resume{k}.yaml"
+        super().setup(trainer, pl_module, stage)
 
 
 def _last_dirs(trainer: Trainer) -> list[Path]:
-    return [Path(cb.dirpath) if cb.dirpath else _run_dir(trainer) / "checkpoints"
+    return [Path(cb.dirpath) if cb.dirpath else Path(trainer.default_root_dir) / "checkpoints"
             for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.save_last]
 
 
@@ -115,38 +134,33 @@ def _check_resume_path(trainer: Trainer, ckpt_path: str) -> None:
     if ckpt_path == "last":
         dirs = _last_dirs(trainer)
         if not any(any(d.glob("last*.ckpt")) for d in dirs):
-            fixed = bool(trainer.loggers) and isinstance(trainer.loggers[0].version, str)
-            hint = "" if fixed else (" (the logger has no fixed version, so this run got a new directory: pass the "
-                                     "path of the run's last.ckpt instead)")
             where = ", ".join(map(str, dirs)) or "any checkpoint directory"
-            raise StagewiseError(f"--ckpt_path last: no last.ckpt under {where}{hint}; start without --ckpt_path")
+            raise StagewiseError(f"--ckpt_path last: no last.ckpt under {where}; start without --ckpt_path")
     elif ckpt_path not in ("best", "hpc", "registry") and "://" not in ckpt_path and not Path(ckpt_path).is_file():
         raise StagewiseError(f"--ckpt_path {ckpt_path}: no such checkpoint; pass an existing .ckpt, `last`, or start "
                              "without --ckpt_path")
 
 
-def _check_not_overwriting(trainer: Trainer, overwrite: bool) -> None:
-    """Refuse a fresh fit whose run directory holds checkpoints or whose fixed-name checkpoints exist; with
-    ``overwrite``, remove the old ``last.ckpt`` so a later ``--ckpt_path last`` cannot resume the old run."""
-    run_dir = _run_dir(trainer)
-    taken = sorted({*(run_dir / "checkpoints").glob("*.ckpt"), *(p for d in _last_dirs(trainer) for p in d.glob("last*.ckpt"))})
-    for cb in trainer.callbacks:
-        if isinstance(cb, ModelCheckpoint) and cb.dirpath and cb.filename and "{" not in cb.filename:
-            taken += [p for p in [Path(cb.dirpath, cb.filename + cb.FILE_EXTENSION)] if p.exists()]
-        best = getattr(cb, "best_path", None)  # StageHandoff's models/<stage>_model_best.ckpt
-        if isinstance(best, Path) and best.exists() and best not in taken:
-            taken.append(best)
+def _check_not_overwriting(trainer: Trainer, stage: Stage, overwrite: bool) -> None:
+    """Refuse a fresh fit where an earlier run of the stage left files (run directory, best checkpoint,
+    record, a ``last.ckpt``); with ``overwrite``, move that run aside and remove the rest, so nothing of it
+    mixes into this one and a later ``--ckpt_path last`` cannot resume it."""
+    out = stage.outputs
+    lasts = [p for d in _last_dirs(trainer) for p in d.glob("last*.ckpt") if not p.is_relative_to(out.run_dir)]
+    taken = out.claimed() + lasts
     if not taken:
         return
     if not overwrite:
         raise StagewiseError(
-            f"this run would overwrite another run's checkpoints: {', '.join(map(str, taken))} (run directory "
-            f"{run_dir}). Resume that run with --ckpt_path last, start over with --overwrite, or give this run "
-            "another --trainer.logger.init_args.version (and its stage another best checkpoint name)"
+            f"stage '{stage.name}' of experiment '{stage.experiment}' has run before: {', '.join(map(str, taken))}. "
+            "Resume that run with --ckpt_path last, start it over with --overwrite (the old run directory is moved "
+            f"aside to {out.run_dir}.<time>), or run this one as another --stage.name or --stage.experiment"
         )
-    for d in _last_dirs(trainer):
-        for last in d.glob("last*.ckpt"):
-            last.unlink()
+    for last in lasts:
+        last.unlink()
+    aside = out.start_over()
+    if aside is not None:
+        print(f"stagewise fit: the earlier run of stage '{stage.name}' was moved to {aside}", file=sys.stderr)
 
 
 def strategy_from_config(path: str | Path):
@@ -161,19 +175,16 @@ def strategy_from_config(path: str | Path):
 
 
 def persistent_callbacks() -> list:
-    """Callbacks every stage gets in addition to its config's: the final losses in the HPARAMS tab
-    (``last.ckpt`` comes from ``--last_checkpoint.*``; ``CausalLM`` logs the LR)."""
-    from callbacks import FinalMetricsToHparams
-
+    """Callbacks every stage gets in addition to its config's and its sections': the run's settings and final
+    losses in the HPARAMS tab (``CausalLM`` logs the LR)."""
     return [FinalMetricsToHparams()]
 
 
-def run_lightning(args: list[str] | None = None) -> StagewiseCLI:
-    """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``)."""
-    import callbacks  # noqa: F401  (registers our callbacks so configs may name them by class name)
-    from datamodules.datamodule import CorpusDataModule
-    from lightning_modules.causal_lm import CausalLM
-
+def run_lightning(args: list[str] | None = None, run: bool = True) -> StagewiseCLI:
+    """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``); with ``run=False``, only
+    build the stage's model, data and Trainer from ``args`` (no subcommand) and return the CLI."""
+    subcommand_kwargs = {"exit_on_error": False, "default_config_files": [str(BASE_CONFIG)]}
+    parser_kwargs = {name: subcommand_kwargs for name in LIGHTNING_SUBCOMMANDS} if run else subcommand_kwargs
     return StagewiseCLI(
         CausalLM,
         CorpusDataModule,
@@ -183,10 +194,12 @@ def run_lightning(args: list[str] | None = None) -> StagewiseCLI:
         seed_everything_default=1234,
         # Our samplers split data across ranks themselves (deterministic and resumable).
         trainer_defaults={"use_distributed_sampler": False, "callbacks": persistent_callbacks()},
+        save_config_callback=SaveStageConfig,
         save_config_kwargs={"overwrite": True},
         # Parse errors raise ArgumentError (reported in one paragraph by `main`) instead of printing the usage.
-        parser_kwargs={"exit_on_error": False, **{name: {"exit_on_error": False} for name in LIGHTNING_SUBCOMMANDS}},
+        parser_kwargs={"exit_on_error": False, **parser_kwargs},
         args=args,
+        run=run,
     )
 
 
@@ -199,8 +212,17 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def import_from_working_directory() -> None:
+    """Put the working directory on ``sys.path`` as ``python -m`` does, so class paths may name its modules
+    (``experiments.*``, a user's ``mymodule.MyLM``): a console script's path starts with its own bin/."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Dispatch ``stagewise <command> ...``."""
+    import_from_working_directory()
     from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):

@@ -16,8 +16,12 @@ from typing import Any
 import torch
 import yaml
 
-from callbacks.stage_record import read_checkpoint as _read_checkpoint
+from datamodules.datamodule import CorpusDataModule
 from datamodules.errors import StagewiseError, TokenizerMismatchError
+from datamodules.metric_names import val_loss
+from datamodules.stage_record import read_checkpoint as _read_checkpoint
+from lightning_modules.causal_lm import CausalLM
+from lightning_modules.tool_eval import evaluate_tool_calls, load_heldout_examples
 
 KNOWN_ORDER = ("language", "code", "tools")
 
@@ -52,8 +56,6 @@ def read_checkpoint(ckpt: str | Path) -> dict[str, Any]:
 def load_model(ckpt: str | Path, map_location: str = "cpu", saved: dict[str, Any] | None = None):
     """The ``CausalLM`` (or subclass) of a checkpoint, weights loaded, in eval mode (``saved``: the checkpoint's
     contents if already read with :func:`read_checkpoint`)."""
-    from lightning_modules.causal_lm import CausalLM
-
     hp = (saved if saved is not None else read_checkpoint(ckpt)).get("hyper_parameters") or {}
     class_path = hp.get("_class_path")
     if class_path:  # a subclass saved by LightningCLI: import it so Lightning may build it
@@ -81,7 +83,7 @@ def evaluate(
     Settings come from, in increasing priority: the checkpoint's own data settings, ``config``, the flags.
 
     Args:
-        ckpt: The checkpoint to evaluate (e.g. ``models/tools_model_best.ckpt``).
+        ckpt: The checkpoint to evaluate (e.g. ``models/default/tools_model_best.ckpt``).
         config: A stage config (its ``data:`` section) or a data config (its ``data_dir`` and corpora).
         data_dir: Where ``stagewise prepare`` wrote the corpora (default ``data``).
         domains: The corpora to evaluate (default: every corpus prepared under ``data_dir``).
@@ -99,9 +101,7 @@ def evaluate(
     """
     import lightning as L
 
-    from datamodules.datamodule import CorpusDataModule
-    from datamodules.tokenizer import load_tokenizer
-    from lightning_modules.tool_eval import evaluate_tool_calls, load_heldout_examples
+    from datamodules.tokenizer import load_tokenizer  # transformers: imported when used
 
     saved = read_checkpoint(ckpt)
     # A CorpusDataModule's state_dict (its settings) is stored under its class name.
@@ -131,7 +131,7 @@ def evaluate(
     trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
-    losses = {d: float(metrics[f"val/{d}/loss"]) for d in names if f"val/{d}/loss" in metrics}
+    losses = {d: float(metrics[val_loss(d)]) for d in names if val_loss(d) in metrics}
 
     tools = None
     if "tools" in names:

@@ -3,7 +3,7 @@
 Our RoPE follows the Hugging Face Llama convention, so the mapping only renames tensors and splits the
 fused q/k/v and gate/up projections; a test checks that the logits match.
 
-    stagewise export --ckpt models/tools_model_best.ckpt --out models/tools_hf --tokenizer_dir data/tokenizer
+    stagewise export --ckpt models/default/tools_model_best.ckpt --out models/default/tools_hf --tokenizer_dir data/tokenizer
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from callbacks.stage_record import read_checkpoint
+from datamodules.stage_record import read_checkpoint
 from datamodules.errors import StagewiseError, TokenizerMismatchError
 from lightning_modules.transformer import TransformerConfig
 

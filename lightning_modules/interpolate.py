@@ -5,14 +5,15 @@ models", CVPR 2022): α=0 is the parent, α=1 the child, in between often keeps 
 learned while forgetting less of what the parent knew. Each blend's per-domain held-out loss is
 measured with the DataModule's validation loaders and ``CausalLM``'s own validation step.
 
-    stagewise interpolate --from models/language_model_best.ckpt --to models/code_model_best.ckpt \\
-        --alphas 0,0.25,0.5,0.75,1 -c configs/stages/code.yaml --out models/code_wise.ckpt
+    stagewise interpolate --from models/default/language_model_best.ckpt --to models/default/code_model_best.ckpt \\
+        --alphas 0,0.25,0.5,0.75,1 --data_dir data --domains language,code --out models/default/code_wise.ckpt
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,14 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser
 
-from callbacks.stage_record import read_checkpoint
+from datamodules.datamodule import CorpusDataModule
 from datamodules.errors import StagewiseError, TokenizerMismatchError
+from datamodules.metric_names import val_loss
+from datamodules.stage_record import (
+    checkpoint_mismatch, file_sha256, lineage_domains, read_checkpoint, stage_record_for_checkpoint,
+)
+from lightning_modules.causal_lm import CausalLM
+from lightning_modules.stage import data_section
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -47,6 +54,23 @@ def check_compatible(parent: dict, child: dict, parent_path: str = "parent", chi
                                      f"{tok[1][:12]}…; blend checkpoints of one lineage")
 
 
+def lineage_problems(parent: str | Path, child: str | Path) -> list[str]:
+    """Why ``child`` is not known to descend from ``parent``: its record names another parent file (or the
+    parent was retrained since), or a record describes other weights than its file. Empty when the records
+    agree with the files (or there are none)."""
+    problems = []
+    for path in (parent, child):
+        record = stage_record_for_checkpoint(path)
+        mismatch = record and checkpoint_mismatch(record, path)
+        if mismatch:
+            problems.append(mismatch)
+    recorded = (stage_record_for_checkpoint(child) or {}).get("parent") or {}
+    if recorded.get("sha256") and recorded["sha256"] != file_sha256(parent):
+        problems.append(f"{child} was trained from {recorded.get('path')} (sha256 {recorded['sha256'][:12]}…), but "
+                        f"--from {parent} has sha256 {file_sha256(parent)[:12]}…: not its parent (anymore)")
+    return problems
+
+
 def blend(parent: dict[str, torch.Tensor], child: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
     """``(1-alpha)·parent + alpha·child`` for floating-point tensors (computed in float32, stored in the
     child's dtype); other tensors (integer buffers) are the child's."""
@@ -68,7 +92,7 @@ def evaluate(model: L.LightningModule, datamodule: L.LightningDataModule, accele
     trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(model, datamodule=datamodule, verbose=False)
-    return {d: float(trainer.callback_metrics[f"val/{d}/loss"]) for d in datamodule.val_domains}
+    return {d: float(trainer.callback_metrics[val_loss(d)]) for d in datamodule.val_domains}
 
 
 def choose_alpha(results: list[dict[str, Any]], choose: str = "best_mean") -> float:
@@ -110,11 +134,14 @@ def interpolate(
     report: str | None = None,
     accelerator: str = "auto",
 ) -> dict[str, Any]:
-    """Blend, evaluate every α, write the report (JSON) and the chosen blend (``out``); return the report."""
-    from lightning_modules.causal_lm import CausalLM
-
+    """Blend, evaluate every α, write the report (JSON) and the chosen blend (``out``); return the report.
+    A child that does not descend from ``parent`` (by the stage records' sha256) is said so, in the report's
+    ``lineage`` and on stderr, and still blended."""
     p_ckpt, c_ckpt = load_checkpoint(parent), load_checkpoint(child)
     check_compatible(p_ckpt, c_ckpt, parent, child)
+    broken = lineage_problems(parent, child)
+    for problem in broken:
+        print(f"stagewise interpolate: lineage broken: {problem}", file=sys.stderr)
     data_tok = getattr(datamodule, "tokenizer_sha256", None)
     model_tok = (c_ckpt.get("hyper_parameters") or {}).get("tokenizer_sha256")
     if data_tok and model_tok and data_tok != model_tok:
@@ -127,7 +154,7 @@ def interpolate(
         results.append({"alpha": float(alpha), "losses": evaluate(model, datamodule, accelerator)})
     chosen = choose_alpha(results, choose)
     summary = {"parent": str(parent), "child": str(child), "choose": choose, "chosen_alpha": chosen,
-               "results": results, "out": out}
+               "results": results, "out": out, "lineage": broken or "checked: the child's record names this parent"}
     print_table(summary)
     report = Path(report or Path(child).with_name(Path(child).stem + "_interpolation.json"))
     report.parent.mkdir(parents=True, exist_ok=True)
@@ -160,7 +187,7 @@ def print_table(summary: dict[str, Any]) -> None:
     results = summary["results"]
     domains = list(results[0]["losses"])
     table = Table(title=f"(1-α)·{Path(summary['parent']).name} + α·{Path(summary['child']).name}")
-    for col in ["α", *(f"val/{d}/loss" for d in domains), "relative mean", ""]:
+    for col in ["α", *(val_loss(d) for d in domains), "relative mean", ""]:
         table.add_column(col, justify="right")
     for r in results:
         rel = f"{r['relative_mean']:.4f}" if "relative_mean" in r else ""
@@ -170,27 +197,28 @@ def print_table(summary: dict[str, Any]) -> None:
 
 
 def build_datamodule(config: str | None, data_dir: str | None, domains: list[str] | None,
-                     max_windows: int | None, batch_size: int | None, seq_len: int | None) -> L.LightningDataModule:
-    """The validation data: a stage config's ``data`` section (its class and init_args), or a data dir
-    with ``--domains``; explicit flags override the config's values."""
+                     max_windows: int | None, batch_size: int | None, seq_len: int | None,
+                     lineage: list[str] | None = None) -> L.LightningDataModule:
+    """The validation data: a stage config's ``data`` section as ``stagewise fit`` composes it, or a data dir
+    with ``--domains``; explicit flags override the config's values. The domains: ``domains``, else the
+    config's ``val_domains``, else ``lineage`` (the child's), else the stage's own."""
     overrides = {k: v for k, v in {"data_dir": data_dir, "val_max_windows": max_windows,
                                    "batch_size": batch_size, "seq_len": seq_len}.items() if v is not None}
     if config and Path(config).is_file():
-        section = (yaml.safe_load(Path(config).read_text()) or {}).get("data") or {}
-        if "class_path" not in section:
+        section = data_section(config)
+        if not section.get("class_path"):
             raise StagewiseError(f"{config} has no data: class_path section; pass a stage config or a data dir")
         module, _, name = section["class_path"].rpartition(".")
         cls = getattr(importlib.import_module(module), name)
-        dm = cls(**{**(section.get("init_args") or {}), **overrides})
-        if domains:
-            dm.val_domains = list(domains)
+        init = {**section["init_args"], **overrides}
+        dm = cls(**init)
+        dm.val_domains = list(domains or init.get("val_domains") or lineage or dm.val_domains)
         return dm
     if config:  # a data dir
         overrides.setdefault("data_dir", config)
+    domains = domains or lineage
     if not domains:
         raise StagewiseError("name the domains to evaluate with --domains language,code (or pass -c <stage config>)")
-    from datamodules.datamodule import CorpusDataModule
-
     return CorpusDataModule(corpus=domains[0], val_domains=list(domains), **overrides)
 
 
@@ -209,7 +237,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
                         help="A stage config (its data: section is used) or a prepared data dir.")
     parser.add_argument("--data_dir", type=str, default=None, help="Prepared data dir (overrides the config's).")
     parser.add_argument("--domains", type=_csv(str), default=None,
-                        help="Validation domains, comma-separated (default: the stage config's).")
+                        help="Validation domains, comma-separated (default: the stage config's, else the child's lineage).")
     parser.add_argument("--max_windows", type=int, default=None, help="Validation windows per domain.")
     parser.add_argument("--batch_size", type=int, default=None, help="Validation batch size.")
     parser.add_argument("--seq_len", type=int, default=None, help="Tokens per validation window.")
@@ -220,5 +248,6 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
                         help="JSON report path (default: <child>_interpolation.json beside the child).")
     parser.add_argument("--accelerator", type=str, default="auto", help="Lightning accelerator.")
     cfg = parser.parse_args(args)
-    dm = build_datamodule(cfg.data, cfg.data_dir, cfg.domains, cfg.max_windows, cfg.batch_size, cfg.seq_len)
+    lineage = lineage_domains(stage_record_for_checkpoint(cfg.child))
+    dm = build_datamodule(cfg.data, cfg.data_dir, cfg.domains, cfg.max_windows, cfg.batch_size, cfg.seq_len, lineage)
     return interpolate(cfg.parent, cfg.child, dm, cfg.alphas, cfg.choose, cfg.out, cfg.report, cfg.accelerator)

@@ -1,12 +1,17 @@
 """`stagewise pipeline -c configs/pipelines/<name>.yaml`: prepare, every stage in order, baselines, report.
 
 Each stage runs as its own ``stagewise fit`` process (a clean process per stage, as a user would run
-it), started from the previous stage's best checkpoint (``--model.init_args.init_from``). The pipeline is
+it) with ``--stage.name``, ``--stage.parent`` (the previous stage unless the pipeline says otherwise)
+and the pipeline's experiment and directories, so everything it writes lies under
+``<models_dir>/<experiment>/`` and ``<runs_dir>/<experiment>/`` and it reads only ``data_dir``. The pipeline is
 
-- idempotent: a stage whose ``models/<stage>/stage.json`` carries the same pipeline key (its config
-  files, arguments, parent checkpoint and data) is skipped, and says so;
+- idempotent: a stage whose ``stage.json`` carries the same pipeline key (its config files, the base
+  config, its arguments, its parent checkpoint and data) is skipped, and says so;
 - resumable: a stage interrupted with the same key continues from its ``last.ckpt``
   (``--ckpt_path last``); one whose key changed starts over, and its old run directory is kept aside.
+
+:func:`run_stage` is the one way a stage is run from code: ``experiments/staged_vs_joint.py`` runs its
+conditions through it too.
 """
 
 from __future__ import annotations
@@ -14,17 +19,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 
-from callbacks.stage_record import file_sha256, read_stage_record, update_stage_record
+from datamodules.command import run_function
 from datamodules.errors import StagewiseError
+from datamodules.prepare import main as prepare_main
+from datamodules.stage_record import file_sha256, read_stage_record, update_stage_record
+from lightning_modules.report import write_report
+from lightning_modules.stage import BASE_CONFIG, Outputs
 
 console = Console(stderr=True)
 
@@ -34,23 +44,57 @@ class StageSpec:
     """One ``stagewise fit`` run of the pipeline.
 
     Args:
-        name: The stage's name; its best checkpoint is ``<models_dir>/<name>_model_best.ckpt``.
-        configs: The ``-c`` files of the run, composed in order (stage config, model preset, recipe...).
+        name: The stage's name (``--stage.name``); its best checkpoint is
+            ``<models_dir>/<experiment>/<name>_model_best.ckpt``.
+        configs: The ``-c`` files of the run, composed in order after ``configs/base.yaml`` (stage config,
+            model preset, overlay, recipe...).
         args: Extra command-line overrides, e.g. ``["--trainer.max_steps=200"]``.
-        init_from: The stage whose best checkpoint this one starts from; ``previous`` (the default) is the
-            stage before it in the list, ``none`` starts from scratch.
+        parent: The stage whose best checkpoint this one starts from: ``previous`` (the default) is the
+            stage before it in the list (baselines: none), ``none`` starts from scratch.
     """
 
     name: str
     configs: list[str]
     args: list[str] = field(default_factory=list)
-    init_from: str = "previous"
+    parent: str = "previous"
 
 
-def _key(spec: StageSpec, parent_ckpt: Path | None, data_dir: Path) -> str:
-    h = hashlib.sha256()
+@dataclass(frozen=True)
+class Workspace:
+    """What every stage of one pipeline run shares: its experiment and the directories it reads and writes.
+
+    Args:
+        experiment: The experiment's name: ``<runs_dir>/<experiment>/``, ``<models_dir>/<experiment>/``.
+        models_dir: Root of the experiments' checkpoints and stage records.
+        runs_dir: Root of the experiments' TensorBoard runs.
+        data_dir: The prepared data every stage reads.
+    """
+
+    experiment: str = "default"
+    models_dir: str = "models"
+    runs_dir: str = "runs"
+    data_dir: str = "data"
+
+    def outputs(self, stage: str) -> Outputs:
+        return Outputs(stage, self.experiment, self.models_dir, self.runs_dir)
+
+
+def fit_command(spec: StageSpec, parent: str | None, where: Workspace) -> list[str]:
+    """The ``stagewise fit`` command line of ``spec`` started from stage ``parent`` (None: from scratch). The
+    workspace's experiment and directories come last, so they beat anything the stage's configs and args say."""
+    cmd = [sys.executable, "-m", "lightning_modules", "fit"]
     for cfg in spec.configs:
-        h.update(cfg.encode() + b"\0" + Path(cfg).read_bytes())
+        cmd += ["-c", cfg]
+    cmd += [f"--stage.name={spec.name}", f"--stage.parent={parent or 'null'}", *spec.args]
+    cmd += [f"--stage.experiment={where.experiment}", f"--stage.models_dir={where.models_dir}",
+            f"--stage.runs_dir={where.runs_dir}", f"--data.init_args.data_dir={where.data_dir}"]
+    return cmd
+
+
+def _key(spec: StageSpec, parent_ckpt: Path | None, data_dir: Path, cwd: Path) -> str:
+    h = hashlib.sha256()
+    for cfg in [str(BASE_CONFIG), *spec.configs]:
+        h.update(cfg.encode() + b"\0" + ((cwd / cfg).read_bytes() if (cwd / cfg).is_file() else b""))
     h.update(json.dumps(spec.args).encode())
     h.update((file_sha256(parent_ckpt) if parent_ckpt else "scratch").encode())
     for manifest in sorted(data_dir.glob("*/manifest.json")):
@@ -58,58 +102,66 @@ def _key(spec: StageSpec, parent_ckpt: Path | None, data_dir: Path) -> str:
     return h.hexdigest()
 
 
-def _run_stage(spec: StageSpec, experiment: str, parent: Path | None, models_dir: Path, runs_dir: Path,
-               data_dir: Path) -> str:
-    """Run (or skip, or resume) one stage; returns what happened. Its configs exist (``validate_pipeline``)."""
-    key = _key(spec, parent, data_dir)
-    record = read_stage_record(models_dir, spec.name)
-    best = models_dir / f"{spec.name}_model_best.ckpt"
-    if record and record.get("pipeline_key") == key and best.exists():
-        console.print(f"[green]{spec.name}[/]: up to date (models/{spec.name}/stage.json matches), skipped")
+def run_stage(spec: StageSpec, parent: str | None, where: Workspace, env: dict[str, str] | None = None,
+              log_to_files: bool = False, cwd: str | Path | None = None) -> str:
+    """Run (or skip, or resume) one stage; returns what happened: ``trained``, ``resumed`` or ``skipped``.
+
+    Args:
+        spec: The stage.
+        parent: The stage of the same experiment it starts from, or None.
+        where: The experiment and directories.
+        env: Extra environment variables of the ``stagewise fit`` process (e.g. ``CUDA_VISIBLE_DEVICES``).
+        log_to_files: Write the process's output to ``stdout.log`` / ``stderr.log`` in its run directory
+            instead of this process's.
+        cwd: The working directory of the ``stagewise fit`` process (relative paths are relative to it).
+    """
+    base = Path(cwd or ".")
+    local = Workspace(where.experiment, str(base / where.models_dir), str(base / where.runs_dir),
+                      str(base / where.data_dir))  # the same directories, seen from this process
+    out = local.outputs(spec.name)
+    parent_ckpt = local.outputs(parent).best_checkpoint if parent else None
+    key = _key(spec, parent_ckpt, Path(local.data_dir), base)
+    record = read_stage_record(out.experiment_models, spec.name)
+    if record and record.get("pipeline_key") == key and out.best_checkpoint.exists():
+        console.print(f"[green]{spec.name}[/]: up to date ({out.record_dir}/stage.json matches), skipped")
         return "skipped"
-    run_dir = runs_dir / experiment / spec.name
-    key_file = run_dir / "pipeline_key.txt"
-    last = run_dir / "checkpoints" / "last.ckpt"
-    cmd = [sys.executable, "-m", "lightning_modules", "fit"]
-    for cfg in spec.configs:
-        cmd += ["-c", cfg]
-    cmd += [f"--trainer.logger.init_args.name={experiment}", f"--trainer.logger.init_args.save_dir={runs_dir}"]
-    cmd += [f"--trainer.logger.init_args.version={spec.name}"]
-    if parent is not None:
-        cmd += [f"--model.init_args.init_from={parent}"]
-    cmd += spec.args
+    key_file = out.run_dir / "pipeline_key.txt"
+    last = out.run_dir / "checkpoints" / "last.ckpt"
+    cmd = fit_command(spec, parent, where)
     resumed = key_file.exists() and key_file.read_text() == key and last.exists()
     if resumed:
-        cmd += ["--ckpt_path", str(last)]
+        cmd += ["--ckpt_path", str(where.outputs(spec.name).run_dir / "checkpoints" / "last.ckpt")]
         console.print(f"[yellow]{spec.name}[/]: resuming from {last}")
     else:
-        if run_dir.exists():  # an earlier run with another config: keep it, out of the way
-            aside = run_dir.with_name(f"{spec.name}.{time.strftime('%Y%m%d-%H%M%S')}")
-            shutil.move(run_dir, aside)
+        aside = out.start_over()  # an earlier run with another config: kept, out of the way
+        if aside is not None:
             console.print(f"{spec.name}: earlier run with another config moved to {aside}")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        out.run_dir.mkdir(parents=True, exist_ok=True)
         key_file.write_text(key)
-        cmd += ["--overwrite"]  # deliberately starting over: replace the stage's earlier best checkpoint
+        cmd += ["--overwrite"]  # deliberately starting over
         console.print(f"[bold]{spec.name}[/]: " + " ".join(cmd[2:]))
     start = time.perf_counter()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    result = subprocess.run(cmd, env=env)
+    with ExitStack() as files:
+        streams = {}
+        if log_to_files:
+            streams = {name: files.enter_context(open(out.run_dir / f"{name}.log", "a")) for name in ("stdout", "stderr")}
+        result = subprocess.run(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})), cwd=cwd, **streams)
     if result.returncode != 0:
         raise StagewiseError(
             f"stage '{spec.name}' failed (exit {result.returncode}); fix the error above and re-run the "
             "pipeline: finished stages are skipped and this one resumes from its last checkpoint"
         )
-    if not best.exists():
-        raise StagewiseError(f"stage '{spec.name}' finished without writing {best}; its config needs a "
-                             "ModelCheckpoint with dirpath models and filename <stage>_model_best")
-    update_stage_record(models_dir, spec.name, {"pipeline_key": key, "experiment": experiment})
+    if not out.best_checkpoint.exists():
+        raise StagewiseError(f"stage '{spec.name}' finished without writing {out.best_checkpoint}; does its config "
+                             "turn off validation? The best checkpoint is saved after a validation")
+    update_stage_record(out.experiment_models, spec.name, {"pipeline_key": key})
     console.print(f"[green]{spec.name}[/]: done in {time.perf_counter() - start:.0f}s")
     return "resumed" if resumed else "trained"
 
 
 def validate_pipeline(stages: list[StageSpec], baselines: list[StageSpec], data: str | None) -> None:
     """Check the whole pipeline before anything runs: unique stage names, every config file and the data
-    config exist, and every ``init_from`` names a stage that runs earlier (or ``previous`` / ``none``)."""
+    config exist, and every ``parent`` names a stage that runs earlier (or ``previous`` / ``none``)."""
     fix = "fix the pipeline config (`stagewise pipeline -c <file>`) and run it again; nothing has run yet"
     if not stages:
         raise StagewiseError(f"the pipeline names no stages; list at least one under `stages:`. {fix}")
@@ -130,12 +182,30 @@ def validate_pipeline(stages: list[StageSpec], baselines: list[StageSpec], data:
             )
     earlier: list[str] = []
     for spec in stages + baselines:
-        if spec.init_from not in ("previous", "none") and spec.init_from not in earlier:
+        if spec.parent not in ("previous", "none") and spec.parent not in earlier:
             raise StagewiseError(
-                f"stage '{spec.name}' starts from '{spec.init_from}' (`init_from:`), which is not an earlier stage "
+                f"stage '{spec.name}' starts from '{spec.parent}' (`parent:`), which is not an earlier stage "
                 f"of this pipeline (earlier: {', '.join(earlier) or 'none'}); name one of those, `previous` or `none`; {fix}"
             )
         earlier.append(spec.name)
+
+
+def parents(stages: list[StageSpec], baselines: list[StageSpec]) -> list[tuple[StageSpec, str | None]]:
+    """Every run of the pipeline in order, with the stage it starts from (``previous``: the stage before it
+    on the staged path; baselines start from scratch unless they name a parent)."""
+    plan, previous = [], None
+    for spec, is_baseline in [(s, False) for s in stages] + [(b, True) for b in baselines]:
+        named = {"previous": None if is_baseline else previous, "none": None}
+        plan.append((spec, named.get(spec.parent, spec.parent)))
+        if not is_baseline:
+            previous = spec.name
+    return plan
+
+
+def _data_dir_of(data: str | None) -> str:
+    """The ``data_dir`` of a data config (``data`` without one)."""
+    config = yaml.safe_load(Path(data).read_text()) if data else None
+    return str((config or {}).get("data_dir") or "data")
 
 
 def pipeline(
@@ -145,43 +215,33 @@ def pipeline(
     baselines: list[StageSpec] | None = None,
     models_dir: str = "models",
     runs_dir: str = "runs",
-    data_dir: str = "data",
+    data_dir: str | None = None,
     report: bool = True,
 ) -> dict[str, str]:
     """Prepare the data, run the stages in order and the baselines, then write the report.
 
     Args:
         stages: The staged path, in order (language, code, tools...).
-        experiment: Name of the experiment: runs go to ``<runs_dir>/<experiment>/<stage>``.
+        experiment: Name of the experiment: runs go to ``<runs_dir>/<experiment>/<stage>``, checkpoints and
+            records to ``<models_dir>/<experiment>/``. ``--experiment`` overrides the config's.
         data: A data config for ``stagewise prepare`` (skipped when its shards are up to date).
         baselines: Runs compared with the staged path (e.g. joint training); each starts from scratch
-            unless it names ``init_from``.
-        models_dir: Where the stages' best checkpoints and ``stage.json`` records are.
+            unless it names a ``parent``.
+        models_dir: Root of the experiments' best checkpoints and ``stage.json`` records.
         runs_dir: Root of the TensorBoard runs.
-        data_dir: Where ``prepare`` put the shards (must match the data config's ``data_dir``).
+        data_dir: Where the prepared data is: ``prepare`` writes there and every stage reads it. Default: the
+            data config's ``data_dir`` (``data`` without a data config).
         report: Write ``<runs_dir>/<experiment>/report.md`` and its plots at the end.
 
     Returns:
         What happened to each stage: ``trained``, ``resumed`` or ``skipped``.
     """
     validate_pipeline(stages, baselines or [], data)
+    where = Workspace(experiment, models_dir, runs_dir, data_dir or _data_dir_of(data))
     if data is not None:
-        from datamodules.prepare import main as prepare_main
-
-        prepare_main(["-c", data])
-    models, runs, data_root = Path(models_dir), Path(runs_dir), Path(data_dir)
-    outcome: dict[str, str] = {}
-    previous: str | None = None
-    plan = [(spec, False) for spec in stages] + [(spec, True) for spec in baselines or []]
-    for spec, is_baseline in plan:
-        parent_name = {"previous": None if is_baseline else previous, "none": None}.get(spec.init_from, spec.init_from)
-        parent = models / f"{parent_name}_model_best.ckpt" if parent_name else None
-        outcome[spec.name] = _run_stage(spec, experiment, parent, models, runs, data_root)
-        if not is_baseline:
-            previous = spec.name
+        prepare_main(["-c", data, f"--data_dir={where.data_dir}"])
+    outcome = {spec.name: run_stage(spec, parent, where) for spec, parent in parents(stages, baselines or [])}
     if report:
-        from lightning_modules.report import write_report
-
         path = write_report(experiment, [s.name for s in stages], [b.name for b in baselines or []],
                             models_dir=models_dir, runs_dir=runs_dir)
         print(path.read_text())  # plain: markdown brackets are not rich markup
@@ -191,6 +251,4 @@ def pipeline(
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``stagewise pipeline -c configs/pipelines/<name>.yaml``."""
-    from datamodules.command import run_function
-
     run_function(pipeline, args, "stagewise pipeline")

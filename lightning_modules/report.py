@@ -1,16 +1,21 @@
 """`stagewise report`: a markdown table and plots of an experiment's stages and baselines.
 
-Everything comes from what the runs wrote: ``models/<stage>/stage.json`` for the final numbers and
-TensorBoard event files under ``runs/<experiment>/<stage>/`` for the curves. Losses of different
-domains are never compared with each other: every table column and plot is one domain.
+Everything comes from what the runs wrote: ``models/<experiment>/<stage>/stage.json`` for the final
+numbers and TensorBoard event files under ``runs/<experiment>/<stage>/`` for the curves. Losses of
+different domains are never compared with each other: every table column and plot is one domain. The
+lineage is checked, not assumed: a stage whose checkpoint or parent no longer matches its record is
+flagged in the table and explained under "Lineage".
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from callbacks.stage_record import read_stage_record
+from datamodules.command import run_function
 from datamodules.errors import StagewiseError
+from datamodules.metric_names import val_loss, val_tokens_loss
+from datamodules.stage_record import lineage_problems, read_stage_record
 
 
 def read_scalars(run_dir: Path, prefix: str) -> dict[str, list[tuple[float, float, float]]]:
@@ -31,7 +36,7 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-def _table(records: dict[str, dict], domains: list[str]) -> list[str]:
+def _table(records: dict[str, dict], domains: list[str], broken: dict[str, list[str]]) -> list[str]:
     head = ["run", "parent", "stage tokens", "total tokens", "wall time"]
     head += [f"{d} loss" for d in domains] + ["tools json / name / call"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -40,7 +45,7 @@ def _table(records: dict[str, dict], domains: list[str]) -> list[str]:
         tools = r.get("tools") or {}
         scores = " / ".join(_fmt(tools.get(k), 2) for k in ("json_valid", "name_accuracy", "call_accuracy"))
         parent = (r.get("parent") or {}).get("stage") or "–"
-        row = [name, parent, f"{r.get('tokens', {}).get('stage', 0):,}", f"{r.get('tokens', {}).get('total', 0):,}",
+        row = [f"{name} (lineage broken)" if broken.get(name) else name, parent, f"{r.get('tokens', {}).get('stage', 0):,}", f"{r.get('tokens', {}).get('total', 0):,}",
                f"{r.get('wall_time_s', 0):.0f}s"]
         row += [_fmt(final.get(d)) for d in domains] + [scores if tools else "–"]
         lines.append("| " + " | ".join(row) + " |")
@@ -69,7 +74,7 @@ def plot_loss_vs_tokens(ax, domain: str, runs: dict[str, dict[str, list]], stage
     from it get none), else at the stage's first validation. Baselines are dashed.
     """
     for name in stages + baselines:
-        points = runs[name].get(f"val_tokens/{domain}/loss")
+        points = runs[name].get(val_tokens_loss(domain))
         if points:
             ax.plot([p[0] / 1e6 for p in points], [p[1] for p in points], marker=".", color=color[name],
                     label=name, linestyle="--" if name in baselines else "-")
@@ -107,14 +112,14 @@ def _plots(experiment_dir: Path, stages: list[str], baselines: list[str], domain
             if not stamps:
                 continue
             t0 = min(stamps)
-            points = runs[name].get(f"val/{domain}/loss", [])
+            points = runs[name].get(val_loss(domain), [])
             xs += [(offset + p[2] - t0) / 60 for p in points]
             ys += [p[1] for p in points]
             offset += max(stamps) - t0
         if xs:
             ax.plot(xs, ys, marker=".", label="staged", color="C0")
         for name in baselines:
-            points = runs[name].get(f"val/{domain}/loss")
+            points = runs[name].get(val_loss(domain))
             if points:
                 t0 = min(p[2] for s in runs[name].values() for p in s)
                 ax.plot([(p[2] - t0) / 60 for p in points], [p[1] for p in points], marker=".",
@@ -128,16 +133,46 @@ def _plots(experiment_dir: Path, stages: list[str], baselines: list[str], domain
     return files
 
 
+def lineage(records: dict[str, dict]) -> dict[str, list[str]]:
+    """Per run, every way its lineage is broken: its checkpoint or its parent's is not the file its record
+    names (replaced or retrained since), or its parent's record in this report describes other weights."""
+    out = {}
+    for name, r in records.items():
+        problems = lineage_problems(r)
+        parent = r.get("parent") or {}
+        theirs = (records.get(parent.get("stage")) or {}).get("checkpoint") or {}
+        if theirs.get("sha256") and parent.get("sha256") and theirs["sha256"] != parent["sha256"]:
+            problems.append(f"the '{parent['stage']}' row of this report describes checkpoint {theirs['sha256'][:12]}…, "
+                            f"not the {parent['sha256'][:12]}… '{name}' started from")
+        if problems:
+            out[name] = list(dict.fromkeys(problems))
+    return out
+
+
+def _lineage_lines(broken: dict[str, list[str]], names: list[str]) -> list[str]:
+    if not broken:
+        return ["", "Lineage: checked; every run's checkpoint and parent match their records (sha256)."]
+    lines = ["", "## Lineage: broken", "",
+             "These rows do not describe one chain of checkpoints; re-run the stages named below (`--overwrite`):", ""]
+    for name in names:
+        lines += [f"- **{name}**: {problem}" for problem in broken.get(name, [])]
+    return lines
+
+
 def write_report(experiment: str, stages: list[str], baselines: list[str] | None = None,
                  models_dir: str = "models", runs_dir: str = "runs") -> Path:
-    """Write ``<runs_dir>/<experiment>/report.md`` (+ PNG plots) and return its path."""
+    """Write ``<runs_dir>/<experiment>/report.md`` (+ PNG plots) and return its path; a broken lineage is
+    reported in it and on stderr."""
     baselines = baselines or []
+    experiment_models = Path(models_dir) / experiment
     records = {}
     for name in stages + baselines:
-        record = read_stage_record(Path(models_dir), name)
+        record = read_stage_record(experiment_models, name)
         if record is None:
-            raise StagewiseError(f"no record for stage '{name}' in {models_dir}/{name}/stage.json; run the stage first")
+            raise StagewiseError(f"no record for stage '{name}' in {experiment_models / name / 'stage.json'}; "
+                                 "run the stage first")
         records[name] = record
+    broken = lineage(records)
     domains: list[str] = []
     for r in records.values():
         domains += [d for d in r.get("losses", {}).get("final", {}) if d not in domains]
@@ -145,12 +180,15 @@ def write_report(experiment: str, stages: list[str], baselines: list[str] | None
     experiment_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"# {experiment}: staged path {' → '.join(stages)}" + (f" vs {', '.join(baselines)}" if baselines else ""),
              "", "Final held-out loss per domain (lower is better; compare within a column only).", ""]
-    lines += _table(records, domains)
+    lines += _table(records, domains, broken)
+    lines += _lineage_lines(broken, stages + baselines)
     lines += _forgetting(records)
     plots = _plots(experiment_dir, stages, baselines, domains)
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     path = experiment_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
+    for name, problems in broken.items():
+        print(f"stagewise report: lineage broken for '{name}': {'; '.join(problems)}", file=sys.stderr)
     return path
 
 
@@ -162,7 +200,7 @@ def report(experiment: str, stages: list[str], baselines: list[str] | None = Non
         experiment: The experiment name (``runs/<experiment>/``).
         stages: The staged path's stage names, in order.
         baselines: Runs compared with the staged path (e.g. ``joint``).
-        models_dir: Where the ``<stage>/stage.json`` records are.
+        models_dir: Root of the experiments' records (``<models_dir>/<experiment>/<stage>/stage.json``).
         runs_dir: Root of the TensorBoard runs.
     """
     path = write_report(experiment, stages, baselines, models_dir, runs_dir)
@@ -172,6 +210,4 @@ def report(experiment: str, stages: list[str], baselines: list[str] | None = Non
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``stagewise report --experiment demo --stages [language,code,tools] --baselines [joint]``."""
-    from datamodules.command import run_function
-
     run_function(report, args, "stagewise report")

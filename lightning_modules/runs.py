@@ -1,8 +1,9 @@
 """Load any runs directory for analysis: every run's TensorBoard scalars, where it starts on the lineage's
 token axis, its parent, and its stage record; then the per-domain comparison table and loss-vs-tokens plots.
 
-Layout read: ``<runs_dir>/<experiment>/<run>/events.out.tfevents.*`` (what ``TensorBoardLogger(runs_dir,
-name=experiment, version=stage)`` writes) and, where present, each run's ``stage.json`` (``load_runs``).
+Layout read: ``<runs_dir>/<experiment>/<run>/events.out.tfevents.*`` (what ``stagewise fit`` writes for
+stage ``<run>``) and, where present, each run's ``<models_dir>/<experiment>/<run>/stage.json`` (``load_runs``).
+Directories named ``<stage>.<something>`` (runs moved aside, ``validate``/``test`` runs) are not training runs.
 ``notebooks/compare_runs.ipynb`` is these functions plus their output.
 """
 
@@ -14,13 +15,13 @@ from pathlib import Path
 
 import yaml
 
-from callbacks.stage_record import read_stage_record, stage_of_checkpoint
 from datamodules.errors import StagewiseError
+from datamodules.metric_names import STAGE_BOUNDARY, TRAIN_TOKENS, domain_of_val_loss, val_loss
+from datamodules.stage_record import read_stage_record, stage_of_checkpoint
 from lightning_modules.report import plot_loss_vs_tokens, read_scalars
+from lightning_modules.stage import is_run_dir_name
 
 Series = list[tuple[float, float, float]]  # [(step, value, wall_time)]
-_ASIDE = re.compile(r".+\.\d{8}-\d{6}$")  # a run the pipeline moved aside after its config changed
-_VAL_LOSS = re.compile(r"^val/(.+)/loss$")
 
 
 @dataclass
@@ -47,15 +48,14 @@ class Run:
 
     def losses(self, domain: str) -> Series:
         """Held-out loss of ``domain`` at each validation, stepped by optimizer step."""
-        return self.scalars.get(f"val/{domain}/loss", [])
+        return self.scalars.get(val_loss(domain), [])
 
 
 def load_runs(runs_dir: str | Path = "runs", experiment: str | None = None,
               models_dir: str | Path = "models") -> dict[str, dict[str, Run]]:
     """Every run of ``experiment`` (None: of every experiment) under ``runs_dir``: experiment -> name -> Run.
 
-    A run's ``stage.json`` is ``<models_dir>/<run>/stage.json`` (when it names this experiment) or the only
-    one under ``<models_dir>/<experiment>/<run>/``. Runs are ordered as a reader wants them: staged runs by
+    A run's ``stage.json`` is ``<models_dir>/<experiment>/<run>/stage.json``. Runs are ordered as a reader wants them: staged runs by
     where they start on the token axis, then baselines. Raises StagewiseError when there is nothing to load.
     """
     runs_dir = Path(runs_dir)
@@ -80,11 +80,11 @@ def _experiments(runs_dir: Path) -> list[str]:
 
 def _load_experiment(experiment_dir: Path, experiment: str, models_dir: Path) -> dict[str, Run]:
     runs = {}
-    for run_dir in sorted(p for p in experiment_dir.glob("*") if p.is_dir() and not _ASIDE.match(p.name)):
+    for run_dir in sorted(p for p in experiment_dir.glob("*") if p.is_dir() and is_run_dir_name(p.name)):
         scalars = read_scalars(run_dir, "")
         if not scalars:
             continue
-        record = _record(models_dir, experiment, run_dir.name)
+        record = read_stage_record(models_dir / experiment, run_dir.name)
         name = run_dir.name
         runs[name] = Run(name, scalars, _start_tokens(scalars, record), _parent(run_dir, record), record)
     for run in runs.values():
@@ -96,19 +96,9 @@ def _load_experiment(experiment_dir: Path, experiment: str, models_dir: Path) ->
     return dict(sorted(runs.items(), key=lambda kv: (kv[1].baseline, kv[1].start_tokens, kv[0])))
 
 
-def _record(models_dir: Path, experiment: str, name: str) -> dict | None:
-    """``<models_dir>/<run>/stage.json`` of this experiment, else the one record under
-    ``<models_dir>/<experiment>/<run>/`` (experiments/staged_vs_joint.py's ``models/<condition>/seed<k>/``)."""
-    record = read_stage_record(models_dir, name)
-    if record is not None and record.get("experiment") in (None, experiment):
-        return record  # (a record of another experiment's run of this name is not this run's)
-    nested = list((models_dir / experiment / name).glob("*/stage.json"))
-    return read_stage_record(nested[0].parents[1], nested[0].parent.name) if len(nested) == 1 else None
-
-
 def _start_tokens(scalars: dict[str, Series], record: dict | None) -> int:
-    if scalars.get("stage/boundary"):  # StageHandoff logs it at the lineage's tokens when the stage starts
-        return int(scalars["stage/boundary"][0][0])
+    if scalars.get(STAGE_BOUNDARY):  # StageHandoff logs it at the lineage's tokens when the stage starts
+        return int(scalars[STAGE_BOUNDARY][0][0])
     tokens = (record or {}).get("tokens") or {}
     return int(tokens.get("total", 0) - tokens.get("stage", 0))
 
@@ -128,9 +118,9 @@ def domains(runs: dict[str, Run]) -> list[str]:
     out: list[str] = []
     for run in runs.values():
         for tag in run.scalars:
-            m = _VAL_LOSS.match(tag)
-            if m and m.group(1) not in out:
-                out.append(m.group(1))
+            domain = domain_of_val_loss(tag)
+            if domain and domain not in out:
+                out.append(domain)
     return out
 
 
@@ -142,7 +132,7 @@ def comparison_rows(runs: dict[str, Run]) -> list[dict]:
     for run in runs.values():
         doms = domains({run.name: run})
         stamps = [p[2] for series in run.scalars.values() for p in series]
-        train_tokens = run.scalars.get("train/tokens")
+        train_tokens = run.scalars.get(TRAIN_TOKENS)
         r = run.record or {}
         tokens = (r.get("tokens") or {}).get("trained", int(train_tokens[-1][1]) if train_tokens else 0)
         final = (r.get("losses") or {}).get("final") or {d: run.losses(d)[-1][1] for d in doms}

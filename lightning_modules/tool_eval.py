@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from datamodules.errors import StagewiseError
+from lightning_modules.decoding import decoding_threads, greedy_continuations
 
 CALL_OPEN, CALL_CLOSE, END = "<|tool_call|>", "<|/tool_call|>", "<|end|>"
 
@@ -151,7 +149,7 @@ def load_heldout_examples(data_dir: str | Path = "data", split: str = "val", lim
     return examples
 
 
-# --------------------------------------------------------------------------------------------- generation
+# --------------------------------------------------------------------------------------------- prompts and scoring
 def stop_token_ids(tokenizer) -> list[int]:
     """The ids that end an answer: ``<|/tool_call|>``, ``<|end|>`` and eos."""
     ids = [tokenizer.convert_tokens_to_ids(t) for t in (CALL_CLOSE, END)] + [tokenizer.eos_token_id]
@@ -166,83 +164,6 @@ def prompt_ids_of(tokenizer, example: dict) -> list[int]:
     from datamodules.tokenizer import render_tool_prompt
 
     return list(render_tool_prompt(tokenizer, example))
-
-
-def decoding_model(trainer, pl_module):
-    """The module to decode with during a fit, on rank 0; ``None`` on the other ranks.
-
-    ``pl_module`` itself, except under Lightning's ``FSDPStrategy``: there each rank holds only a shard
-    of the weights, and the FSDP units gather theirs only inside the strategy's training or validation
-    step, all ranks together, so ``pl_module.generate`` called from a callback fails (the embedding is a
-    1-D shard) and decoding on all ranks in lock step would hang as soon as their stop tokens differ. Under
-    FSDP the full weights are gathered to rank 0 (``strategy.lightning_module_state_dict()``, the same
-    gather a full checkpoint does) and loaded into an unsharded, uncompiled copy on rank 0's device, which
-    rank 0 decodes with alone. Every rank must call this: the gather is collective. The copy costs one
-    model's float32 weights on rank 0's GPU while it is referenced.
-    """
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    if not isinstance(trainer.strategy, FSDPStrategy):
-        return pl_module if trainer.is_global_zero else None
-    if getattr(trainer.strategy, "_state_dict_type", "full") != "full":  # Lightning keeps the choice privately
-        raise StagewiseError("decoding during an FSDP fit (TextSamples, ToolCallEval) gathers the full weights and "
-                             "needs the strategy's state_dict_type: full, as in configs/strategies/fsdp.yaml; "
-                             "set it, or leave these callbacks out of this run")
-    state = trainer.strategy.lightning_module_state_dict()  # collective; the full weights on rank 0 only
-    if not trainer.is_global_zero:
-        return None
-    with torch.device(pl_module.device):
-        return type(pl_module).from_state(pl_module.hparams, state, compile=False, init_from=None)
-
-
-@contextmanager
-def decoding_threads(model):
-    """On CPU, decode with one intra-op thread: one token's matmuls are too small to share, and thread
-    synchronisation made batch-1 decoding of the tiny model 13x slower on a busy 2-core machine."""
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    before = torch.get_num_threads()
-    if on_cpu and before > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
-
-
-@torch.no_grad()
-def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
-                         batch_size: int = 16, max_prompt_tokens: int | None = None) -> list[list[int]]:
-    """Greedy new tokens after each prompt, up to and including its first stop id, decoded in batches.
-
-    Prompts of similar length are batched together (left-padded, KV cache, see ``CausalLM.generate``);
-    each result equals the prompt's unbatched greedy continuation. A prompt is cut from the left to at most
-    ``max_prompt_tokens`` and to leave room for ``max_new_tokens`` in the model's context.
-    """
-    context = getattr(getattr(model, "config", None), "max_seq_len", None)
-    if context:
-        max_new_tokens = min(max_new_tokens, context - 1)
-    keep = [n for n in (max_prompt_tokens, context and context - max_new_tokens) if n]
-    if keep:
-        prompts = [p[-max(1, min(keep)):] for p in prompts]
-    device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding per batch
-    results: list[list[int]] = [[] for _ in prompts]
-    for first in range(0, len(order), batch_size):
-        rows = order[first:first + batch_size]
-        width = max(len(prompts[i]) for i in rows)
-        input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for b, i in enumerate(rows):
-            input_ids[b, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[b, width - len(prompts[i]):] = 1
-        out = model.generate(input_ids.to(device), max_new_tokens=max_new_tokens, eos_token_id=stop_ids or None,
-                             attention_mask=mask.to(device))
-        for b, i in enumerate(rows):
-            new = out[b, width:].tolist()
-            stop = next((k for k, t in enumerate(new) if t in stop_ids), None)
-            results[i] = new if stop is None else new[: stop + 1]
-    return results
 
 
 def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: int = 128,

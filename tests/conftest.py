@@ -21,3 +21,32 @@ def random_batch(
 def make_batch():
     """``make_batch(batch_size=2, seq_len=16, vocab_size=64, with_mask=False, seed=0)`` -> batch dict."""
     return random_batch
+
+
+WORDS = ("the a river stone light quick brown fox jumps over lazy dog morning evening city market bread water "
+         "winter summer people house window garden music letter night sleep dream king queen sword castle").split()
+CODE = ["def f(x):", "    return x + 1", "for i in range(10):", "    print(i)", "if x == 0:", "    x = y * 2",
+        "class A:", "    pass", "import os", "y = [i for i in x]", "while n > 0:", "    n -= 1"]
+
+
+@pytest.fixture(scope="session")
+def corpora(tmp_path_factory):
+    """Prepared ``language`` (60 English-like documents) and ``code`` (60 Python-like files) corpora with a
+    320-token tokenizer: ``<dir>/{language,code,tokenizer}``. Read-only: copy it to change it."""
+    import random
+
+    from datamodules.prepare import Corpus, TokenizerConfig, prepare
+    from datamodules.sources import TextFiles
+
+    root = tmp_path_factory.mktemp("corpora")
+    rng = random.Random(1)
+    for name in ("language", "code"):
+        (root / "sources" / name).mkdir(parents=True)
+    for i in range(60):
+        text = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))).capitalize() + "." for _ in range(5)]
+        (root / "sources" / "language" / f"doc{i:02d}.txt").write_text("\n".join(text) + "\n")
+        (root / "sources" / "code" / f"mod{i:02d}.py").write_text("\n".join(rng.choice(CODE) for _ in range(12)) + "\n")
+    sources = {name: Corpus(sources=[TextFiles(paths=["*"], root=str(root / "sources" / name))], val_fraction=0.2,
+                            test_fraction=0.1) for name in ("language", "code")}
+    prepare(sources, TokenizerConfig(vocab_size=320, sample_bytes=40000), str(root / "data"))
+    return root / "data"

@@ -138,12 +138,11 @@ def workdir(prepared, tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-def fit_argv(*extra: str) -> list[str]:
+def fit_argv(*extra: str, init_from: str | None = "models/language_model_best.ckpt") -> list[str]:
     """``stagewise fit`` of the code stage on the tiny model, one CPU step (never reached by these tests)."""
     return ["fit", "-c", CODE_STAGE, "-c", TINY, "--data.init_args.data_dir", "data",
             "--data.init_args.seq_len", "16", "--data.init_args.batch_size", "2", "--trainer.max_steps", "1",
-            "--trainer.accelerator", "cpu", "--trainer.logger.init_args.save_dir", "runs",
-            "--model.init_args.init_from", "models/language_model_best.ckpt", *extra]
+            "--trainer.accelerator", "cpu", *(["--model.init_args.init_from", init_from] if init_from else []), *extra]
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -247,6 +246,55 @@ def test_bad_init_from(workdir, capsys, make, fragments):
                    unchanged=workdir / "models")
 
 
+# ------------------------------------------------------------------------------------------ the stage
+
+
+def _parent_stage(workdir: Path, record: bool = True, experiment: str = "default") -> Path:
+    """The language stage of ``experiment`` as a finished run leaves it: best checkpoint and (with ``record``)
+    its stage.json."""
+    from datamodules.stage_record import file_sha256, update_stage_record
+
+    best = workdir / "models" / experiment / "language_model_best.ckpt"
+    best.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(workdir / "models" / "language_model_best.ckpt", best)
+    if record:
+        update_stage_record(best.parent, "language", {"checkpoint": {"path": str(best), "sha256": file_sha256(best)},
+                                                      "domains": ["language"]})
+    return best
+
+
+def test_stage_whose_parent_stage_has_not_run(workdir, capsys):
+    assert_refused(fit_argv(init_from=None), capsys, "stage 'code' starts from stage 'language' of experiment "
+                   "'default'", "models/default/language_model_best.ckpt does not exist", "run that stage first",
+                   unchanged=workdir)
+    _parent_stage(workdir, experiment="a")  # another experiment's language stage is not this one's parent
+    assert_refused(fit_argv("--stage.experiment", "b", init_from=None), capsys, "of experiment 'b'",
+                   "models/b/language_model_best.ckpt does not exist", unchanged=workdir)
+
+
+def test_stage_whose_parent_stage_did_not_finish(workdir, capsys):
+    _parent_stage(workdir, record=False)
+    assert_refused(fit_argv(init_from=None), capsys, "has no record", "that stage did not finish",
+                   "--ckpt_path last", "--model.init_args.init_from", unchanged=workdir)
+
+
+def test_stage_whose_parent_checkpoint_was_replaced_after_its_record(workdir, capsys):
+    best = _parent_stage(workdir)
+    save_checkpoint(best, tokenizer_sha256(Path("data/tokenizer")), lr=0.5)  # other weights, same record
+    assert_refused(fit_argv(init_from=None), capsys, "broken lineage", "is not the checkpoint its record",
+                   "Re-run stage 'language'", unchanged=workdir)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--stage.name", "code v2"], ["stage.name 'code v2' must be letters, digits"]),
+    (["--stage.parent", "code"], ["names itself as its parent"]),
+    (["--trainer.callbacks+=callbacks.StageHandoff"], ["trainer.callbacks lists StageHandoff, which every stage "
+                                                       "already has", "--handoff.<option>"]),
+], ids=["name", "own_parent", "duplicate_callback"])
+def test_bad_stage_settings(workdir, capsys, args, fragments):
+    assert_refused(fit_argv(*args), capsys, *fragments, unchanged=workdir)
+
+
 def test_stage_handoff_refuses_a_parent_that_is_not_a_checkpoint(tmp_path):
     """The fit-start check of ``StageHandoff`` (it also guards modules that load ``init_from`` themselves)."""
     from callbacks.stage_handoff import StageHandoff
@@ -320,11 +368,11 @@ def test_bad_tool_jsonl_line(workdir, capsys, line, fragments):
 @pytest.mark.parametrize("change, fragments", [
     ({"configs": [CODE_STAGE, "configs/model/tinny.yaml"]}, ["stage 'code' names config file 'configs/model/tinny.yaml'",
                                                               "which does not exist"]),
-    ({"init_from": "langauge"}, ["stage 'code' starts from 'langauge'", "not an earlier stage", "earlier: language"]),
-], ids=["missing_config", "unknown_init_from"])
+    ({"parent": "langauge"}, ["stage 'code' starts from 'langauge'", "not an earlier stage", "earlier: language"]),
+], ids=["missing_config", "unknown_parent"])
 def test_pipeline_naming_a_missing_stage_runs_nothing(workdir, capsys, monkeypatch, change, fragments):
     ran = []
-    monkeypatch.setattr(pipeline_mod, "_run_stage", lambda spec, *args: ran.append(spec.name) or "trained")
+    monkeypatch.setattr(pipeline_mod, "run_stage", lambda spec, *args: ran.append(spec.name) or "trained")
     stages = [{"name": "language", "configs": [TINY]}, {"name": "code", "configs": [CODE_STAGE, TINY], **change}]
     (workdir / "pipeline.yaml").write_text(yaml.safe_dump({"experiment": "t", "stages": stages, "report": False}))
     assert_refused(["pipeline", "-c", "pipeline.yaml"], capsys, *fragments, "nothing has run yet", unchanged=workdir)

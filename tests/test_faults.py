@@ -187,23 +187,45 @@ def test_fit_refuses_to_overwrite_another_run_unless_told(tmp_path, monkeypatch,
     monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", recording_save)
     assert fit(tmp_path, corpus) == 0
     assert {"last.ckpt", "language_model_best.ckpt"} <= set(saved)  # the CLI writes checkpoints atomically
-    best, last = tmp_path / "models" / "language_model_best.ckpt", tmp_path / "runs/resume/language/checkpoints/last.ckpt"
-    before = {best: sha(best), last: sha(last)}
+    run = tmp_path / "runs/resume/language"
+    best, last = tmp_path / "models/resume/language_model_best.ckpt", run / "checkpoints/last.ckpt"
+    before = {p: sha(p) for p in tmp_path.rglob("*") if p.is_file()}
     capsys.readouterr()
 
     assert fit(tmp_path, corpus) == 2
     err = capsys.readouterr().err
-    assert "would overwrite another run's checkpoints" in err and "runs/resume/language" in err
-    assert str(Path("models/language_model_best.ckpt")) in err and "--overwrite" in err and "--ckpt_path last" in err
-    assert {p: sha(p) for p in before} == before  # nothing written
+    assert "stage 'language' of experiment 'resume' has run before" in err and "runs/resume/language" in err
+    assert str(Path("models/resume/language_model_best.ckpt")) in err and "--overwrite" in err and "--ckpt_path last" in err
+    assert {p: sha(p) for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written
 
-    # a run without a fixed version gets a new directory, but the stage's best checkpoint is still taken
-    assert fit(tmp_path, corpus, "--trainer.logger.init_args.version", "null") == 2
-    assert "models/language_model_best.ckpt" in capsys.readouterr().err
+    # another experiment: its own files, the first experiment's untouched
+    assert fit(tmp_path, corpus, "--stage.experiment", "other") == 0
+    assert (tmp_path / "models/other/language_model_best.ckpt").is_file()
+    assert (tmp_path / "runs/other/language/checkpoints/last.ckpt").is_file()
+    assert {p: sha(p) for p in before} == before
 
+    old_events = sorted(p.name for p in run.glob("events.out.tfevents.*"))
     assert fit(tmp_path, corpus, "--overwrite", "--model.init_args.lr", "1e-2", steps=4) == 0
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
     assert sha(best) != before[best]
+    # the run was replaced whole: the old events, hparams and config moved aside together, none mixed in
+    aside = [p for p in run.parent.iterdir() if p.name.startswith("language.")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].glob("events.out.tfevents.*")) == old_events
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1 and not set(old_events) & {p.name for p in run.iterdir()}
+    assert "lr: 0.01" in (run / "hparams.yaml").read_text() and "lr: 0.01" not in (aside[0] / "hparams.yaml").read_text()
+
+
+def test_validate_never_writes_into_the_training_run(tmp_path, monkeypatch, corpus):
+    monkeypatch.chdir(tmp_path)
+    assert fit(tmp_path, corpus) == 0
+    before = {p: sha(p) for p in tmp_path.rglob("*") if p.is_file()}
+    for _ in range(2):
+        main(["validate", "-c", "config.yaml", "--ckpt_path", "models/resume/language_model_best.ckpt"])
+    new = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() and p not in before)
+    assert {p: sha(p) for p in before} == before  # the training run, its checkpoints and record untouched
+    assert new and all(p.startswith(("runs/resume/language.validate/version_0/",
+                                     "runs/resume/language.validate/version_1/")) for p in new), new
+    assert any(p.endswith("config.yaml") for p in new)
 
 
 def test_disk_full_during_fit_exits_2_and_keeps_the_earlier_last_checkpoint(tmp_path, monkeypatch, capsys, corpus):
@@ -226,16 +248,16 @@ def test_disk_full_during_fit_exits_2_and_keeps_the_earlier_last_checkpoint(tmp_
 
 
 def test_pipeline_passes_overwrite_only_when_it_starts_a_stage_over(tmp_path, monkeypatch):
-    from callbacks.stage_record import update_stage_record
+    from datamodules.stage_record import update_stage_record
     from lightning_modules import pipeline as pl
 
     monkeypatch.chdir(tmp_path)
     calls = []
 
-    def fake_fit(cmd, env=None):  # stands in for the `stagewise fit` subprocess
+    def fake_fit(cmd, env=None, cwd=None, **streams):  # stands in for the `stagewise fit` subprocess
         calls.append(cmd)
-        Path("models").mkdir(exist_ok=True)
-        Path("models/language_model_best.ckpt").write_bytes(b"weights")
+        Path("models/t").mkdir(parents=True, exist_ok=True)
+        Path("models/t/language_model_best.ckpt").write_bytes(b"weights")
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(pl.subprocess, "run", fake_fit)
@@ -243,7 +265,7 @@ def test_pipeline_passes_overwrite_only_when_it_starts_a_stage_over(tmp_path, mo
     stages = [pl.StageSpec("language", ["stage.yaml"])]
     assert pl.pipeline(stages, experiment="t", report=False) == {"language": "trained"}
     assert "--overwrite" in calls[-1]
-    update_stage_record(Path("models"), "language", {"pipeline_key": "stale"})  # interrupted before it finished
+    update_stage_record(Path("models/t"), "language", {"pipeline_key": "stale"})  # interrupted before it finished
     Path("runs/t/language/checkpoints").mkdir(parents=True)
     Path("runs/t/language/checkpoints/last.ckpt").write_bytes(b"state")
     assert pl.pipeline(stages, experiment="t", report=False) == {"language": "resumed"}

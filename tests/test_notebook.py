@@ -2,6 +2,7 @@
 two staged stages (language, then code from language's best checkpoint) and a joint baseline."""
 
 import json
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -46,11 +47,11 @@ class RandomTokens(L.LightningDataModule):
 def run_stage(name: str, val_domains: list[str], monitor: str, init_from: str | None = None) -> None:
     model = CausalLM(size="tiny", vocab_size=VOCAB, tokenizer_sha256="a" * 64, init_from=init_from,
                      model_overrides={"n_layers": 1, "max_seq_len": 64}, warmup_steps=1, lr=1e-2)
-    best = ModelCheckpoint(dirpath="models", filename=f"{name}_model_best", monitor=f"val/{monitor}/loss",
+    best = ModelCheckpoint(dirpath="models/exp", filename=f"{name}_model_best", monitor=f"val/{monitor}/loss",
                            save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
     trainer = L.Trainer(max_steps=4, val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0,
                         logger=TensorBoardLogger("runs", name="exp", version=name, default_hp_metric=False),
-                        callbacks=[best, StageHandoff(name, export_hf=False, log_every_n_steps=1)],
+                        callbacks=[best, StageHandoff(name, "models/exp", export_hf=False, log_every_n_steps=1)],
                         log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
                         accelerator="cpu", devices=1)
     trainer.fit(model, datamodule=RandomTokens(val_domains))
@@ -62,7 +63,7 @@ def tiny_run(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         run_stage("language", ["language"], "language")
-        run_stage("code", ["language", "code"], "code", init_from="models/language_model_best.ckpt")
+        run_stage("code", ["language", "code"], "code", init_from="models/exp/language_model_best.ckpt")
         run_stage("joint", ["language", "code"], "code")
     return root
 
@@ -74,7 +75,7 @@ def _events(run_dir: Path) -> dict[str, list]:
 
 
 def _record(root: Path, name: str) -> dict:
-    return json.loads((root / "models" / name / "stage.json").read_text())
+    return json.loads((root / "models" / "exp" / name / "stage.json").read_text())
 
 
 def test_load_runs_finds_the_staged_path_its_token_offsets_and_the_baseline(tiny_run):
@@ -115,13 +116,18 @@ def test_without_stage_records_the_event_files_and_hparams_say_it_all(tiny_run):
         assert row["wall_time_s"] == pytest.approx(max(stamps) - min(stamps))
 
 
-def test_records_in_per_run_models_dirs_are_found(tiny_run, tmp_path):
-    """experiments/staged_vs_joint.py keeps each run's models apart: models/<condition>/seed<k>/<stage>/."""
+def test_another_experiments_records_and_runs_that_are_not_training_runs_are_left_out(tiny_run, tmp_path):
+    """Records are looked up under the run's own experiment only; `<stage>.<something>` directories (a run moved
+    aside by --overwrite, a `stagewise validate`) are not training runs."""
     for name in ("language", "code", "joint"):
-        (tmp_path / "exp" / name / name).mkdir(parents=True)
-        (tmp_path / "exp" / name / name / "stage.json").write_text(json.dumps(_record(tiny_run, name)))
-    flat = comparison_rows(load_runs(tiny_run / "runs", models_dir=tiny_run / "models")["exp"])
-    assert comparison_rows(load_runs(tiny_run / "runs", models_dir=tmp_path)["exp"]) == flat
+        (tmp_path / "other" / name).mkdir(parents=True)
+        (tmp_path / "other" / name / "stage.json").write_text(json.dumps(_record(tiny_run, name)))
+    assert {r["source"] for r in comparison_rows(load_runs(tiny_run / "runs", models_dir=tmp_path)["exp"])} == {"events"}
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run / "runs" / "exp", runs / "exp")
+    for extra in ("code.20261201-101010", "code.validate/version_0"):
+        shutil.copytree(tiny_run / "runs" / "exp" / "code", runs / "exp" / extra)
+    assert list(load_runs(runs, models_dir=tiny_run / "models")["exp"]) == ["language", "code", "joint"]
 
 
 def test_nothing_to_load_says_what_to_do(tmp_path):

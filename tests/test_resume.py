@@ -27,6 +27,7 @@ STEPS = 20
 
 CONFIG = """
 seed_everything: 7
+stage: {{name: language, domain: language, experiment: resume}}
 trainer:
   accelerator: cpu
   max_steps: {steps}
@@ -36,16 +37,10 @@ trainer:
   num_sanity_val_steps: 0
   enable_progress_bar: false
   enable_model_summary: false
-  logger:
-    class_path: lightning.pytorch.loggers.TensorBoardLogger
-    init_args: {{save_dir: runs, name: resume, version: language, default_hp_metric: false}}
   callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: models, filename: language_model_best, monitor: val/language/loss, mode: min,
-                  save_top_k: 1, auto_insert_metric_name: false, enable_version_counter: false}}
-    - class_path: callbacks.StageHandoff
-      init_args: {{stage: language, export_hf: false}}
     - class_path: test_resume.StepRecorder
+handoff:
+  export_hf: false
 last_checkpoint:
   every_n_train_steps: 3
 model:
@@ -56,7 +51,6 @@ model:
     lr: 3.0e-3
     warmup_steps: 3
 data:
-  class_path: datamodules.datamodule.LanguageDataModule
   init_args: {{data_dir: {data_dir}, seq_len: 32, batch_size: 4}}
 """
 
@@ -194,15 +188,24 @@ def test_resumed_run_validates_at_the_same_steps_and_keeps_what_validations_left
 
 def test_resumed_run_keeps_best_checkpoint_tracking_and_weights(runs):
     root = runs["root"]
-    ours = torch.load(root / "killed" / "models" / "language_model_best.ckpt", map_location="cpu", weights_only=False)
-    theirs = torch.load(root / "whole" / "models" / "language_model_best.ckpt", map_location="cpu", weights_only=False)
+    ours = torch.load(root / "killed" / "models" / "resume" / "language_model_best.ckpt", map_location="cpu",
+                      weights_only=False)
+    theirs = torch.load(root / "whole" / "models" / "resume" / "language_model_best.ckpt", map_location="cpu",
+                        weights_only=False)
     assert ours["global_step"] == theirs["global_step"]
     for name, tensor in theirs["state_dict"].items():
         torch.testing.assert_close(ours["state_dict"][name], tensor, rtol=0, atol=1e-6)
-    record = {n: json.loads((root / n / "models" / "language" / "stage.json").read_text()) for n in ("killed", "whole")}
+    record = {n: json.loads((root / n / "models" / "resume" / "language" / "stage.json").read_text())
+              for n in ("killed", "whole")}
     for kind in ("final", "best"):
         assert record["killed"]["losses"][kind] == pytest.approx(record["whole"]["losses"][kind], abs=1e-6)
     assert record["killed"]["tokens"] == record["whole"]["tokens"]
+
+
+def test_resumed_run_keeps_the_config_the_run_started_with(runs):
+    run = runs["root"] / "killed" / "runs" / "resume" / "language"
+    started, resumed = (run / "config.yaml").read_text(), (run / "config.resume1.yaml").read_text()
+    assert "ckpt_path: null" in started and "ckpt_path: last" in resumed
 
 
 def test_ckpt_path_last_without_a_checkpoint_says_to_start_without_it(tmp_path, monkeypatch, capsys, data_dir):

@@ -43,6 +43,7 @@ def tiny_args(data_dir: Path, out: Path) -> list[str]:
             "--data-dir", str(data_dir), "--out", str(out)]
 
 
+@pytest.mark.slow
 def test_tiny_study_end_to_end_and_rerun_skips_finished_runs(data_dir, tmp_path, capsys):
     out = tmp_path / "out"
     study.main(tiny_args(data_dir, out))
@@ -73,19 +74,24 @@ def test_tiny_study_end_to_end_and_rerun_skips_finished_runs(data_dir, tmp_path,
     for png in ("quality_vs_time.png", "loss_vs_tokens.png"):
         assert (out / png).stat().st_size > 10_000 and f"]({png})" in md
     assert "| staged |" in capsys.readouterr().out  # the table is printed
-    assert not list((out / "models").glob("*/seed1/code_model_best.ckpt"))  # only stage 1's weights are kept
-    assert (out / "models" / "language" / "seed1" / "language_model_best.ckpt").is_file()
+    # one experiment per seed, one stage per condition; only stage 1's weights are kept
+    assert [p.name for p in (out / "models" / "seed1").glob("*_model_best.ckpt")] == ["language_model_best.ckpt"]
+    assert sorted(p.name for p in (out / "runs" / "seed1").iterdir() if p.is_dir()) == sorted(
+        (*study.CONDITIONS, study.STAGE1))
+    staged = json.loads((out / "models" / "seed1" / "staged" / "stage.json").read_text())
+    assert staged["parent"]["stage"] == "language" and staged["domains"] == ["language", "code"]
 
-    before = {p: p.read_text() for p in out.glob("runs/*/seed1/result.json")}
+    before = {p: p.read_text() for p in out.glob("runs/seed1/*/result.json")}
     study.main(tiny_args(data_dir, out))
-    assert {p: p.read_text() for p in out.glob("runs/*/seed1/result.json")} == before
+    assert {p: p.read_text() for p in out.glob("runs/seed1/*/result.json")} == before
     assert capsys.readouterr().out.count("skipped") == 6
 
 
 def test_failed_runs_are_recorded_the_study_goes_on_and_a_rerun_retries_them(data_dir, tmp_path, monkeypatch):
     calls, summaries = [], []
 
-    def fake_execute(run, cmd, device, out):
+    def fake_execute(run, args, device, out):
+        cmd = study.fit_command_of(run, args, out, device == "cpu")
         calls.append(run.name)
         summary = out / "results.json"  # rewritten after every run: a study cut short keeps what it finished
         summaries.append([r["condition"] for r in json.loads(summary.read_text())["runs"]] if summary.exists() else None)

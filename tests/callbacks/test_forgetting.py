@@ -200,7 +200,7 @@ def test_tensorboard_gets_rises_on_step_and_token_axes(tmp_path):
 
 
 def test_baseline_comes_from_the_parent_stage_record(tmp_path):
-    from callbacks.stage_record import update_stage_record
+    from datamodules.stage_record import update_stage_record
 
     models = tmp_path / "models"
     update_stage_record(str(models), "old", {"losses": {"best": {"old": 2.5}, "final": {"old": 2.7}}})

@@ -65,7 +65,8 @@ def test_cli_accepts_and_resolves_precision_auto(tmp_path):
         auto_configure_optimizers=False,
         args=["--trainer.precision", "auto", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
               "--trainer.default_root_dir", str(tmp_path), "--model", "lightning_modules.causal_lm.CausalLM",
-              "--model.size", "tiny", "--data", f"{TinyData.__module__}.TinyData"],
+              "--model.size", "tiny", "--data", f"{TinyData.__module__}.TinyData", "--stage.name", "t",
+              "--stage.domain", "language", "--stage.runs_dir", str(tmp_path)],
     )
     assert cli.trainer.precision == "32-true"
 

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader
 
 from callbacks.stage_handoff import StageHandoff
-from callbacks.stage_record import file_sha256, read_stage_record, update_stage_record
+from datamodules.stage_record import file_sha256, read_stage_record, update_stage_record
 from datamodules.errors import TokenizerMismatchError
 from lightning_modules.causal_lm import CausalLM
 

@@ -1,37 +1,21 @@
 """The `stagewise` command: dispatch, --print_config round trip, exit status 2 with a message, a real tiny fit."""
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 
-from datamodules.prepare import Corpus, TokenizerConfig, prepare
-from datamodules.sources import TextFiles
 from datamodules.tokenizer import tokenizer_sha256
 from lightning_modules.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 LANGUAGE = str(REPO / "configs" / "stages" / "language.yaml")
 TINY = str(REPO / "configs" / "model" / "tiny.yaml")
-WORDS = (
-    "the a river stone light quick brown fox jumps over lazy dog morning evening city market bread water "
-    "winter summer people house window garden music letter night sleep dream king queen sword castle"
-).split()
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> Path:
-    """A prepared ``language`` corpus of 60 short English-like documents and a 320-token tokenizer."""
-    root = tmp_path_factory.mktemp("cli_data")
-    rng = random.Random(1)
-    (root / "text").mkdir()
-    for i in range(60):
-        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))).capitalize() + "." for _ in range(5)]
-        (root / "text" / f"doc{i:02d}.txt").write_text("\n".join(lines) + "\n")
-    corpus = Corpus(sources=[TextFiles(paths=["*.txt"], root=str(root / "text"))], val_fraction=0.2, test_fraction=0.1)
-    prepare({"language": corpus}, TokenizerConfig(vocab_size=320, sample_bytes=20000), str(root / "data"))
-    return root / "data"
+@pytest.fixture
+def data_dir(corpora) -> Path:
+    return corpora
 
 
 def exit_code(argv: list[str]) -> int:
@@ -44,8 +28,9 @@ def test_print_config_composes_stage_and_model_and_round_trips(tmp_path, monkeyp
     monkeypatch.chdir(REPO)
     assert exit_code(["fit", "-c", LANGUAGE, "-c", TINY, "--print_config"]) in (0, None)
     printed = capsys.readouterr().out
-    assert "size: tiny" in printed
-    assert "lightning.pytorch.callbacks.ModelCheckpoint" in printed and "language_model_best" in printed
+    assert "size: tiny" in printed and "max_steps: 3000" in printed  # the model preset and the base config
+    assert "stage:\n  name: language\n  domain: language" in printed
+    assert "best_checkpoint:" in printed and "callbacks.TextSamples" in printed
     config = tmp_path / "printed.yaml"
     config.write_text(printed)
     assert exit_code(["fit", "-c", str(config), "--print_config"]) in (0, None)
@@ -87,14 +72,18 @@ def test_tiny_fit_writes_best_checkpoint_and_stage_record(tmp_path, monkeypatch,
         "--data.init_args.data_dir", str(data_dir),
         "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "2",
         "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
-        "--trainer.accelerator", "cpu", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
     ])
-    assert (tmp_path / "models" / "language_model_best.ckpt").is_file()
-    stage = json.loads((tmp_path / "models" / "language" / "stage.json").read_text())
+    best = tmp_path / "models" / "default" / "language_model_best.ckpt"
+    assert best.is_file()
+    stage = json.loads((tmp_path / "models" / "default" / "language" / "stage.json").read_text())
     assert stage["stage"] == "language" and stage["optimizer_steps"]["stage"] == 3
+    assert stage["experiment"] == "default" and stage["domain"] == "language" and stage["domains"] == ["language"]
     assert stage["tokens"]["stage"] == 3 * 2 * 32
     assert stage["tokenizer_sha256"] == tokenizer_sha256(data_dir / "tokenizer")
-    assert Path(stage["checkpoint"]["path"]).resolve() == (tmp_path / "models" / "language_model_best.ckpt").resolve()
+    assert Path(stage["checkpoint"]["path"]).resolve() == best.resolve()
+    run = tmp_path / "runs" / "default" / "language"
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_fsdp_config_builds_the_strategy_the_benchmark_measured():

@@ -128,3 +128,29 @@ def test_refuses_other_shapes_and_tokenizers(stages, tmp_path):
     other = variant("other.ckpt", lambda c: c["hyper_parameters"].update({"tokenizer_sha256": "another"}))
     with pytest.raises(TokenizerMismatchError):
         interpolate(parent, other, TwoDomains(), alphas=[0.5], accelerator="cpu")
+
+
+def test_a_child_blended_with_another_parent_says_its_lineage_is_broken(stages, tmp_path, capsys):
+    import shutil
+
+    from datamodules.stage_record import file_sha256, update_stage_record
+
+    parent, child = stages
+    models = tmp_path / "models" / "exp"
+    models.mkdir(parents=True)
+    language, code = models / "language_model_best.ckpt", models / "code_model_best.ckpt"
+    shutil.copy(parent, language)
+    shutil.copy(child, code)
+    update_stage_record(models, "language", {"checkpoint": {"path": str(language), "sha256": file_sha256(language)}})
+    update_stage_record(models, "code", {"checkpoint": {"path": str(code), "sha256": file_sha256(code)},
+                                         "parent": {"stage": "language", "path": str(language),
+                                                    "sha256": file_sha256(language)}})
+    report = tmp_path / "report.json"
+    summary = interpolate(str(language), str(code), TwoDomains(), alphas=[0, 1], report=str(report), accelerator="cpu")
+    assert summary["lineage"].startswith("checked") and "lineage broken" not in capsys.readouterr().err
+    other = models / "other_model_best.ckpt"  # the child itself, as a stand-in for an unrelated parent
+    shutil.copy(child, other)
+    summary = interpolate(str(other), str(code), TwoDomains(), alphas=[0, 1], report=str(report), accelerator="cpu")
+    assert len(summary["lineage"]) == 1 and "not its parent" in summary["lineage"][0]
+    assert json.loads(report.read_text())["lineage"] == summary["lineage"]
+    assert "stagewise interpolate: lineage broken:" in capsys.readouterr().err

@@ -9,8 +9,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
-from callbacks.stage_record import update_stage_record
+from datamodules.stage_record import update_stage_record
 from datamodules.errors import StagewiseError
 from lightning_modules import pipeline as pl
 from lightning_modules.report import write_report
@@ -22,14 +23,15 @@ def fake_fit(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     calls: list[list[str]] = []
 
-    def run(cmd, env=None):
+    def run(cmd, env=None, cwd=None, **streams):
         calls.append(cmd)
-        version = next(a.split("=", 1)[1] for a in cmd if a.startswith("--trainer.logger.init_args.version="))
-        Path("models").mkdir(exist_ok=True)
-        Path(f"models/{version}_model_best.ckpt").write_bytes(f"weights of {version} {len(calls)}".encode())
-        parent = next((a.split("=", 1)[1] for a in cmd if a.startswith("--model.init_args.init_from=")), None)
-        update_stage_record(Path("models"), version, {"stage": version, "parent": {"path": parent} if parent else None,
-                                                      "losses": {"final": {"language": 3.0}}})
+        arg = lambda name: [a.split("=", 1)[1] for a in cmd if a.startswith(f"--{name}=")][-1]  # noqa: E731
+        name, models = arg("stage.name"), Path(arg("stage.models_dir")) / arg("stage.experiment")
+        models.mkdir(parents=True, exist_ok=True)
+        (models / f"{name}_model_best.ckpt").write_bytes(f"weights of {name} {len(calls)}".encode())
+        parent = arg("stage.parent")
+        update_stage_record(models, name, {"stage": name, "parent": {"stage": parent} if parent != "null" else None,
+                                           "losses": {"final": {"language": 3.0}}})
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(pl.subprocess, "run", run)
@@ -43,26 +45,29 @@ def _stages():
 
 def test_stages_chain_from_the_previous_best_and_rerun_is_skipped(fake_fit):
     assert pl.pipeline(_stages(), experiment="t", report=False) == {"language": "trained", "code": "trained"}
-    assert not any(a.startswith("--model.init_args.init_from") for a in fake_fit[0])
-    assert "--model.init_args.init_from=models/language_model_best.ckpt" in fake_fit[1]
+    assert "--stage.parent=null" in fake_fit[0] and "--stage.parent=language" in fake_fit[1]
     assert "--trainer.max_steps=2" in fake_fit[1]
+    for cmd in fake_fit:  # the pipeline's experiment and directories come after the stage's own args: they win
+        assert cmd[-5:] == ["--stage.experiment=t", "--stage.models_dir=models", "--stage.runs_dir=runs",
+                            "--data.init_args.data_dir=data", "--overwrite"]
     assert pl.pipeline(_stages(), experiment="t", report=False) == {"language": "skipped", "code": "skipped"}
     assert len(fake_fit) == 2
 
 
 def test_changed_config_reruns_that_stage_and_its_children(fake_fit):
     pl.pipeline(_stages(), experiment="t", report=False)
-    Path("runs/t/language/events").write_text("old run")
+    Path("runs/t/language/events.out.tfevents.1").write_text("old run")
     Path("stage.yaml").write_text("trainer: {max_steps: 4}\n")
     assert pl.pipeline(_stages(), experiment="t", report=False) == {"language": "trained", "code": "trained"}
     moved = [p for p in Path("runs/t").iterdir() if p.name.startswith("language.")]
-    assert len(moved) == 1 and (moved[0] / "events").read_text() == "old run"  # kept aside, not overwritten
+    assert len(moved) == 1 and (moved[0] / "events.out.tfevents.1").read_text() == "old run"  # kept aside
+    assert not list(Path("runs/t/language").glob("events*"))  # nothing of the old run mixes into the new one
 
 
 def test_interrupted_stage_resumes_from_its_last_checkpoint(fake_fit):
     pl.pipeline(_stages(), experiment="t", report=False)
     # code was interrupted: no matching record, but its run dir has the same key and a last.ckpt
-    update_stage_record(Path("models"), "code", {"pipeline_key": "stale"})
+    update_stage_record(Path("models/t"), "code", {"pipeline_key": "stale"})
     (Path("runs/t/code/checkpoints")).mkdir(parents=True)
     Path("runs/t/code/checkpoints/last.ckpt").write_bytes(b"x")
     assert pl.pipeline(_stages(), experiment="t", report=False) == {"language": "skipped", "code": "resumed"}
@@ -73,7 +78,7 @@ def test_bad_pipelines_are_refused(fake_fit):
     with pytest.raises(StagewiseError, match="does not exist"):
         pl.pipeline([pl.StageSpec("language", ["missing.yaml"])], report=False)
     with pytest.raises(StagewiseError, match="not an earlier stage"):
-        pl.pipeline([pl.StageSpec("code", ["stage.yaml"], init_from="language")], report=False)
+        pl.pipeline([pl.StageSpec("code", ["stage.yaml"], parent="language")], report=False)
     with pytest.raises(StagewiseError, match="unique"):
         pl.pipeline([pl.StageSpec("a", ["stage.yaml"]), pl.StageSpec("a", ["stage.yaml"])], report=False)
 
@@ -94,7 +99,7 @@ def test_report_has_a_column_per_domain_forgetting_and_plots(tmp_path):
                   "tools": {"json_valid": 0.5, "name_accuracy": 0.25, "call_accuracy": 0.125}},
     }
     for name, record in records.items():
-        update_stage_record(models, name, record)
+        update_stage_record(models / "exp", name, record)
         writer = SummaryWriter(runs / "exp" / name)
         for step, tokens in ((1, 50), (2, 100)):
             for domain in record["losses"]["final"]:
@@ -114,3 +119,56 @@ def test_report_has_a_column_per_domain_forgetting_and_plots(tmp_path):
 def test_report_refuses_a_stage_that_has_not_run(tmp_path):
     with pytest.raises(StagewiseError, match="run the stage first"):
         write_report("exp", ["language"], models_dir=str(tmp_path / "models"), runs_dir=str(tmp_path / "runs"))
+
+
+def test_command_line_dirs_and_experiment_reach_every_stage_and_prepare(fake_fit, monkeypatch):
+    prepared = []
+    monkeypatch.setattr(pl, "prepare_main", prepared.append)
+    Path("data.yaml").write_text("data_dir: data_from_config\ncorpora: {}\n")
+    Path("pipe.yaml").write_text(yaml.safe_dump({
+        "experiment": "from_config", "data": "data.yaml", "report": False,
+        "stages": [{"name": "language", "configs": ["stage.yaml"]}, {"name": "code", "configs": ["stage.yaml"]}],
+        "baselines": [{"name": "joint", "configs": ["stage.yaml"], "args": ["--data.init_args.data_dir=elsewhere"]}]}))
+    pl.main(["-c", "pipe.yaml", "--experiment", "b", "--models_dir", "X", "--runs_dir", "R", "--data_dir", "Y"])
+    assert prepared == [["-c", "data.yaml", "--data_dir=Y"]]
+    for cmd in fake_fit:  # after the stage's own arguments: they win over its configs and args
+        assert cmd[-5:-1] == ["--stage.experiment=b", "--stage.models_dir=X", "--stage.runs_dir=R",
+                              "--data.init_args.data_dir=Y"]
+    assert sorted(p.name for p in Path("X/b").glob("*.ckpt")) == [
+        "code_model_best.ckpt", "joint_model_best.ckpt", "language_model_best.ckpt"]
+    assert not Path("models").exists() and set(Path("R").iterdir()) == {Path("R/b")}
+    pl.main(["-c", "pipe.yaml", "--models_dir", "X", "--runs_dir", "R"])  # the config's experiment and data_dir
+    assert fake_fit[-1][-5:-1] == ["--stage.experiment=from_config", "--stage.models_dir=X", "--stage.runs_dir=R",
+                                   "--data.init_args.data_dir=data_from_config"]
+    assert prepared[-1] == ["-c", "data.yaml", "--data_dir=data_from_config"]
+
+
+def test_report_says_when_a_lineage_is_broken(tmp_path, capsys):
+    from datamodules.stage_record import file_sha256
+
+    exp = tmp_path / "models" / "exp"
+    exp.mkdir(parents=True)
+    for name in ("language", "code"):
+        (exp / f"{name}_model_best.ckpt").write_bytes(f"weights of {name}".encode())
+    language, code = exp / "language_model_best.ckpt", exp / "code_model_best.ckpt"
+    update_stage_record(exp, "language", {"checkpoint": {"path": str(language), "sha256": file_sha256(language)},
+                                          "losses": {"final": {"language": 4.0}}})
+    update_stage_record(exp, "code", {"checkpoint": {"path": str(code), "sha256": file_sha256(code)},
+                                      "parent": {"stage": "language", "path": str(language), "sha256": file_sha256(language)},
+                                      "losses": {"final": {"language": 4.5, "code": 3.0}}})
+    runs = str(tmp_path / "runs")
+    text = write_report("exp", ["language", "code"], models_dir=str(tmp_path / "models"), runs_dir=runs).read_text()
+    assert "Lineage: checked" in text and "broken" not in text
+    # language is trained again (another experiment's copy lands here): code no longer continues it
+    language.write_bytes(b"weights of another language stage")
+    update_stage_record(exp, "language", {"checkpoint": {"path": str(language), "sha256": file_sha256(language)}})
+    capsys.readouterr()
+    text = write_report("exp", ["language", "code"], models_dir=str(tmp_path / "models"), runs_dir=runs).read_text()
+    assert "| code (lineage broken) | language |" in text and "## Lineage: broken" in text
+    assert "it started from" in text and "the parent was retrained or replaced after this stage started" in text
+    assert "the 'language' row of this report describes checkpoint" in text
+    assert "lineage broken for 'code'" in capsys.readouterr().err
+    # a checkpoint replaced behind its record's back
+    code.write_bytes(b"other weights")
+    text = write_report("exp", ["language", "code"], models_dir=str(tmp_path / "models"), runs_dir=runs).read_text()
+    assert "is not the checkpoint its record" in text

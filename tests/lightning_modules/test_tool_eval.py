@@ -196,7 +196,7 @@ def greedy_by_recompute(model, prompt: list[int], max_new_tokens: int, stop_ids:
 
 def test_batched_decoding_equals_one_prompt_at_a_time():
     from lightning_modules.causal_lm import CausalLM
-    from lightning_modules.tool_eval import greedy_continuations
+    from lightning_modules.decoding import greedy_continuations
 
     torch.manual_seed(0)
     model = CausalLM(size="tiny", vocab_size=64, model_overrides={"n_layers": 2, "max_seq_len": 64})
@@ -213,7 +213,7 @@ def test_batched_decoding_equals_one_prompt_at_a_time():
 
 def test_long_prompts_keep_their_last_tokens():
     from lightning_modules.causal_lm import CausalLM
-    from lightning_modules.tool_eval import greedy_continuations
+    from lightning_modules.decoding import greedy_continuations
 
     torch.manual_seed(0)
     model = CausalLM(size="tiny", vocab_size=64, model_overrides={"n_layers": 1, "max_seq_len": 16})
@@ -227,7 +227,7 @@ def test_long_prompts_keep_their_last_tokens():
 
 def test_attention_subclass_without_padding_support_still_decodes_batches():
     from experiments.examples.sliding_window_attention import SlidingWindowLM
-    from lightning_modules.tool_eval import greedy_continuations
+    from lightning_modules.decoding import greedy_continuations
 
     torch.manual_seed(0)
     model = SlidingWindowLM(window=4, size="tiny", vocab_size=64, model_overrides={"n_layers": 1, "max_seq_len": 64})
@@ -244,7 +244,7 @@ from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from callbacks.stage_handoff import StageHandoff  # noqa: E402
-from callbacks.stage_record import read_stage_record  # noqa: E402
+from datamodules.stage_record import read_stage_record  # noqa: E402
 from callbacks.text_samples import TextSamples  # noqa: E402
 from callbacks.tool_call_eval import ToolCallEval  # noqa: E402
 from datamodules.datamodule import ToolDataModule  # noqa: E402
@@ -335,7 +335,7 @@ def test_decoding_model_under_fsdp_decodes_a_copy_of_the_gathered_weights_on_ran
     import lightning.pytorch.strategies as strategies
 
     from datamodules.errors import StagewiseError
-    from lightning_modules.tool_eval import decoding_model, greedy_continuations
+    from lightning_modules.decoding import decoding_model, greedy_continuations
 
     gathers = []
 

@@ -1,0 +1,79 @@
+"""Every metric name stagewise logs or reads, built and parsed here only.
+
+Names with a domain put it in the middle (``val/<domain>/loss``): TensorBoard groups a panel per prefix,
+and a domain never compares with another. Everything that writes or reads a metric (the module, the
+callbacks, the report, the notebook's loader, the studies) goes through these functions.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping
+
+TRAIN_LOSS = "train/loss"
+TRAIN_TOKENS = "train/tokens"
+TRAIN_LR = "train/lr"
+TRAIN_GRAD_NORM = "train/grad_norm"
+TRAIN_SKIPPED_STEPS = "train/skipped_steps"
+TRAIN_TOKENS_LOSS = "train_tokens/loss"  # against the lineage's total tokens
+STAGE_BOUNDARY = "stage/boundary"
+FORGETTING_ALARMS = "forgetting/alarms"  # text
+TOOL_SAMPLES = "tools/samples"  # text
+VAL_PREFIX = "val/"
+_VAL_LOSS = re.compile(r"^(val|val_tokens)/([^/]+)/loss$")
+
+
+def val_loss(domain: str) -> str:
+    """Held-out loss of ``domain`` by optimizer step: ``val/<domain>/loss``."""
+    return f"val/{domain}/loss"
+
+
+def val_ppl(domain: str) -> str:
+    """Held-out perplexity of ``domain``: ``val/<domain>/ppl``."""
+    return f"val/{domain}/ppl"
+
+
+def val_tokens_loss(domain: str) -> str:
+    """Held-out loss of ``domain`` against the lineage's total tokens: ``val_tokens/<domain>/loss``."""
+    return f"val_tokens/{domain}/loss"
+
+
+def domain_of_val_loss(name: str, axis: str = "val") -> str | None:
+    """``val/<domain>/loss`` -> ``<domain>`` (``axis="val_tokens"``: ``val_tokens/<domain>/loss``); None for any
+    other name."""
+    match = _VAL_LOSS.match(name)
+    return match.group(2) if match and match.group(1) == axis else None
+
+
+def val_losses(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Every finite ``val/<domain>/loss`` of ``metrics`` (e.g. ``trainer.callback_metrics``), by domain."""
+    out = {}
+    for name, value in metrics.items():
+        domain = domain_of_val_loss(name)
+        if domain is None or (hasattr(value, "numel") and value.numel() != 1):
+            continue
+        if math.isfinite(float(value)):
+            out[domain] = float(value)
+    return out
+
+
+def forgetting(domain: str) -> str:
+    """Relative rise of an earlier domain's held-out loss over its baseline: ``forgetting/<domain>``."""
+    return f"forgetting/{domain}"
+
+
+def forgetting_max_rise(domain: str) -> str:
+    """The largest rise so far: ``forgetting/<domain>/max_rise``."""
+    return f"forgetting/{domain}/max_rise"
+
+
+def forgetting_vs_tokens(name: str) -> str:
+    """A ``forgetting/...`` metric against total tokens: ``forgetting_vs_tokens/...``."""
+    return name.replace("forgetting/", "forgetting_vs_tokens/", 1)
+
+
+def tool_score(score: str, split: str | None = None) -> str:
+    """A tool-call score: ``tools/<score>``, or ``tools/<split>/<score>`` for a subset of the examples
+    (e.g. services seen or unseen in training)."""
+    return f"tools/{score}" if split is None else f"tools/{split}/{score}"

@@ -1,0 +1,143 @@
+"""Decoding, in one place: greedy generation with a KV cache, batched greedy continuations of many
+prompts, and the module to decode with during a fit (an unsharded copy under FSDP).
+
+``CausalLM.generate`` is :func:`generate`; the callbacks that decode during training (``TextSamples``,
+``ToolCallEval``), ``stagewise evaluate`` and the tool-call scorer all go through
+:func:`greedy_continuations`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from datamodules.errors import StagewiseError
+
+
+@torch.no_grad()
+def generate(
+    module, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
+    attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
+) -> torch.Tensor:
+    """Greedy continuation of prompts ``input_ids`` [B, T] by ``module`` (a ``CausalLM``), all rows decoded
+    together with a KV cache.
+
+    Args:
+        module: A ``CausalLM`` (or subclass): its ``model`` is built if needed and decodes.
+        input_ids: Prompts [B, T]; prompts of different lengths are left-padded.
+        max_new_tokens: Most tokens generated per row.
+        eos_token_id: Stop id(s): a row stops after emitting any of them; generation ends once all rows
+            have stopped.
+        attention_mask: [B, T], 1 for prompt tokens and 0 for left padding (None: no padding).
+        pad_token_id: Fills a stopped row's later slots (default: the first stop id).
+
+    Returns:
+        Prompt + new tokens [B, T + n]; row ``b`` equals its own unbatched greedy continuation.
+    """
+    module.configure_model()
+    model = module.model
+    input_ids = input_ids.to(module.device)
+    stops = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int)
+                         else list(eos_token_id), dtype=torch.long, device=module.device)
+    pad = pad_token_id if pad_token_id is not None else int(stops[0]) if len(stops) else 0
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    if attention_mask is not None and "key_mask" not in inspect.signature(model.layers[0].attn.attend).parameters:
+        # an attention subclass without padding support: decode the rows one by one, unpadded
+        news = [generate(module, ids[mask.bool()][None], max_new_tokens, eos_token_id, None, pad)[0, int(mask.sum()):]
+                for ids, mask in zip(input_ids, attention_mask.to(module.device))]
+        return torch.cat([input_ids, nn.utils.rnn.pad_sequence(news, batch_first=True, padding_value=pad)], 1)
+    was_training = module.training
+    module.eval()
+    cache = model.make_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+    logits = model(input_ids, cache, attention_mask=attention_mask, last_only=True)
+    out, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=module.device)
+    for i in range(max_new_tokens):
+        token = torch.where(done, pad, logits[:, -1].argmax(dim=-1))
+        done |= torch.isin(token, stops)
+        out.append(token[:, None])
+        if i == max_new_tokens - 1 or bool(done.all()):
+            break
+        logits = model(token[:, None], cache, last_only=True)
+    module.train(was_training)
+    return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
+                         batch_size: int = 16, max_prompt_tokens: int | None = None) -> list[list[int]]:
+    """Greedy new tokens after each prompt, up to and including its first stop id, decoded in batches.
+
+    Prompts of similar length are batched together (left-padded, KV cache, :func:`generate`);
+    each result equals the prompt's unbatched greedy continuation. A prompt is cut from the left to at most
+    ``max_prompt_tokens`` and to leave room for ``max_new_tokens`` in the model's context.
+    """
+    context = getattr(getattr(model, "config", None), "max_seq_len", None)
+    if context:
+        max_new_tokens = min(max_new_tokens, context - 1)
+    keep = [n for n in (max_prompt_tokens, context and context - max_new_tokens) if n]
+    if keep:
+        prompts = [p[-max(1, min(keep)):] for p in prompts]
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding per batch
+    results: list[list[int]] = [[] for _ in prompts]
+    for first in range(0, len(order), batch_size):
+        rows = order[first:first + batch_size]
+        width = max(len(prompts[i]) for i in rows)
+        input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for b, i in enumerate(rows):
+            input_ids[b, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[b, width - len(prompts[i]):] = 1
+        out = model.generate(input_ids.to(device), max_new_tokens=max_new_tokens, eos_token_id=stop_ids or None,
+                             attention_mask=mask.to(device))
+        for b, i in enumerate(rows):
+            new = out[b, width:].tolist()
+            stop = next((k for k, t in enumerate(new) if t in stop_ids), None)
+            results[i] = new if stop is None else new[: stop + 1]
+    return results
+
+
+@contextmanager
+def decoding_threads(model):
+    """On CPU, decode with one intra-op thread: one token's matmuls are too small to share, and thread
+    synchronisation made batch-1 decoding of the tiny model 13x slower on a busy 2-core machine."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    before = torch.get_num_threads()
+    if on_cpu and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def decoding_model(trainer, pl_module):
+    """The module to decode with during a fit, on rank 0; ``None`` on the other ranks.
+
+    ``pl_module`` itself, except under Lightning's ``FSDPStrategy``: there each rank holds only a shard
+    of the weights, and the FSDP units gather theirs only inside the strategy's training or validation
+    step, all ranks together, so ``pl_module.generate`` called from a callback fails (the embedding is a
+    1-D shard) and decoding on all ranks in lock step would hang as soon as their stop tokens differ. Under
+    FSDP the full weights are gathered to rank 0 (``strategy.lightning_module_state_dict()``, the same
+    gather a full checkpoint does) and loaded into an unsharded, uncompiled copy on rank 0's device, which
+    rank 0 decodes with alone. Every rank must call this: the gather is collective. The copy costs one
+    model's float32 weights on rank 0's GPU while it is referenced.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return pl_module if trainer.is_global_zero else None
+    if getattr(trainer.strategy, "_state_dict_type", "full") != "full":  # Lightning keeps the choice privately
+        raise StagewiseError("decoding during an FSDP fit (TextSamples, ToolCallEval) gathers the full weights and "
+                             "needs the strategy's state_dict_type: full, as in configs/strategies/fsdp.yaml; "
+                             "set it, or leave these callbacks out of this run")
+    state = trainer.strategy.lightning_module_state_dict()  # collective; the full weights on rank 0 only
+    if not trainer.is_global_zero:
+        return None
+    with torch.device(pl_module.device):
+        return type(pl_module).from_state(pl_module.hparams, state, compile=False, init_from=None)
