@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -43,8 +42,3 @@ class BestCheckpoint(ModelCheckpoint):
             enable_version_counter=False,
         )
         self.stage, self.stage_domain, self.keep = stage, stage_domain, keep
-
-    @property
-    def path(self) -> Path | None:
-        """``<models_dir>/<stage>_model_best.ckpt`` (None without a stage)."""
-        return Path(self.dirpath, self.filename + self.FILE_EXTENSION) if self.stage else None

@@ -15,7 +15,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from callbacks import BestCheckpoint, ForgettingMonitor, StageHandoff, TextSamples
+from callbacks import BestCheckpoint, ForgettingMonitor, StageHandoff, TextSamples, ToolCallEval
 from datamodules.stage_record import file_sha256, read_stage_record, update_stage_record
 from lightning_modules import pipeline as pl
 from lightning_modules.cli import main, run_lightning
@@ -62,6 +62,9 @@ def test_a_stage_config_alone_is_a_complete_stage(tmp_path, monkeypatch, corpora
     assert (handoff.stage, handoff.models_dir, handoff.experiment) == ("code", "models/default", "default")
     assert (forgetting.stage, forgetting.stage_domain, forgetting.domains) == ("code", "code", ["language"])
     assert callback(cli, TextSamples) is not None  # from configs/base.yaml, never named
+    listed = built("-c", stage("code"), "-c", TINY, f"--data.init_args.data_dir={corpora}",
+                   "--trainer.callbacks+=callbacks.ToolCallEval")  # a stage's own callback gets the stage too
+    assert (callback(listed, ToolCallEval).stage, callback(listed, ToolCallEval).models_dir) == ("code", "models/default")
     assert Path(cli.trainer.logger.log_dir) == Path("runs/default/code")
     assert cli.datamodule.corpus == "code" and cli.datamodule.val_domains == ["language", "code"]
     assert cli.model.hparams.init_from == str(parent) and cli.model.hparams.lr == 1e-4
