@@ -15,10 +15,11 @@ class FinalMetricsToHparams(L.Callback):
     """At the end of fit, log the run's settings with the final ``val/<domain>/loss`` values as metrics.
 
     Acts once, in ``on_fit_end``, on the TensorBoard logger only. The settings are the module's init
-    arguments, the data module's (corpus, domains, ``data_dir``, ``seq_len``, ``batch_size``, seed of the
-    order...), the Trainer's that shape the optimisation (``trainer/max_steps``, ``trainer/accumulate_grad_batches``,
-    ``trainer/precision``, ``trainer/world_size``...) and ``seed``, so runs can be told apart in the tab. Use it
-    with ``TensorBoardLogger(default_hp_metric=False)`` so the tab holds real numbers, not a placeholder.
+    arguments, the data module's (its ``state_dict()``: corpus, domains, ``data_dir``, ``seq_len``,
+    ``batch_size``, ``data_seed``...; a mixture's fractions), the Trainer's that shape the optimisation
+    (``trainer/max_steps``, ``trainer/accumulate_grad_batches``, ``trainer/precision``, ``trainer/world_size``...)
+    and ``seed``, so runs can be told apart in the tab. Use it with ``TensorBoardLogger(default_hp_metric=False)``
+    so the tab holds real numbers, not a placeholder.
 
     Args:
         prefix: Only metrics whose name starts with this are shown in the tab.
@@ -39,8 +40,11 @@ class FinalMetricsToHparams(L.Callback):
 
 
 def run_settings(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-    """The module's and the data module's init arguments, the Trainer's optimisation settings and the seed."""
-    data = dict(getattr(trainer.datamodule, "hparams", None) or {})
+    """The module's init arguments, the data module's settings, the Trainer's optimisation settings and the seed."""
+    datamodule = trainer.datamodule
+    data = dict(datamodule.state_dict() or {}) if datamodule is not None else {}
+    if getattr(datamodule, "mixture_fractions", None):
+        data["mixture"] = dict(datamodule.mixture_fractions)
     settings = {**dict(pl_module.hparams), **data}
     settings["trainer"] = {
         "max_steps": trainer.max_steps, "max_epochs": trainer.max_epochs,

@@ -166,9 +166,6 @@ class CorpusDataModule(L.LightningDataModule):
     ``vocab_size`` and ``tokenizer_sha256`` are available right after construction (read from the prepared
     data, without ``setup()``); the CLI links them into the model.
 
-    Its init arguments are its hyperparameters (``self.hparams``: in ``hparams.yaml`` and TensorBoard's HPARAMS
-    tab beside the model's).
-
     Args:
         corpus: The corpus to train on: a directory ``<data_dir>/<corpus>/`` made by ``stagewise prepare``.
             ``stagewise fit`` sets it to ``--stage.domain``.
@@ -201,7 +198,6 @@ class CorpusDataModule(L.LightningDataModule):
         if not corpus:
             raise StagewiseError("the data module needs a corpus to train on: `data.corpus`, or `--stage.domain` "
                                  "under `stagewise fit`")
-        self.save_hyperparameters()
         self.align_tool_examples = align_tool_examples
         self.corpus = corpus
         self.val_domains = list(val_domains) if val_domains else [corpus]
@@ -212,10 +208,11 @@ class CorpusDataModule(L.LightningDataModule):
         self._vocab_size: int | None = None
 
     def state_dict(self) -> dict:
-        """The data settings, stored in every checkpoint (``stagewise evaluate`` reads them back); the loader's
-        position is saved separately by the fit loop."""
+        """The data settings, stored in every checkpoint (``stagewise evaluate`` reads them back) and shown in
+        TensorBoard's HPARAMS tab; the loader's position is saved separately by the fit loop."""
         return {"corpus": self.corpus, "val_domains": list(self.val_domains), "data_dir": str(self.data_dir),
-                "seq_len": self.seq_len, "batch_size": self.batch_size, "val_max_windows": self.val_max_windows}
+                "seq_len": self.seq_len, "batch_size": self.batch_size, "val_max_windows": self.val_max_windows,
+                "data_seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         """Settings come from the config, not the checkpoint: nothing to restore."""
