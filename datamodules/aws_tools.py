@@ -305,7 +305,8 @@ class AwsCliExamples(Source):
         name: Name of this source in manifests and logs (default: ``aws_cli_examples``).
         max_documents: Stop after this many examples (all when None).
         workers: Processes that parse commands (awscli-bound, ~16 examples/s each); the examples and their
-            order do not depend on it. Default: up to 2, as many as there are CPUs.
+            order do not depend on it. Default: ``stagewise prepare``'s ``workers`` (every core); read
+            outside ``prepare``, up to 2.
     """
 
     def __init__(
@@ -323,7 +324,7 @@ class AwsCliExamples(Source):
         self.services = services
         self.min_distractors = min_distractors
         self.max_distractors = max_distractors
-        self._workers = workers if workers is not None else min(2, os.cpu_count() or 1)  # not in the fingerprint
+        self._workers = workers  # not in the fingerprint
 
     def examples_dir(self) -> Path:
         awscli, _, _ = _awscli()
@@ -352,11 +353,12 @@ class AwsCliExamples(Source):
         root = self.examples_dir()
         jobs = [(str(path), path.relative_to(root).as_posix()) for path in self.files()]
         with tempfile.TemporaryDirectory(prefix="stagewise-aws-") as tmp:
-            if self._workers > 1 and len(jobs) > 1 and "fork" in multiprocessing.get_all_start_methods():
+            workers = self._workers or min(2, os.cpu_count() or 1)
+            if workers > 1 and len(jobs) > 1 and "fork" in multiprocessing.get_all_start_methods():
                 # One awscli driver per worker; imap keeps file order, so the documents are the serial ones.
                 # Forked workers run only awscli (no torch, no tokenizers) and need no `__main__` guard.
                 pool = multiprocessing.get_context("fork").Pool(
-                    self._workers, _start_worker, (tmp, self.min_distractors, self.max_distractors))
+                    workers, _start_worker, (tmp, self.min_distractors, self.max_distractors))
                 try:
                     results = pool.imap(_file_examples, jobs, chunksize=4)
                     yield from self._documents(jobs, results, stats)
