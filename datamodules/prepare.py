@@ -385,7 +385,8 @@ def _encoded_split(tok, docs: list[Document], tools: bool, cap: int | None, prog
     yield from (kept[i] for i in sorted(kept))
 
 
-def _write_shards(name, corpus, corpus_dir, splits, results, tok, tok_sha, keys, progress) -> StagedCorpus:
+def _write_shards(name, corpus, corpus_dir, splits, results, tok, tok_dir, keys, progress) -> StagedCorpus:
+    tok_sha = tokenizer_sha256(tok_dir)
     dtype = "uint16" if len(tok) <= 65535 else "uint32"
     tools = corpus.kind == "tools"
     tokens: dict[str, int] = {}
@@ -399,15 +400,15 @@ def _write_shards(name, corpus, corpus_dir, splits, results, tok, tok_sha, keys,
             writer = ShardWriter(corpus_dir, split, dtype, with_mask=tools)
             staged.writers.append(writer)
             cap = corpus.max_train_tokens if split == "train" else corpus.max_heldout_tokens
-            kept = _encoded_split(tok, docs, tools, cap, progress, task)
-            for doc, ids, mask in kept:
+            services[split] = Counter()
+            for doc, ids, mask in _encoded_split(tok, docs, tools, cap, progress, task):
                 writer.add(ids, mask)
                 per_source[doc.source]["documents"] += 1
                 per_source[doc.source]["tokens"] += len(ids)
+                if tools:
+                    services[split][service_of(doc)] += 1
             writer.finish()
             tokens[split], documents[split] = writer.tokens, writer.documents
-            if tools:
-                services[split] = Counter(service_of(doc) for doc, _, _ in kept)
             if cap is not None:
                 console.print(f"{name}/{split}: {writer.documents:,} of {len(docs):,} documents, "
                               f"{writer.tokens:,} tokens (budget {cap:,})")
@@ -422,7 +423,7 @@ def _write_shards(name, corpus, corpus_dir, splits, results, tok, tok_sha, keys,
             "available_documents": {s: len(v) for s, v in splits.items()},
             "sources": per_source,
             "tokenizer_sha256": tok_sha,
-            "tokenizer_from": tokenizer_record(corpus_dir.parent / "tokenizer").get("from_dir"),
+            "tokenizer_from": tokenizer_record(tok_dir).get("from_dir"),
             "key": keys[0],
             "config_key": keys[1],
             "config": corpus.settings(),
@@ -565,7 +566,7 @@ def _prepare(corpora: dict[str, Corpus], tokenizer: TokenizerConfig, root: Path,
                     manifests[name] = current
                     continue
                 staged.append(_write_shards(
-                    name, corpus, root / name, splits[name], results[name], tok, sha, keys, progress
+                    name, corpus, root / name, splits[name], results[name], tok, use_dir, keys, progress
                 ))
                 manifests[name] = staged[-1].manifest
     except BaseException:
