@@ -13,13 +13,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import html
 import io
 import json
 import logging
 import multiprocessing
 import os
-import random
 import re
 import shlex
 import tempfile
@@ -28,6 +26,7 @@ from typing import Any, Iterator
 
 from datamodules.errors import MissingSourceError
 from datamodules.sources import Document, Source, SourceStats
+from datamodules.tool_corpus import plain_text, request_stating_values, tool_example
 from datamodules.tool_examples import validate_example
 
 _FAKE_ENV = {
@@ -90,17 +89,6 @@ _SCALARS = {
     "bigdecimal": {"type": "number"},
     "biginteger": {"type": "integer"},
 }
-
-
-def plain_text(doc: str | None, max_chars: int = 160) -> str:
-    """botocore documentation HTML -> its first sentence(s) as plain text, at most `max_chars` characters."""
-    text = html.unescape(re.sub(r"<[^>]+>", " ", doc or ""))
-    text = re.sub(r"\s+", " ", text).strip()
-    if len(text) <= max_chars:
-        return text
-    cut = text[:max_chars]
-    end = cut.rfind(". ")
-    return cut[: end + 1] if end > 40 else cut.rsplit(" ", 1)[0] + "..."
 
 
 def shape_to_schema(shape: Any, describe: bool = True, max_depth: int = 4, _seen: tuple[str, ...] = ()) -> dict:
@@ -265,29 +253,6 @@ def _without_session_options(args: list[str]) -> list[str]:
     return out
 
 
-def _leaves(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from _leaves(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _leaves(v, path)
-    else:
-        yield path, value
-
-
-def _value_text(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, bool) or value is None else str(value)
-
-
-def _quoted(value: str) -> str:
-    return value if value and not re.search(r"[\s,]", value) else f'"{value}"'
-
-
-def _mentions(text: str, value: str) -> bool:
-    return re.search(r"(?<![\w-])" + re.escape(value) + r"(?![\w-])", text) is not None
-
-
 class AwsCliExamples(Source):
     """Tool-calling examples built from awscli's documentation examples and botocore's service models.
 
@@ -377,7 +342,8 @@ class AwsCliExamples(Source):
                     stats.skipped[example] += 1
                     continue
                 yield Document(text=json.dumps(example, sort_keys=True), source=self.name, path=f"{rel}#{k}",
-                               meta={"tool": example["tool_calls"][0]["name"]})
+                               meta={"tool": example["tool_calls"][0]["name"], "family": "aws",
+                                     "service": rel.split("/", 1)[0]})
 
 
 _WORKER: dict[str, Any] = {}
@@ -540,18 +506,11 @@ class _Extractor:
         request = self._request(ex, arguments, files_used)
         right = self._tool(model, operation)
         seed = int(hashlib.sha256(f"{rel}#{k}\n{commands[0]}".encode()).hexdigest()[:16], 16)
-        rng = random.Random(seed)
         others = sorted(op for op in model.operation_names if op != operation)
-        if len(others) < self.min_distractors:
+        example = tool_example(request, right, others, arguments, seed, self.min_distractors, self.max_distractors,
+                               lambda op: self._tool(model, op))
+        if example is None:
             return "too_few_operations"
-        n = min(rng.randint(self.min_distractors, self.max_distractors), len(others))
-        tools = [right] + [self._tool(model, op) for op in rng.sample(others, n)]
-        rng.shuffle(tools)
-        example = {
-            "messages": [{"role": "user", "content": request}],
-            "tools": tools,
-            "tool_calls": [{"name": right["name"], "arguments": arguments}],
-        }
         try:
             validate_example(example, rel)
         except Exception:
@@ -586,15 +545,7 @@ class _Extractor:
         request = " ".join(p for p in parts if p).strip()
         for name, text in files_used.items():
             request += f"\n\nContents of {name}:\n{text}"
-        missing: dict[str, str] = {}
-        for leaf_path, value in _leaves(arguments):
-            shown = _value_text(value)
-            if not _mentions(request, shown) and shown not in missing.values():
-                missing.setdefault(f"{leaf_path}={shown}", shown)
-        if missing:
-            said = ", ".join(f"{key.split('=', 1)[0]} {_quoted(v)}" for key, v in missing.items())
-            request += f"\n\nUse {said}."
-        return request
+        return request_stating_values(request, arguments)
 
 
 def path_op(rel: str) -> str:
