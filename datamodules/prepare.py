@@ -458,6 +458,7 @@ def prepare(
     data_dir: str = "data",
     retrain_tokenizer: bool = False,
     workers: int | None = None,
+    cache_dir: str | None = None,
 ) -> dict[str, dict]:
     """Turn the configured corpora into a tokenizer and token shards under ``data_dir``.
 
@@ -469,6 +470,8 @@ def prepare(
             lineage: checkpoints trained on the old tokenizer no longer fit the data.
         workers: Processes that read sources in parallel (default: every core); the documents do not
             depend on it.
+        cache_dir: Where the documents read from each source are cached (default ``<data_dir>/.cache``);
+            data dirs made from the same sources (the full corpora and a budgeted cut of them) can share one.
 
     Returns:
         The manifest of every corpus, by name.
@@ -480,7 +483,8 @@ def prepare(
         for source in corpus.sources:
             source._workers = source._workers or workers or os.cpu_count() or 1
     try:
-        return _prepare(corpora, tokenizer, Path(data_dir), retrain_tokenizer)
+        return _prepare(corpora, tokenizer, Path(data_dir), retrain_tokenizer,
+                        Path(cache_dir) if cache_dir else Path(data_dir) / ".cache")
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -511,7 +515,8 @@ def _check_corpus(name: str, corpus: Corpus) -> None:
         raise StagewiseError(f"corpus '{name}' has two sources with the same name; give each a `name:`")
 
 
-def _prepare(corpora: dict[str, Corpus], tokenizer: TokenizerConfig, root: Path, retrain: bool) -> dict[str, dict]:
+def _prepare(corpora: dict[str, Corpus], tokenizer: TokenizerConfig, root: Path, retrain: bool,
+             cache: Path) -> dict[str, dict]:
     start = time.perf_counter()
     tok_dir = root / "tokenizer"
     plan = _tokenizer_plan(tokenizer, root, retrain)
@@ -544,7 +549,7 @@ def _prepare(corpora: dict[str, Corpus], tokenizer: TokenizerConfig, root: Path,
     splits: dict[str, dict[str, list[Document]]] = {}
     with _progress() as progress:
         for name, corpus in corpora.items():
-            cache_dir = root / ".cache" / "docs" / name
+            cache_dir = cache / "docs" / name
             results[name] = [
                 _read_source(s, cache_dir, fingerprints[name][s.name], progress) for s in corpus.sources
             ]

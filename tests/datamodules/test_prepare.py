@@ -429,3 +429,20 @@ def test_prepared_data_is_up_to_date_without_its_sources(prepared, capsys):
     set_config(cfg, lambda d: d["corpora"]["language"].update(val_fraction=0.3))
     expect_error(cfg, capsys, "no files match", "no data prepared from this same config")
     assert snapshot(root / "data") == before
+
+
+def test_pack_and_unpack_carry_a_data_dir_in_small_pieces(prepared, tmp_path, capsys):
+    """A data dir travels as checked pieces of at most --max_mb and unpacks to the same files (no caches)."""
+    root, _ = prepared
+    main(["pack", "--data_dir", str(root / "data"), "--out", str(tmp_path / "packs"), "--max_mb", "0.002"])
+    index = json.loads((tmp_path / "packs" / "data.pack.json").read_text())
+    assert len(index["pieces"]) > 1 and all(p["bytes"] <= 2000 for p in index["pieces"])
+    main(["unpack", "--pack", str(tmp_path / "packs" / "data.pack.json"), "--into", str(tmp_path / "there")])
+    assert snapshot(tmp_path / "there" / "data") == {
+        k: v for k, v in snapshot(root / "data").items() if not k.startswith(".cache")}
+    last = tmp_path / "packs" / index["pieces"][-1]["file"]
+    last.write_bytes(last.read_bytes()[:-1] + b"x")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["unpack", "--pack", str(tmp_path / "packs" / "data.pack.json"), "--into", str(tmp_path / "again")])
+    assert exc.value.code == 2 and "damaged" in capsys.readouterr().err and not (tmp_path / "again").exists()
