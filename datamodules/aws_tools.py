@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 from datamodules.errors import MissingSourceError
 from datamodules.sources import Document, Source, SourceStats
-from datamodules.tool_corpus import plain_text, request_stating_values, tool_example
+from datamodules.tool_corpus import environment, plain_text, request_stating_values, tool_example
 from datamodules.tool_examples import validate_example
 
 _FAKE_ENV = {
@@ -58,18 +58,8 @@ def _fake_aws_env(tmp: Path) -> Iterator[None]:
     and awscli does not fetch ``http(s)://`` argument values (``cli_follow_urlparam``)."""
     config = tmp / "aws_config"
     config.write_text("[default]\ncli_follow_urlparam = false\n")
-    saved = {k: os.environ.get(k) for k in (*_FAKE_ENV, *_CLEARED_ENV, "AWS_CONFIG_FILE")}
-    os.environ.update(_FAKE_ENV, AWS_CONFIG_FILE=str(config))
-    for k in _CLEARED_ENV:
-        os.environ.pop(k, None)
-    try:
+    with environment({**_FAKE_ENV, "AWS_CONFIG_FILE": str(config)}, _CLEARED_ENV):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # ---------------------------------------------------------------- botocore shapes -> JSON schema

@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import shlex
 import tempfile
@@ -27,7 +26,7 @@ from typing import Any, Iterator
 
 from datamodules.errors import MissingSourceError
 from datamodules.sources import Document, Source, SourceStats
-from datamodules.tool_corpus import plain_text, request_stating_values, tool_example
+from datamodules.tool_corpus import environment, plain_text, request_stating_values, tool_example
 from datamodules.tool_examples import validate_example
 
 _THREE_STATE = {"true", "false", "t", "f", "yes", "no", "y", "n", "1", "0", "enable", "disable"}
@@ -213,21 +212,11 @@ def _request_text(name: str) -> str:
     return text if text.endswith((".", "?", "!")) or not text else text + "."
 
 
-@contextlib.contextmanager
-def _quiet_azure_env(tmp: str) -> Iterator[None]:
+def _quiet_azure_env(tmp: str):
     """An empty azure config dir and no telemetry for this process: nothing reads the user's azure setup."""
-    saved = {k: os.environ.get(k) for k in ("AZURE_CONFIG_DIR", "AZURE_CORE_COLLECT_TELEMETRY", "AZURE_CORE_NO_COLOR")}
-    os.environ.update(AZURE_CONFIG_DIR=tmp, AZURE_CORE_COLLECT_TELEMETRY="no", AZURE_CORE_NO_COLOR="true")
     for logger in ("cli", "azure", "knack"):
         logging.getLogger(logger).setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return environment({"AZURE_CONFIG_DIR": tmp, "AZURE_CORE_COLLECT_TELEMETRY": "no", "AZURE_CORE_NO_COLOR": "true"})
 
 
 class _Registry:

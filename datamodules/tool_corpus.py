@@ -9,11 +9,31 @@ argument value is readable from the request, so a correct call never has to be g
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
+import os
 import random
 import re
 from typing import Any, Callable, Iterator
+
+
+@contextlib.contextmanager
+def environment(set: dict[str, str], clear: tuple[str, ...] = ()) -> Iterator[None]:
+    """This process's environment with ``set`` set and ``clear`` removed, restored afterwards: a CLI parsed for
+    its examples reads no user setup (credentials, profiles, config dirs)."""
+    saved = {k: os.environ.get(k) for k in (*set, *clear)}
+    os.environ.update(set)
+    for k in clear:
+        os.environ.pop(k, None)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def plain_text(doc: str | None, max_chars: int = 160) -> str:
