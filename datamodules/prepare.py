@@ -42,7 +42,7 @@ import numpy as np
 
 from datamodules.errors import MissingSourceError, StagewiseError
 from datamodules.shards import ShardWriter, atomic_path, stage_manifest
-from datamodules.sources import Document, Source, SourceStats
+from datamodules.sources import Document, Source, SourceStats, ordered_map
 from datamodules.tokenizer import (
     encode_document,
     load_tokenizer,
@@ -355,37 +355,49 @@ class StagedCorpus:
             self.manifest_tmp.unlink(missing_ok=True)
 
 
-def _encode(tok, docs: list[Document], tools: bool) -> list[tuple[list[int], list[int] | None]]:
+_RENDERING: dict = {}  # the tokenizer forked render workers use (set before they fork, never pickled)
+
+
+def _render(doc: Document) -> tuple[list[int], list[int]]:
+    return render_tool_example(_RENDERING["tok"], json.loads(doc.text))
+
+
+def _encodings(tok, docs: list[Document], tools: bool, workers: int) -> Iterator[tuple[list[int], list[int] | None]]:
+    """``(ids, mask)`` of each document, in order: text in batches (the tokenizer's own threads), tool examples
+    through the chat template in ``workers`` forked processes (Python-bound)."""
     if tools:
-        return [render_tool_example(tok, json.loads(d.text)) for d in docs]
-    return [(ids, None) for ids in encode_document(tok, [d.text for d in docs])]
+        _RENDERING["tok"] = tok
+        yield from ordered_map(_render, docs, workers, chunksize=16)
+        return
+    for batch in _batched(docs, 256):
+        yield from ((ids, None) for ids in encode_document(tok, [d.text for d in batch]))
 
 
-def _encoded_split(tok, docs: list[Document], tools: bool, cap: int | None, progress, task) -> Iterator[tuple]:
+def _encoded_split(tok, docs: list[Document], tools: bool, cap: int | None, workers: int, progress, task
+                   ) -> Iterator[tuple]:
     """``(doc, ids, mask)`` of the documents a split keeps, in document order: all of them, or under a token
     ``cap`` the first ones in stable-hash order whose tokens fit (at least one), encoding no more than that."""
     if cap is None:
-        for batch in _batched(docs, 256):
-            yield from ((d, ids, mask) for d, (ids, mask) in zip(batch, _encode(tok, batch, tools)))
-            progress.advance(task, len(batch))
+        for doc, (ids, mask) in zip(docs, _encodings(tok, docs, tools, workers)):
+            yield doc, ids, mask
+            progress.advance(task, 1)
         return
-    order = sorted(range(len(docs)), key=lambda i: stable_u(docs[i].text))
-    kept: dict[int, tuple] = {}
+    ordered = sorted(docs, key=lambda d: stable_u(d.text))
+    position = {id(d): i for i, d in enumerate(docs)}
+    kept: list[tuple] = []
     total = 0
-    for batch in _batched(order, 256):
-        for i, (ids, mask) in zip(batch, _encode(tok, [docs[i] for i in batch], tools)):
-            if kept and total + len(ids) > cap:
-                break
-            kept[i] = (docs[i], np.asarray(ids, np.uint32), None if mask is None else np.asarray(mask, np.uint8))
-            total += len(ids)
-        else:
-            continue
-        break
+    encodings = _encodings(tok, ordered, tools, workers)
+    for doc, (ids, mask) in zip(ordered, encodings):
+        if kept and total + len(ids) > cap:
+            break
+        kept.append((doc, np.asarray(ids, np.uint32), None if mask is None else np.asarray(mask, np.uint8)))
+        total += len(ids)
+    encodings.close()  # stops the render workers
     progress.advance(task, len(docs))
-    yield from (kept[i] for i in sorted(kept))
+    yield from sorted(kept, key=lambda k: position[id(k[0])])
 
 
-def _write_shards(name, corpus, corpus_dir, splits, results, tok, tok_dir, keys, progress) -> StagedCorpus:
+def _write_shards(name, corpus, corpus_dir, splits, results, tok, tok_dir, keys, workers, progress) -> StagedCorpus:
     tok_sha = tokenizer_sha256(tok_dir)
     dtype = "uint16" if len(tok) <= 65535 else "uint32"
     tools = corpus.kind == "tools"
@@ -401,7 +413,7 @@ def _write_shards(name, corpus, corpus_dir, splits, results, tok, tok_dir, keys,
             staged.writers.append(writer)
             cap = corpus.max_train_tokens if split == "train" else corpus.max_heldout_tokens
             services[split] = Counter()
-            for doc, ids, mask in _encoded_split(tok, docs, tools, cap, progress, task):
+            for doc, ids, mask in _encoded_split(tok, docs, tools, cap, workers, progress, task):
                 writer.add(ids, mask)
                 per_source[doc.source]["documents"] += 1
                 per_source[doc.source]["tokens"] += len(ids)
@@ -484,7 +496,7 @@ def prepare(
             source._workers = source._workers or workers or os.cpu_count() or 1
     try:
         return _prepare(corpora, tokenizer, Path(data_dir), retrain_tokenizer,
-                        Path(cache_dir) if cache_dir else Path(data_dir) / ".cache")
+                        Path(cache_dir) if cache_dir else Path(data_dir) / ".cache", workers or os.cpu_count() or 1)
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -516,7 +528,7 @@ def _check_corpus(name: str, corpus: Corpus) -> None:
 
 
 def _prepare(corpora: dict[str, Corpus], tokenizer: TokenizerConfig, root: Path, retrain: bool,
-             cache: Path) -> dict[str, dict]:
+             cache: Path, workers: int) -> dict[str, dict]:
     start = time.perf_counter()
     tok_dir = root / "tokenizer"
     plan = _tokenizer_plan(tokenizer, root, retrain)
@@ -571,7 +583,7 @@ def _prepare(corpora: dict[str, Corpus], tokenizer: TokenizerConfig, root: Path,
                     manifests[name] = current
                     continue
                 staged.append(_write_shards(
-                    name, corpus, root / name, splits[name], results[name], tok, use_dir, keys, progress
+                    name, corpus, root / name, splits[name], results[name], tok, use_dir, keys, workers, progress
                 ))
                 manifests[name] = staged[-1].manifest
     except BaseException:
