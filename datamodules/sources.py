@@ -99,8 +99,10 @@ class Source:
             yield doc
 
     def settings(self) -> dict:
-        """The reader's class and init arguments: what the config says, read without touching any file."""
-        args = {k: v for k, v in sorted(vars(self).items()) if not k.startswith("_")}
+        """The reader's class and init arguments, as the config states them (not what they resolve to on this
+        machine, such as the stdlib's path), read without touching any file."""
+        params = inspect.signature(type(self).__init__).parameters
+        args = {k: v for k, v in sorted(vars(self).items()) if k in params}
         return json.loads(json.dumps(
             {"class": f"{type(self).__module__}.{type(self).__qualname__}", "args": args}, sort_keys=True, default=str
         ))
