@@ -78,7 +78,8 @@ def commit() -> str:
     return sha + ("+dirty" if dirty.strip() else "")
 
 
-def prepare_once(config: str, workers: int, max_documents: int, tokenizer: str, out: str) -> dict:
+def prepare_once(config: str, workers: int, max_documents: int, tokenizer: str, out: str,
+                 corpora: list[str] | None = None) -> dict:
     """One timed `prepare` of ``config`` into a fresh temporary data dir (run in its own process)."""
     import yaml
 
@@ -90,6 +91,8 @@ def prepare_once(config: str, workers: int, max_documents: int, tokenizer: str, 
         cfg["data_dir"] = tmp
         cfg.pop("cache_dir", None)
         cfg["tokenizer"] = {**cfg.get("tokenizer", {}), "from_dir": tokenizer}
+        if corpora:
+            cfg["corpora"] = {name: c for name, c in cfg["corpora"].items() if name in corpora}
         if max_documents:
             for corpus in cfg["corpora"].values():
                 for source in corpus["sources"]:
@@ -108,13 +111,14 @@ def prepare_once(config: str, workers: int, max_documents: int, tokenizer: str, 
                 read_seconds += time.perf_counter() - start
 
         prepare_mod._read_source = timed_read
+        load_before = os.getloadavg()[0]
         start = time.perf_counter()
         prepare_main(["-c", str(path), "--workers", str(workers)])
         seconds = time.perf_counter() - start
         manifests = {p.parent.name: json.loads(p.read_text()) for p in Path(tmp).glob("*/manifest.json")}
     documents = sum(sum(m["documents"].values()) for m in manifests.values())
     tokens = sum(sum(m["tokens"].values()) for m in manifests.values())
-    result = {"workers": workers, "seconds": round(seconds, 1), "read_seconds": round(read_seconds, 1),
+    result = {"workers": workers, "load_average_before": round(load_before, 2), "seconds": round(seconds, 1), "read_seconds": round(read_seconds, 1),
               "documents": documents, "tokens": tokens, "documents_per_s": round(documents / seconds, 1),
               "tokens_per_s": round(tokens / seconds), "read_documents_per_s": round(documents / read_seconds, 1),
               "tokenize_tokens_per_s": round(tokens / max(1e-9, seconds - read_seconds)),
@@ -131,28 +135,29 @@ def bench_prepare(args) -> None:
     tokenizer = args.tokenizer or str(Path(cfg.get("data_dir", "data")) / "tokenizer")
     result = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
               "commit": commit(), "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-              "config": args.prepare, "max_documents_per_source": args.max_documents or None,
+              "config": args.prepare, "corpora": args.corpora or "all", "max_documents_per_source": args.max_documents or None,
               "tokenizer": tokenizer, "runs": []}
     for workers in args.workers:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             env = dict(os.environ, RAYON_NUM_THREADS=str(workers), TOKENIZERS_PARALLELISM="true")
             subprocess.run([sys.executable, __file__, "--prepare", args.prepare, "--one", str(workers),
-                            "--max-documents", str(args.max_documents), "--tokenizer", tokenizer, "--out", out.name],
-                           env=env, check=True)
+                            "--max-documents", str(args.max_documents), "--tokenizer", tokenizer, "--out", out.name,
+                            *(["--corpora", *args.corpora] if args.corpora else [])], env=env, check=True)
             run = json.loads(Path(out.name).read_text())
         result["runs"].append(run)
         print(f"{workers} worker(s): {run['documents']:,} documents, {run['tokens']:,} tokens in {run['seconds']} s "
               f"({run['documents_per_s']} documents/s, {run['tokens_per_s']:,} tokens/s; reading {run['read_seconds']} s)")
-    name = Path(args.prepare).stem
+    name = Path(args.prepare).stem + ("_" + "_".join(args.corpora) if args.corpora else "")
     out = Path(args.out if args.out != DEFAULT_OUT else f"experiments/results/benchmark_prepare_{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    rows = ["| workers (cores) | documents | tokens | wall s | read s | documents/s | tokens/s |", "|---|---|---|---|---|---|---|"]
-    rows += [f"| {r['workers']} | {r['documents']:,} | {r['tokens']:,} | {r['seconds']} | {r['read_seconds']} | "
-             f"{r['documents_per_s']} | {r['tokens_per_s']:,} |" for r in result["runs"]]
+    rows = ["| workers (cores) | load average before | documents | tokens | wall s | read s | documents/s | tokens/s |",
+            "|---|---|---|---|---|---|---|---|"]
+    rows += [f"| {r['workers']} | {r.get('load_average_before', '–')} | {r['documents']:,} | {r['tokens']:,} | {r['seconds']} | "
+             f"{r['read_seconds']} | {r['documents_per_s']} | {r['tokens_per_s']:,} |" for r in result["runs"]]
     out.with_suffix(".md").write_text(
         f"# `stagewise prepare` against cores: {args.prepare}\n\n{result['date']}, commit {result['commit']}, "
-        f"{result['machine']}\n\n`{result['command']}`; every source cut to its first "
+        f"{result['machine']}\n\n`{result['command']}`; corpora: {result['corpora']}; every source cut to its first "
         f"{args.max_documents or 'all'} documents; tokenizer copied from {tokenizer} (no BPE training).\n\n"
         + "\n".join(rows) + "\n")
     print(f"wrote {out} and {out.with_suffix('.md')}")
@@ -220,10 +225,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, os.cpu_count() or 1])
     parser.add_argument("--max-documents", type=int, default=0, help="cut every source to this many documents")
     parser.add_argument("--tokenizer", help="tokenizer directory to copy (default: the config's data_dir/tokenizer)")
+    parser.add_argument("--corpora", nargs="+", help="only these corpora of the config (default: all)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # one timed run, in a child process
     args = parser.parse_args()
     if args.prepare and args.one:
-        prepare_once(args.prepare, args.one, args.max_documents, args.tokenizer, args.out)
+        prepare_once(args.prepare, args.one, args.max_documents, args.tokenizer, args.out, args.corpora)
         return
     if args.prepare:
         bench_prepare(args)
