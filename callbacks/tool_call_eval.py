@@ -11,12 +11,13 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks.every_n import EveryNValidations
-from datamodules.metric_names import TOOL_SAMPLES, tool_score
+from datamodules.metric_names import tool_samples, tool_score
 from datamodules.stage_record import update_stage_record
 from lightning_modules.decoding import decoding_model
-from lightning_modules.tool_eval import evaluate_tool_calls, load_heldout_examples
+from lightning_modules.tool_eval import evaluate_tool_calls, heldout_groups, load_heldout_examples
 
 SCORES = ("json_valid", "name_accuracy", "call_accuracy")
+GROUPS = ("seen", "unseen")  # held-out requests to services trained on (``split``), and to services never seen
 
 
 class ToolCallEval(L.Callback):
@@ -25,26 +26,29 @@ class ToolCallEval(L.Callback):
     When it acts:
 
     - ``on_fit_start``: reads the held-out examples (``<data_dir>/tools/<split>`` shards, see
-      ``lightning_modules.tool_eval.load_heldout_examples``), so a missing tool corpus fails at once.
+      ``lightning_modules.tool_eval.load_heldout_examples``), so a missing tool corpus fails at once: the
+      *seen* group from ``split`` (requests to services the corpus trains on) and, where the corpus holds
+      one, the *unseen* group from its ``unseen`` split (services no training example calls).
     - ``on_validation_end`` (every ``every_n_validations``-th validation, not the sanity check): rank 0
       greedily generates a call for each example (batched, KV cache, stops at ``<|/tool_call|>``) and scores it;
-      the scores are broadcast so every rank logs the same ``tools/json_valid``, ``tools/name_accuracy``
-      and ``tools/call_accuracy`` (also put in ``trainer.callback_metrics``, so a ModelCheckpoint may
-      monitor them); a few (request, generated, expected) samples go to TensorBoard's text tab.
-    - ``on_fit_end`` (rank 0): writes ``tools`` into ``<models_dir>/<stage>/stage.json``: the scores of
-      the validation with the best monitored loss (the best checkpoint's), ``final`` (the last
-      validation's) and ``history`` (every evaluation's step, tokens and scores).
+      the scores are broadcast so every rank logs the same ``tools/<group>/json_valid``,
+      ``tools/<group>/name_accuracy`` and ``tools/<group>/call_accuracy`` (also put in
+      ``trainer.callback_metrics``, so a ModelCheckpoint may monitor them); a few (request, generated,
+      expected) samples per group go to TensorBoard's text tab.
+    - ``on_fit_end`` (rank 0): writes ``tools`` into ``<models_dir>/<stage>/stage.json``: the seen scores of
+      the validation with the best monitored loss (the best checkpoint's) and each group's under ``seen`` /
+      ``unseen``, ``final`` (the last validation's) and ``history`` (every evaluation's step, tokens and scores).
 
     Generation runs on rank 0 only; under FSDP from the gathered full weights (``decoding.decoding_model``).
 
     Args:
         data_dir: Where ``stagewise prepare`` wrote the shards and tokenizer, when the data module has no ``data_dir``.
-        num_examples: Held-out examples scored at each evaluation (the first ones of the split).
+        num_examples: Held-out examples scored at each evaluation, per group (the first ones of each split).
         max_new_tokens: Longest answer generated per example.
         every_n_validations: Evaluate at every n-th validation (generation costs more than a loss).
         stage: The stage whose ``stage.json`` gets the ``tools`` section.
         models_dir: Where stage records live.
-        split: The held-out split the examples come from (``val`` or ``test``).
+        split: The held-out split the seen group comes from (``val`` or ``test``).
         monitor: The metric whose lowest value marks the best checkpoint; default: the monitor of the
             Trainer's first ModelCheckpoint that has one.
         batch_size: Requests decoded together (left-padded, KV cache); the scores do not depend on it.
@@ -68,7 +72,7 @@ class ToolCallEval(L.Callback):
         self.batch_size = batch_size
         self.max_prompt_tokens = max_prompt_tokens
         self.history: list[dict[str, Any]] = []
-        self._examples: list[dict] | None = None
+        self._examples: dict[str, list[dict]] | None = None
         self._tokenizer = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -82,32 +86,39 @@ class ToolCallEval(L.Callback):
             data_dir = getattr(trainer.datamodule, "data_dir", None) or self.data_dir  # the run's data first
             tok_dir = getattr(trainer.datamodule, "tokenizer_dir", None) or Path(data_dir) / "tokenizer"
             self._tokenizer = load_tokenizer(tok_dir)
-            self._examples = load_heldout_examples(data_dir, self.split, self.num_examples,
-                                                   tokenizer=self._tokenizer)
+            self._examples = {
+                group: load_heldout_examples(data_dir, split, self.num_examples, tokenizer=self._tokenizer)
+                for group, split in heldout_groups(data_dir, self.split).items()
+            }
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._every.due(trainer):
             return
-        result = None
+        results: dict[str, dict] = {}
         model = decoding_model(trainer, pl_module)  # every rank: collective under FSDP; None off rank 0
         if model is not None:
             self._load(trainer)
             with trainer.precision_plugin.forward_context():
-                result = evaluate_tool_calls(model, self._tokenizer, self._examples, self.max_new_tokens,
-                                             batch_size=self.batch_size, max_prompt_tokens=self._prompt_tokens(trainer))
-        scores = trainer.strategy.broadcast({k: result[k] for k in SCORES} if result else None, src=0)
+                for group, examples in self._examples.items():
+                    results[group] = evaluate_tool_calls(model, self._tokenizer, examples, self.max_new_tokens,
+                                                         batch_size=self.batch_size,
+                                                         max_prompt_tokens=self._prompt_tokens(trainer))
+        scores = trainer.strategy.broadcast({g: {k: r[k] for k in SCORES} for g, r in results.items()}, src=0)
         monitor = self._monitor(trainer)
         entry = {"step": trainer.global_step, "tokens": int(getattr(pl_module, "total_tokens", trainer.global_step)),
                  **scores}
         if monitor in trainer.callback_metrics:
             entry[monitor] = float(trainer.callback_metrics[monitor])
         self.history.append(entry)
-        for name, value in scores.items():
-            trainer.callback_metrics[tool_score(name)] = torch.tensor(value)
+        flat = {tool_score(k, g): v for g, group in scores.items() for k, v in group.items()}
+        for name, value in flat.items():
+            trainer.callback_metrics[name] = torch.tensor(value)
         for logger in trainer.loggers:
-            logger.log_metrics({tool_score(k): v for k, v in scores.items()}, step=trainer.global_step)
-            if isinstance(logger, TensorBoardLogger) and result is not None:
-                logger.experiment.add_text(TOOL_SAMPLES, _samples_markdown(result), global_step=trainer.global_step)
+            logger.log_metrics(flat, step=trainer.global_step)
+            if isinstance(logger, TensorBoardLogger):
+                for group, result in results.items():
+                    logger.experiment.add_text(tool_samples(group), _samples_markdown(result),
+                                               global_step=trainer.global_step)
 
     def _prompt_tokens(self, trainer: L.Trainer) -> int | None:
         seq_len = getattr(trainer.datamodule, "seq_len", None)
@@ -126,11 +137,12 @@ class ToolCallEval(L.Callback):
         ranked = [e for e in self.history if monitor and monitor in e]
         at_best = min(ranked, key=lambda e: e[monitor]) if ranked else self.history[-1]
         return {
-            **{k: at_best[k] for k in SCORES},
+            **at_best["seen"],  # the seen scores, flat, as the report reads them
+            **{group: at_best[group] for group in GROUPS if group in at_best},
             "step": at_best["step"],
             "tokens": at_best["tokens"],
             "split": self.split,
-            "n": len(self._examples) if self._examples is not None else self.num_examples,
+            "n": {g: len(e) for g, e in self._examples.items()} if self._examples is not None else self.num_examples,
             "max_new_tokens": self.max_new_tokens,
             "final": self.history[-1],
             "history": self.history,

@@ -13,13 +13,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import html
 import io
 import json
 import logging
 import multiprocessing
 import os
-import random
 import re
 import shlex
 import tempfile
@@ -28,6 +26,7 @@ from typing import Any, Iterator
 
 from datamodules.errors import MissingSourceError
 from datamodules.sources import Document, Source, SourceStats
+from datamodules.tool_corpus import environment, plain_text, request_stating_values, tool_example
 from datamodules.tool_examples import validate_example
 
 _FAKE_ENV = {
@@ -59,18 +58,8 @@ def _fake_aws_env(tmp: Path) -> Iterator[None]:
     and awscli does not fetch ``http(s)://`` argument values (``cli_follow_urlparam``)."""
     config = tmp / "aws_config"
     config.write_text("[default]\ncli_follow_urlparam = false\n")
-    saved = {k: os.environ.get(k) for k in (*_FAKE_ENV, *_CLEARED_ENV, "AWS_CONFIG_FILE")}
-    os.environ.update(_FAKE_ENV, AWS_CONFIG_FILE=str(config))
-    for k in _CLEARED_ENV:
-        os.environ.pop(k, None)
-    try:
+    with environment({**_FAKE_ENV, "AWS_CONFIG_FILE": str(config)}, _CLEARED_ENV):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # ---------------------------------------------------------------- botocore shapes -> JSON schema
@@ -90,17 +79,6 @@ _SCALARS = {
     "bigdecimal": {"type": "number"},
     "biginteger": {"type": "integer"},
 }
-
-
-def plain_text(doc: str | None, max_chars: int = 160) -> str:
-    """botocore documentation HTML -> its first sentence(s) as plain text, at most `max_chars` characters."""
-    text = html.unescape(re.sub(r"<[^>]+>", " ", doc or ""))
-    text = re.sub(r"\s+", " ", text).strip()
-    if len(text) <= max_chars:
-        return text
-    cut = text[:max_chars]
-    end = cut.rfind(". ")
-    return cut[: end + 1] if end > 40 else cut.rsplit(" ", 1)[0] + "..."
 
 
 def shape_to_schema(shape: Any, describe: bool = True, max_depth: int = 4, _seen: tuple[str, ...] = ()) -> dict:
@@ -265,29 +243,6 @@ def _without_session_options(args: list[str]) -> list[str]:
     return out
 
 
-def _leaves(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from _leaves(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _leaves(v, path)
-    else:
-        yield path, value
-
-
-def _value_text(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, bool) or value is None else str(value)
-
-
-def _quoted(value: str) -> str:
-    return value if value and not re.search(r"[\s,]", value) else f'"{value}"'
-
-
-def _mentions(text: str, value: str) -> bool:
-    return re.search(r"(?<![\w-])" + re.escape(value) + r"(?![\w-])", text) is not None
-
-
 class AwsCliExamples(Source):
     """Tool-calling examples built from awscli's documentation examples and botocore's service models.
 
@@ -305,7 +260,8 @@ class AwsCliExamples(Source):
         name: Name of this source in manifests and logs (default: ``aws_cli_examples``).
         max_documents: Stop after this many examples (all when None).
         workers: Processes that parse commands (awscli-bound, ~16 examples/s each); the examples and their
-            order do not depend on it. Default: up to 2, as many as there are CPUs.
+            order do not depend on it. Default: ``stagewise prepare``'s ``workers`` (every core); read
+            outside ``prepare``, up to 2.
     """
 
     def __init__(
@@ -323,7 +279,7 @@ class AwsCliExamples(Source):
         self.services = services
         self.min_distractors = min_distractors
         self.max_distractors = max_distractors
-        self._workers = workers if workers is not None else min(2, os.cpu_count() or 1)  # not in the fingerprint
+        self._workers = workers  # not in the fingerprint
 
     def examples_dir(self) -> Path:
         awscli, _, _ = _awscli()
@@ -352,11 +308,12 @@ class AwsCliExamples(Source):
         root = self.examples_dir()
         jobs = [(str(path), path.relative_to(root).as_posix()) for path in self.files()]
         with tempfile.TemporaryDirectory(prefix="stagewise-aws-") as tmp:
-            if self._workers > 1 and len(jobs) > 1 and "fork" in multiprocessing.get_all_start_methods():
+            workers = self._workers or min(2, os.cpu_count() or 1)
+            if workers > 1 and len(jobs) > 1 and "fork" in multiprocessing.get_all_start_methods():
                 # One awscli driver per worker; imap keeps file order, so the documents are the serial ones.
                 # Forked workers run only awscli (no torch, no tokenizers) and need no `__main__` guard.
                 pool = multiprocessing.get_context("fork").Pool(
-                    self._workers, _start_worker, (tmp, self.min_distractors, self.max_distractors))
+                    workers, _start_worker, (tmp, self.min_distractors, self.max_distractors))
                 try:
                     results = pool.imap(_file_examples, jobs, chunksize=4)
                     yield from self._documents(jobs, results, stats)
@@ -375,7 +332,8 @@ class AwsCliExamples(Source):
                     stats.skipped[example] += 1
                     continue
                 yield Document(text=json.dumps(example, sort_keys=True), source=self.name, path=f"{rel}#{k}",
-                               meta={"tool": example["tool_calls"][0]["name"]})
+                               meta={"tool": example["tool_calls"][0]["name"], "family": "aws",
+                                     "service": rel.split("/", 1)[0]})
 
 
 _WORKER: dict[str, Any] = {}
@@ -538,18 +496,11 @@ class _Extractor:
         request = self._request(ex, arguments, files_used)
         right = self._tool(model, operation)
         seed = int(hashlib.sha256(f"{rel}#{k}\n{commands[0]}".encode()).hexdigest()[:16], 16)
-        rng = random.Random(seed)
         others = sorted(op for op in model.operation_names if op != operation)
-        if len(others) < self.min_distractors:
+        example = tool_example(request, right, others, arguments, seed, self.min_distractors, self.max_distractors,
+                               lambda op: self._tool(model, op))
+        if example is None:
             return "too_few_operations"
-        n = min(rng.randint(self.min_distractors, self.max_distractors), len(others))
-        tools = [right] + [self._tool(model, op) for op in rng.sample(others, n)]
-        rng.shuffle(tools)
-        example = {
-            "messages": [{"role": "user", "content": request}],
-            "tools": tools,
-            "tool_calls": [{"name": right["name"], "arguments": arguments}],
-        }
         try:
             validate_example(example, rel)
         except Exception:
@@ -584,15 +535,7 @@ class _Extractor:
         request = " ".join(p for p in parts if p).strip()
         for name, text in files_used.items():
             request += f"\n\nContents of {name}:\n{text}"
-        missing: dict[str, str] = {}
-        for leaf_path, value in _leaves(arguments):
-            shown = _value_text(value)
-            if not _mentions(request, shown) and shown not in missing.values():
-                missing.setdefault(f"{leaf_path}={shown}", shown)
-        if missing:
-            said = ", ".join(f"{key.split('=', 1)[0]} {_quoted(v)}" for key, v in missing.items())
-            request += f"\n\nUse {said}."
-        return request
+        return request_stating_values(request, arguments)
 
 
 def path_op(rel: str) -> str:

@@ -287,6 +287,13 @@ class CorpusDataModule(L.LightningDataModule):
         for domain in self.val_domains:
             dataset = TokenWindows(self.data_dir / domain, split, self.seq_len, self.val_max_windows,
                                    align_to_documents=self._align(domain))
+            if len(dataset) == 0:  # a stage that validates on nothing would train blind
+                tokens = self.manifests()[domain].get("tokens", {}).get(split, 0)
+                raise StagewiseError(
+                    f"the '{domain}' {split} split holds {tokens} tokens, not one window of {self.seq_len + 1}: "
+                    f"nothing to validate on. Raise that corpus's {split}_fraction (or min_heldout_documents) in "
+                    "the data config and re-run `stagewise prepare`, or lower data.seq_len"
+                )
             # Read in the main process: a window is one memmap slice (tens of M tokens/s, see
             # experiments/benchmark_prepare.py), so workers per domain would only hold memory.
             loaders.append(DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **self._loader_kwargs(0)))

@@ -19,7 +19,6 @@ TRAIN_SKIPPED_STEPS = "train/skipped_steps"
 TRAIN_TOKENS_LOSS = "train_tokens/loss"  # against the lineage's total tokens
 STAGE_BOUNDARY = "stage/boundary"
 FORGETTING_ALARMS = "forgetting/alarms"  # text
-TOOL_SAMPLES = "tools/samples"  # text
 VAL_PREFIX = "val/"
 _VAL_LOSS = re.compile(r"^(val|val_tokens)/([^/]+)/loss$")
 
@@ -77,3 +76,8 @@ def tool_score(score: str, split: str | None = None) -> str:
     """A tool-call score: ``tools/<score>``, or ``tools/<split>/<score>`` for a subset of the examples
     (e.g. services seen or unseen in training)."""
     return f"tools/{score}" if split is None else f"tools/{split}/{score}"
+
+
+def tool_samples(split: str | None = None) -> str:
+    """The text tab of generated tool calls: ``tools/samples``, or ``tools/<split>/samples``."""
+    return tool_score("samples", split)

@@ -7,7 +7,9 @@ names the package to install when the files are missing), caches ``read()``'s do
 Every reader applies the same per-file rules (in `Source.decode` and `Source.accept`): files over
 ``max_bytes``, non-UTF-8 files, files whose average line is over 200 characters and files empty after
 cleaning are skipped and counted in ``SourceStats.skipped``; code readers also skip generated files.
-``max_documents`` keeps the first N documents in sorted file order.
+``max_documents`` keeps the first N documents in sorted file order. Readers of one document per file read
+their files in ``stagewise prepare``'s worker processes (``--workers``); the documents and their order do not
+depend on how many.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import hashlib
 import inspect
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import sysconfig
@@ -72,6 +75,7 @@ class Source:
     """
 
     max_bytes: int = 1_000_000
+    _workers: int | None = None  # processes that may read in parallel (set by `stagewise prepare`; not fingerprinted)
 
     def __init__(self, name: str | None = None, max_documents: int | None = None):
         if max_documents is not None and max_documents < 0:
@@ -94,6 +98,15 @@ class Source:
             stats.bytes += len(doc.text.encode())
             yield doc
 
+    def settings(self) -> dict:
+        """The reader's class and init arguments, as the config states them (not what they resolve to on this
+        machine, such as the stdlib's path), read without touching any file."""
+        params = inspect.signature(type(self).__init__).parameters
+        args = {k: v for k, v in sorted(vars(self).items()) if k in params}
+        return json.loads(json.dumps(
+            {"class": f"{type(self).__module__}.{type(self).__qualname__}", "args": args}, sort_keys=True, default=str
+        ))
+
     def fingerprint(self) -> str:
         """sha256 over the reader's code, its init args and (path, size, mtime_ns) of every input file."""
         h = hashlib.sha256()
@@ -102,8 +115,7 @@ class Source:
             source_file = inspect.getsourcefile(cls)
             if source_file:
                 h.update(Path(source_file).read_bytes())
-        args = {k: v for k, v in sorted(vars(self).items()) if not k.startswith("_")}
-        h.update(json.dumps(args, sort_keys=True, default=str).encode())
+        h.update(json.dumps(self.settings()["args"], sort_keys=True).encode())
         for path in self.files():
             st = path.stat()
             h.update(f"\n{path}\t{st.st_size}\t{st.st_mtime_ns}".encode())
@@ -132,6 +144,19 @@ class Source:
             stats.skipped["long_lines"] += 1
             return False
         return True
+
+
+def ordered_map(function, items: list, workers: int | None, chunksize: int = 8) -> Iterator:
+    """``function(item)`` for each item, in order, computed in ``workers`` forked processes (here when 1 or None).
+
+    Forked workers inherit the reader as it is (no pickling of its state, no ``__main__`` guard); closing the
+    iterator early (``max_documents``) stops them.
+    """
+    if not workers or workers <= 1 or len(items) < 2 * chunksize or "fork" not in multiprocessing.get_all_start_methods():
+        yield from map(function, items)
+        return
+    with multiprocessing.get_context("fork").Pool(min(workers, len(items))) as pool:
+        yield from pool.imap(function, items, chunksize)
 
 
 def _read_bytes(path: Path, limit: int) -> bytes:
@@ -168,16 +193,24 @@ class FileSource(Source):
         return text.strip()
 
     def documents(self, stats: SourceStats) -> Iterator[Document]:
-        for path in self.files():
-            text = self.decode(_read_bytes(path, self.max_bytes), stats)
-            if text is None:
-                continue
-            if self.is_generated(text):
-                stats.skipped["generated"] += 1
-                continue
-            text = self.clean(text)
-            if self.accept(text, stats):
-                yield Document(text=text, source=self.name, path=self.relpath(path), meta=dict(self.meta))
+        for doc, skipped in ordered_map(self.document_of, self.files(), self._workers):
+            stats.skipped.update(skipped)
+            if doc is not None:
+                yield doc
+
+    def document_of(self, path: Path) -> tuple[Document | None, Counter]:
+        """The document of one file, or None, and what was skipped (by reason)."""
+        stats = SourceStats()
+        text = self.decode(_read_bytes(path, self.max_bytes), stats)
+        if text is None:
+            return None, stats.skipped
+        if self.is_generated(text):
+            stats.skipped["generated"] += 1
+            return None, stats.skipped
+        text = self.clean(text)
+        if not self.accept(text, stats):
+            return None, stats.skipped
+        return Document(text=text, source=self.name, path=self.relpath(path), meta=dict(self.meta)), stats.skipped
 
 
 def _tree(root: Path, suffixes: tuple[str, ...], skip: re.Pattern | None, under: tuple[str, ...] = ("",)) -> list[Path]:

@@ -1,7 +1,16 @@
-"""How fast the data path is: tokenization MB/s through `encode_document`, and train-loader tokens/s.
+"""How fast the data path is: `stagewise prepare` against cores, tokenization MB/s, train-loader tokens/s.
 
     python experiments/benchmark_prepare.py                    # builds its own shards from the CPython stdlib
     python experiments/benchmark_prepare.py --data-dir data    # uses `stagewise prepare`'s tokenizer and shards
+    python experiments/benchmark_prepare.py --prepare configs/data/full.yaml --workers 1 2 --max-documents 400
+
+`--prepare`: the whole `stagewise prepare` of a data config (read and clean every source, deduplicate, split,
+tokenize, write shards) into a fresh data dir with fresh caches, once per `--workers` value, each run its own
+process with the tokenizer's threads limited to the same number of cores (RAYON_NUM_THREADS). The tokenizer
+is copied from `--tokenizer` (default: the config's data_dir/tokenizer) so BPE training, which is not what
+scales, is left out. `--max-documents N` cuts every source to its first N documents (the whole config when
+0). Reports documents/s and tokens/s per core count, with the machine and the commit, and writes
+experiments/results/benchmark_prepare_<config>.json and .md.
 
 Tokenization: real source files (the CPython stdlib, as in the code corpus) encoded in batches of 256
 documents, as `stagewise prepare` does. Loader: the train DataLoader of `CorpusDataModule` in one process
@@ -17,6 +26,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -55,6 +65,102 @@ def machine() -> str:
     except OSError:
         pass
     return f"{platform.node()}: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def commit() -> str:
+    """The checked-out commit, with ``+dirty`` when tracked files differ from it."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=repo, capture_output=True, text=True).stdout
+    except OSError:
+        return "unknown"
+    return sha + ("+dirty" if dirty.strip() else "")
+
+
+def prepare_once(config: str, workers: int, max_documents: int, tokenizer: str, out: str,
+                 corpora: list[str] | None = None) -> dict:
+    """One timed `prepare` of ``config`` into a fresh temporary data dir (run in its own process)."""
+    import yaml
+
+    import datamodules.prepare as prepare_mod
+    from datamodules.prepare import main as prepare_main
+
+    cfg = yaml.safe_load(Path(config).read_text())
+    with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
+        cfg["data_dir"] = tmp
+        cfg.pop("cache_dir", None)
+        cfg["tokenizer"] = {**cfg.get("tokenizer", {}), "from_dir": tokenizer}
+        if corpora:
+            cfg["corpora"] = {name: c for name, c in cfg["corpora"].items() if name in corpora}
+        if max_documents:
+            for corpus in cfg["corpora"].values():
+                for source in corpus["sources"]:
+                    source.setdefault("init_args", {})["max_documents"] = max_documents
+        path = Path(tmp) / "config.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        read_seconds = 0.0
+        real_read = prepare_mod._read_source
+
+        def timed_read(*args, **kwargs):
+            nonlocal read_seconds
+            start = time.perf_counter()
+            try:
+                return real_read(*args, **kwargs)
+            finally:
+                read_seconds += time.perf_counter() - start
+
+        prepare_mod._read_source = timed_read
+        load_before = os.getloadavg()[0]
+        start = time.perf_counter()
+        prepare_main(["-c", str(path), "--workers", str(workers)])
+        seconds = time.perf_counter() - start
+        manifests = {p.parent.name: json.loads(p.read_text()) for p in Path(tmp).glob("*/manifest.json")}
+    documents = sum(sum(m["documents"].values()) for m in manifests.values())
+    tokens = sum(sum(m["tokens"].values()) for m in manifests.values())
+    result = {"workers": workers, "load_average_before": round(load_before, 2), "seconds": round(seconds, 1), "read_seconds": round(read_seconds, 1),
+              "documents": documents, "tokens": tokens, "documents_per_s": round(documents / seconds, 1),
+              "tokens_per_s": round(tokens / seconds), "read_documents_per_s": round(documents / read_seconds, 1),
+              "tokenize_tokens_per_s": round(tokens / max(1e-9, seconds - read_seconds)),
+              "per_corpus": {n: {"documents": sum(m["documents"].values()), "tokens": sum(m["tokens"].values())}
+                             for n, m in manifests.items()}}
+    Path(out).write_text(json.dumps(result))
+    return result
+
+
+def bench_prepare(args) -> None:
+    import yaml
+
+    cfg = yaml.safe_load(Path(args.prepare).read_text())
+    tokenizer = args.tokenizer or str(Path(cfg.get("data_dir", "data")) / "tokenizer")
+    result = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
+              "commit": commit(), "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+              "config": args.prepare, "corpora": args.corpora or "all", "max_documents_per_source": args.max_documents or None,
+              "tokenizer": tokenizer, "runs": []}
+    for workers in args.workers:
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            env = dict(os.environ, RAYON_NUM_THREADS=str(workers), TOKENIZERS_PARALLELISM="true")
+            subprocess.run([sys.executable, __file__, "--prepare", args.prepare, "--one", str(workers),
+                            "--max-documents", str(args.max_documents), "--tokenizer", tokenizer, "--out", out.name,
+                            *(["--corpora", *args.corpora] if args.corpora else [])], env=env, check=True)
+            run = json.loads(Path(out.name).read_text())
+        result["runs"].append(run)
+        print(f"{workers} worker(s): {run['documents']:,} documents, {run['tokens']:,} tokens in {run['seconds']} s "
+              f"({run['documents_per_s']} documents/s, {run['tokens_per_s']:,} tokens/s; reading {run['read_seconds']} s)")
+    name = Path(args.prepare).stem + ("_" + "_".join(args.corpora) if args.corpora else "")
+    out = Path(args.out if args.out != DEFAULT_OUT else f"experiments/results/benchmark_prepare_{name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    rows = ["| workers (cores) | load average before | documents | tokens | wall s | read s | documents/s | tokens/s |",
+            "|---|---|---|---|---|---|---|---|"]
+    rows += [f"| {r['workers']} | {r.get('load_average_before', '–')} | {r['documents']:,} | {r['tokens']:,} | {r['seconds']} | "
+             f"{r['read_seconds']} | {r['documents_per_s']} | {r['tokens_per_s']:,} |" for r in result["runs"]]
+    out.with_suffix(".md").write_text(
+        f"# `stagewise prepare` against cores: {args.prepare}\n\n{result['date']}, commit {result['commit']}, "
+        f"{result['machine']}\n\n`{result['command']}`; corpora: {result['corpora']}; every source cut to its first "
+        f"{args.max_documents or 'all'} documents; tokenizer copied from {tokenizer} (no BPE training).\n\n"
+        + "\n".join(rows) + "\n")
+    print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 def bench_tokenize(tok, texts: list[str], batch: int = 256) -> dict:
@@ -102,6 +208,9 @@ def bench_loader(data_dir: Path, corpus: str, seq_len: int, batch_size: int, min
             "meets_goal": tokens / seconds >= 5_000_000}
 
 
+DEFAULT_OUT = "experiments/results/benchmark_prepare.json"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", help="prepared data (tokenizer/ and <corpus>/); default: build from the stdlib")
@@ -111,8 +220,20 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--loader-seconds", type=float, default=5.0, help="time the loader for at least this long")
-    parser.add_argument("--out", default="experiments/results/benchmark_prepare.json")
+    parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--prepare", help="a data config: time `stagewise prepare` of it against --workers")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, os.cpu_count() or 1])
+    parser.add_argument("--max-documents", type=int, default=0, help="cut every source to this many documents")
+    parser.add_argument("--tokenizer", help="tokenizer directory to copy (default: the config's data_dir/tokenizer)")
+    parser.add_argument("--corpora", nargs="+", help="only these corpora of the config (default: all)")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # one timed run, in a child process
     args = parser.parse_args()
+    if args.prepare and args.one:
+        prepare_once(args.prepare, args.one, args.max_documents, args.tokenizer, args.out, args.corpora)
+        return
+    if args.prepare:
+        bench_prepare(args)
+        return
 
     texts = stdlib_texts(int(args.sample_mb * 1e6))
     result = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),

@@ -40,6 +40,8 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # name -> (module, function, one-line help). Each function parses its own arguments.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "prepare": ("datamodules.prepare", "main", "corpora -> tokenizer -> token shards"),
+    "pack": ("datamodules.pack", "main_pack", "a prepared data dir -> xz pieces of at most N MB, to carry"),
+    "unpack": ("datamodules.pack", "main_unpack", "check and extract the pieces of `stagewise pack`"),
     "export": ("lightning_modules.export", "main", "checkpoint -> transformers LlamaForCausalLM directory"),
     "pipeline": ("lightning_modules.pipeline", "main", "prepare + every stage + joint baseline + report"),
     "evaluate": ("lightning_modules.evaluate", "main", "per-domain losses and tool-call scores of a checkpoint"),

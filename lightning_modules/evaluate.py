@@ -3,7 +3,8 @@
 The losses come from the same code as training's validation (``CorpusDataModule`` val loaders and
 ``CausalLM.validation_step`` under a ``Trainer.validate``), over every prepared corpus, so they are
 directly comparable with the ``val/<domain>/loss`` curves. The tool-call scores come from
-``lightning_modules.tool_eval`` on the tool corpus's held-out examples.
+``lightning_modules.tool_eval`` on the tool corpus's held-out examples: ``seen`` (its val split: services
+it trains on) and ``unseen`` (its unseen split: services no training example calls), where it has one.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from datamodules.errors import StagewiseError, TokenizerMismatchError
 from datamodules.metric_names import val_loss
 from datamodules.stage_record import read_checkpoint as _read_checkpoint
 from lightning_modules.causal_lm import CausalLM
-from lightning_modules.tool_eval import evaluate_tool_calls, load_heldout_examples
+from lightning_modules.tool_eval import evaluate_tool_calls, heldout_groups, load_heldout_examples
 
 KNOWN_ORDER = ("language", "code", "tools")
 
@@ -87,7 +88,7 @@ def evaluate(
         config: A stage config (its ``data:`` section) or a data config (its ``data_dir`` and corpora).
         data_dir: Where ``stagewise prepare`` wrote the corpora (default ``data``).
         domains: The corpora to evaluate (default: every corpus prepared under ``data_dir``).
-        limit: Score at most this many held-out tool examples (default: all of the val split).
+        limit: Score at most this many held-out tool examples per group (default: all of the val and unseen splits).
         out: Also write the results as JSON to this file.
         seq_len: Tokens per evaluation window (default: the training run's).
         batch_size: Windows per batch.
@@ -97,7 +98,7 @@ def evaluate(
         precision: Lightning precision (``32-true``, ``bf16-mixed``...).
 
     Returns:
-        ``{"checkpoint", "data_dir", "losses": {domain: loss}, "tools": scores or None}``.
+        ``{"checkpoint", "data_dir", "losses": {domain: loss}, "tools": {"seen": scores, "unseen": scores} or None}``.
     """
     import lightning as L
 
@@ -136,11 +137,13 @@ def evaluate(
     tools = None
     if "tools" in names:
         tok = load_tokenizer(dm.tokenizer_dir)
-        examples = load_heldout_examples(root, "val", limit, tokenizer=tok)
-        with trainer.precision_plugin.forward_context():
-            # prompts cut to the training window, as the model saw them (and decoding time grows with them)
-            tools = evaluate_tool_calls(model, tok, examples, max_new_tokens=max_new_tokens,
-                                        max_prompt_tokens=max(1, dm.seq_len - max_new_tokens))
+        tools = {}
+        for group, split in heldout_groups(root, "val").items():
+            examples = load_heldout_examples(root, split, limit, tokenizer=tok)
+            with trainer.precision_plugin.forward_context():
+                # prompts cut to the training window, as the model saw them (and decoding time grows with them)
+                tools[group] = evaluate_tool_calls(model, tok, examples, max_new_tokens=max_new_tokens,
+                                                   max_prompt_tokens=max(1, dm.seq_len - max_new_tokens))
     result = {"checkpoint": str(ckpt), "data_dir": str(root), "seq_len": dm.seq_len, "losses": losses,
               "tools": tools}
     _print(result)
@@ -159,10 +162,10 @@ def _print(result: dict) -> None:
     table.add_column("value", justify="right")
     for domain, loss in result["losses"].items():
         table.add_row(f"{domain} loss", f"{loss:.4f}")
-    if result["tools"]:
+    for group, scores in (result["tools"] or {}).items():
         for key in ("json_valid", "name_accuracy", "call_accuracy"):
-            table.add_row(f"tools {key}", f"{result['tools'][key]:.3f}")
-        table.add_row("tools examples", str(result["tools"]["n"]))
+            table.add_row(f"tools/{group}/{key}", f"{scores[key]:.3f}")
+        table.add_row(f"tools/{group} examples", str(scores["n"]))
     Console().print(table)
 
 

@@ -44,6 +44,8 @@ def _table(records: dict[str, dict], domains: list[str], broken: dict[str, list[
         final = r.get("losses", {}).get("final", {})
         tools = r.get("tools") or {}
         scores = " / ".join(_fmt(tools.get(k), 2) for k in ("json_valid", "name_accuracy", "call_accuracy"))
+        if "unseen" in tools:  # services no training example calls
+            scores += f" (unseen services: call {_fmt(tools['unseen'].get('call_accuracy'), 2)})"
         parent = (r.get("parent") or {}).get("stage") or "–"
         row = [f"{name} (lineage broken)" if broken.get(name) else name, parent, f"{r.get('tokens', {}).get('stage', 0):,}", f"{r.get('tokens', {}).get('total', 0):,}",
                f"{r.get('wall_time_s', 0):.0f}s"]

@@ -149,7 +149,16 @@ def load_heldout_examples(data_dir: str | Path = "data", split: str = "val", lim
     return examples
 
 
-# --------------------------------------------------------------------------------------------- prompts and scoring
+def heldout_groups(data_dir: str | Path = "data", seen_split: str = "val", corpus: str = "tools") -> dict[str, str]:
+    """The held-out groups a tool corpus can be scored on, by split: ``seen`` (requests to services it trains
+    on, from ``seen_split``) and, where prepare held whole services out, ``unseen``."""
+    groups = {"seen": seen_split}
+    if (Path(data_dir) / corpus / "unseen.idx.npy").exists():
+        groups["unseen"] = "unseen"
+    return groups
+
+
+# --------------------------------------------------------------------------------------------- generation
 def stop_token_ids(tokenizer) -> list[int]:
     """The ids that end an answer: ``<|/tool_call|>``, ``<|end|>`` and eos."""
     ids = [tokenizer.convert_tokens_to_ids(t) for t in (CALL_CLOSE, END)] + [tokenizer.eos_token_id]

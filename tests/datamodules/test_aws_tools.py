@@ -10,9 +10,10 @@ pytest.importorskip("awscli")
 import awscli  # noqa: E402,F401  (makes awscli's vendored botocore importable)
 from botocore.model import ServiceModel  # noqa: E402
 
-from datamodules.aws_tools import AwsCliExamples, _leaves, _value_text, parse_examples, shape_to_schema  # noqa: E402
+from datamodules.aws_tools import AwsCliExamples, parse_examples, shape_to_schema  # noqa: E402
 from datamodules.errors import MissingSourceError  # noqa: E402
 from datamodules.sources import SourceStats  # noqa: E402
+from datamodules.tool_corpus import leaves, value_text  # noqa: E402
 from datamodules.tool_examples import validate_example  # noqa: E402
 
 MODEL = {
@@ -91,8 +92,8 @@ def test_extracts_exact_calls_with_distractors_and_no_network(no_network, monkey
         assert call["name"] in names and 4 <= len(names) <= 8
         assert re.fullmatch(r"(sqs|acm)_[a-z0-9_]+", call["name"])
         request = example["messages"][0]["content"]
-        for _, value in _leaves(call["arguments"]):
-            assert _value_text(value) in request, (doc.path, value)
+        for _, value in leaves(call["arguments"]):
+            assert value_text(value) in request, (doc.path, value)
     assert "AWS_ACCESS_KEY_ID" not in os.environ  # the fake credentials were only set while reading
     assert sum(stats.skipped.values()) > 0  # several-command and missing-file examples are counted, not kept
     again = [d.text for d in AwsCliExamples(services=["sqs", "acm"], workers=1).read(SourceStats())]

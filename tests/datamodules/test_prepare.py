@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,209 @@ def test_failure_while_writing_shards_keeps_previous_corpus(prepared, monkeypatc
     with pytest.raises(RuntimeError, match="disk full"):
         run_prepare(cfg)
     assert snapshot(root / "data" / "tools") == before
+
+
+# ------------------------------------------------------------------ one tokenizer for a lineage
+
+
+def set_config(cfg: Path, change) -> None:
+    data = yaml.safe_load(cfg.read_text())
+    change(data)
+    cfg.write_text(yaml.safe_dump(data))
+
+
+def test_changed_sources_and_fractions_never_retrain_the_tokenizer(prepared, capsys):
+    """Adding files to a corpus and changing its fractions rebuilds documents and shards, not the lineage's
+    tokenizer (it used to retrain silently, which made every earlier checkpoint useless for the next stage)."""
+    root, cfg = prepared
+    tok = root / "data" / "tokenizer" / "tokenizer.json"
+    sha, mtime, key = tokenizer_sha256(tok.parent), tok.stat().st_mtime_ns, manifest(root, "code")["key"]
+    for i in range(19):
+        (root / "code" / f"extra{i:02d}.txt").write_text(f"def extra_{i}(x):\n    return x * {i} + {i}\n")
+    set_config(cfg, lambda d: d["corpora"]["code"].update(val_fraction=0.2))
+    capsys.readouterr()
+    run_prepare(cfg)
+    assert "reusing" in capsys.readouterr().err
+    m = manifest(root, "code")
+    assert m["key"] != key and sum(m["documents"].values()) == 25 + 19
+    assert (tokenizer_sha256(tok.parent), tok.stat().st_mtime_ns) == (sha, mtime)
+    assert all(manifest(root, c)["tokenizer_sha256"] == sha for c in ("language", "code", "tools"))
+
+    main(["prepare", "-c", str(cfg), "--retrain_tokenizer", "true"])  # explicit: a new lineage
+    assert tok.stat().st_mtime_ns != mtime and "tokenizer trained" in capsys.readouterr().err
+    assert manifest(root, "code")["tokenizer_sha256"] == tokenizer_sha256(tok.parent)
+
+
+def test_another_vocab_size_is_refused_without_retrain(prepared, capsys):
+    root, cfg = prepared
+    before = snapshot(root / "data")
+    set_config(cfg, lambda d: d["tokenizer"].update(vocab_size=512))
+    expect_error(cfg, capsys, "320-token tokenizer", "vocab_size 512", "--retrain_tokenizer true")
+    assert snapshot(root / "data") == before
+
+
+def stage_argv(stage: str, data_dir: str, *extra: str) -> list[str]:
+    repo = Path(__file__).resolve().parents[2]
+    return ["fit", "-c", str(repo / "configs" / "stages" / f"{stage}.yaml"), "-c", str(repo / "configs" / "model" / "tiny.yaml"),
+            "--data.init_args.data_dir", data_dir, "--data.init_args.seq_len", "16", "--data.init_args.batch_size", "2",
+            "--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1",
+            "--trainer.accelerator", "cpu", "--trainer.logger.init_args.save_dir", "runs", *extra]
+
+
+def test_a_corpus_pinned_to_the_first_corpus_tokenizer_continues_its_checkpoint(prepared, capsys):
+    """The code corpus prepared later into another data dir with `tokenizer.from_dir` gets the first data dir's
+    tokenizer written into it (and where it came from recorded), so a stage on it starts from the first
+    corpus's checkpoint; without the pin, the new data dir's own tokenizer is refused."""
+    root, _ = prepared
+    main(stage_argv("language", "data"))
+    parent = "models/language_model_best.ckpt"
+    (root / "more_code").mkdir()
+    for i in range(20):
+        (root / "more_code" / f"m{i:02d}.txt").write_text(f"while n > {i}:\n    n = n // 2 + {i}\n    print(n)\n")
+
+    def later_config(path: str, **tokenizer) -> Path:
+        cfg = {"data_dir": path, "tokenizer": {"vocab_size": 320, "sample_bytes": 20000, **tokenizer},
+               "corpora": {"code": {"val_fraction": 0.2, "test_fraction": 0.1, "sources": [{
+                   "class_path": "datamodules.sources.TextFiles",
+                   "init_args": {"paths": ["*.txt"], "root": str(root / "more_code")}}]}}}
+        out = root / f"{Path(path).name}.yaml"
+        out.write_text(yaml.safe_dump(cfg))
+        return out
+
+    run_prepare(later_config("data_code", from_dir="data/tokenizer"))
+    pinned = root / "data_code" / "tokenizer"
+    assert tokenizer_sha256(pinned) == tokenizer_sha256(root / "data" / "tokenizer")
+    assert json.loads((pinned / "stagewise_tokenizer.json").read_text())["from_dir"] == str(root / "data" / "tokenizer")
+    assert json.loads((root / "data_code" / "code" / "manifest.json").read_text())["tokenizer_from"] == str(
+        root / "data" / "tokenizer")
+    main(stage_argv("code", "data_code", "--model.init_args.init_from", parent, "--data.init_args.val_domains", "[code]"))
+    assert (root / "models" / "code_model_best.ckpt").exists()
+
+    run_prepare(later_config("data_own"))  # no pin: a tokenizer of its own, which the checkpoint refuses
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(stage_argv("code", "data_own", "--model.init_args.init_from", parent, "--data.init_args.val_domains",
+                        "[code]", "--trainer.logger.init_args.version", "own", "--overwrite"))
+    assert exc.value.code == 2 and "tokenizer" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ held-out splits
+
+
+def test_a_tiny_corpus_still_gets_held_out_documents(tmp_path, monkeypatch, capsys):
+    """14 documents at the default 1% fractions used to give 0 val and 0 test documents, and fit then trained
+    with no validation at all; prepare now holds out `min_heldout_documents` of each, or refuses."""
+    monkeypatch.chdir(tmp_path)
+    make_sources(tmp_path)
+    for p in sorted((tmp_path / "text").glob("*.txt"))[14:]:
+        p.unlink()
+    cfg = write_config(tmp_path)
+    run_prepare(cfg)
+    m = manifest(tmp_path, "language")
+    assert m["documents"] == {"train": 12, "val": 1, "test": 1} and m["tokens"]["val"] > 0
+    set_config(cfg, lambda d: d["corpora"]["language"].update(min_heldout_documents=7))
+    expect_error(cfg, capsys, "corpus 'language' has 14 documents", "min_heldout_documents")
+
+
+def test_fit_refuses_a_val_split_without_one_window(prepared, capsys):
+    root, _ = prepared
+    tokens = manifest(root, "language")["tokens"]
+    assert tokens["train"] > 4 * tokens["val"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:  # train has windows of val's length + 1, val has none
+        main(stage_argv("language", "data", "--data.init_args.seq_len", str(tokens["val"])))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "'language' val split" in err and "val_fraction" in err
+
+
+SERVICES = {"weather": ["get_weather", "get_forecast"], "maps": ["find_place", "get_route"],
+            "mail": ["send_mail", "list_mail"], "calendar": ["add_event", "list_events"],
+            "files": ["read_file", "write_file"]}
+
+
+def service_examples() -> list[dict]:
+    out = []
+    for service, names in SERVICES.items():
+        tools = [{"name": f"{service}_{n}", "description": f"{n} ({service})", "parameters": {
+            "type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}} for n in names]
+        for i in range(12):
+            call = {"name": tools[i % 2]["name"], "arguments": {"q": f"{service} item {i}"}}
+            out.append({"messages": [{"role": "user", "content": f"Please {call['name']} for {service} item {i}."}],
+                        "tools": tools, "tool_calls": [call]})
+    return out
+
+
+def test_unseen_services_have_no_training_example(tmp_path, monkeypatch):
+    from lightning_modules.tool_eval import load_heldout_examples
+
+    monkeypatch.chdir(tmp_path)
+    make_sources(tmp_path)
+    (tmp_path / "services.jsonl").write_text("\n".join(json.dumps(e) for e in service_examples()) + "\n")
+    cfg = write_config(tmp_path)
+    set_config(cfg, lambda d: d["corpora"].update(tools={"kind": "tools", "val_fraction": 0.2, "unseen_fraction": 0.3,
+        "sources": [{"class_path": "datamodules.tool_examples.ToolJsonl",
+                     "init_args": {"paths": [str(tmp_path / "services.jsonl")], "name": "svc"}}]}))
+    run_prepare(cfg)
+    m = manifest(tmp_path, "tools")
+    assert set(m["documents"]) == {"train", "val", "test", "unseen"} and m["documents"]["unseen"] > 0
+    assert sum(m["documents"].values()) == 60 and m["families"]["unseen"] == {"svc": m["documents"]["unseen"]}
+    unseen = set(m["services"]["unseen"])
+    trained = {n for split in ("train", "val", "test") for n in m["services"][split]}
+    assert unseen and not unseen & trained
+    for split in ("train", "val", "test"):  # from the shards themselves, not the manifest
+        called = {e["tool_calls"][0]["name"] for e in load_heldout_examples(tmp_path / "data", split)}
+        assert not {f"svc/{n}" for n in called} & unseen
+    assert {e["tool_calls"][0]["name"] for e in load_heldout_examples(tmp_path / "data", "unseen")} == {
+        s.split("/", 1)[1] for s in unseen}
+
+
+# ------------------------------------------------------------------ budgets, data without sources
+
+
+def test_train_token_budget_takes_a_stable_sample_and_keeps_held_out_whole(prepared):
+    root, cfg = prepared
+    full = manifest(root, "language")
+    budget = full["tokens"]["train"] // 2
+    set_config(cfg, lambda d: d["corpora"]["language"].update(max_train_tokens=budget))
+    run_prepare(cfg)
+    capped = manifest(root, "language")
+    assert budget * 0.8 < capped["tokens"]["train"] <= budget
+    assert capped["documents"]["train"] < full["documents"]["train"] == capped["available_documents"]["train"]
+    assert {s: capped["tokens"][s] for s in ("val", "test")} == {s: full["tokens"][s] for s in ("val", "test")}
+    first = (root / "data" / "language" / "train.bin").read_bytes()
+    set_config(cfg, lambda d: d.update(data_dir=str(root / "again")))
+    run_prepare(cfg)
+    assert (root / "again" / "language" / "train.bin").read_bytes() == first
+
+
+def test_prepared_data_is_up_to_date_without_its_sources(prepared, capsys):
+    """On a machine without the corpora's packages (a GPU box) prepare, and so pipeline, uses data whose
+    manifests match the config, and refuses data that does not."""
+    root, cfg = prepared
+    before = snapshot(root / "data")
+    shutil.move(root / "text", root / "text.away")
+    capsys.readouterr()
+    run_prepare(cfg)
+    err = capsys.readouterr().err
+    assert "up to date" in err and "not on this machine" in err
+    assert snapshot(root / "data") == before
+    set_config(cfg, lambda d: d["corpora"]["language"].update(val_fraction=0.3))
+    expect_error(cfg, capsys, "no files match", "no data prepared from this same config")
+    assert snapshot(root / "data") == before
+
+
+def test_pack_and_unpack_carry_a_data_dir_in_small_pieces(prepared, tmp_path, capsys):
+    """A data dir travels as checked pieces of at most --max_mb and unpacks to the same files (no caches)."""
+    root, _ = prepared
+    main(["pack", "--data_dir", str(root / "data"), "--out", str(tmp_path / "packs"), "--max_mb", "0.002"])
+    index = json.loads((tmp_path / "packs" / "data.pack.json").read_text())
+    assert len(index["pieces"]) > 1 and all(p["bytes"] <= 2000 for p in index["pieces"])
+    main(["unpack", "--pack", str(tmp_path / "packs" / "data.pack.json"), "--into", str(tmp_path / "there")])
+    assert snapshot(tmp_path / "there" / "data") == {
+        k: v for k, v in snapshot(root / "data").items() if not k.startswith(".cache")}
+    last = tmp_path / "packs" / index["pieces"][-1]["file"]
+    last.write_bytes(last.read_bytes()[:-1] + b"x")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["unpack", "--pack", str(tmp_path / "packs" / "data.pack.json"), "--into", str(tmp_path / "again")])
+    assert exc.value.code == 2 and "damaged" in capsys.readouterr().err and not (tmp_path / "again").exists()

@@ -115,7 +115,7 @@ def prepare_tiny(root: Path) -> Path:
                 for doc in docs:
                     w.add(np.array(encode_document(tok, doc)))
         write_manifest(root / name, {"dtype": "uint16", "kind": "text", "tokenizer_sha256": sha})
-    splits = {"train": examples, "val": examples[:6], "test": examples[6:8]}
+    splits = {"train": examples, "val": examples[:6], "test": examples[6:8], "unseen": examples[8:12]}
     for split, exs in splits.items():
         with ShardWriter(root / "tools", split, "uint16", with_mask=True) as w:
             for ex in exs:
@@ -276,14 +276,17 @@ def test_tool_call_eval_logs_scores_and_records_them(tool_stage):
     trainer, run = tool_stage
     acc = EventAccumulator(str(run / "runs/exp/tools"))
     acc.Reload()
-    for name in ("json_valid", "name_accuracy", "call_accuracy"):
-        assert [e.step for e in acc.Scalars(f"tools/{name}")] == [2, 4]
-        assert float(trainer.callback_metrics[f"tools/{name}"]) == acc.Scalars(f"tools/{name}")[-1].value
+    for group in ("seen", "unseen"):  # requests to services trained on, and to services never trained on
+        for name in ("json_valid", "name_accuracy", "call_accuracy"):
+            tag = f"tools/{group}/{name}"
+            assert [e.step for e in acc.Scalars(tag)] == [2, 4]
+            assert float(trainer.callback_metrics[tag]) == acc.Scalars(tag)[-1].value
+        assert f"tools/{group}/samples/text_summary" in acc.Tags()["tensors"]
     tools = read_stage_record(run / "models", "tools")["tools"]
-    assert tools["n"] == 6 and tools["split"] == "val" and len(tools["history"]) == 2
+    assert tools["n"] == {"seen": 6, "unseen": 4} and tools["split"] == "val" and len(tools["history"]) == 2
     best = min(tools["history"], key=lambda e: e["val/tools/loss"])
-    assert tools["step"] == best["step"] and tools["call_accuracy"] == best["call_accuracy"]
-    assert "tools/samples/text_summary" in acc.Tags()["tensors"]
+    assert tools["step"] == best["step"] and tools["call_accuracy"] == best["seen"]["call_accuracy"]
+    assert tools["unseen"] == best["unseen"]
 
 
 def test_tool_stage_exports_the_best_checkpoint(tool_stage):
@@ -304,7 +307,7 @@ def test_evaluate_reports_losses_of_every_domain_and_tool_scores(tool_stage, dat
     result = json.loads(out.read_text())
     assert list(result["losses"]) == ["language", "code", "tools"]
     assert result["seq_len"] == 32  # the training run's, from the checkpoint
-    assert result["tools"]["n"] == 3
+    assert result["tools"]["seen"]["n"] == 3 and result["tools"]["unseen"]["n"] == 3
     # the same numbers as the run's validation at the best checkpoint
     best = read_stage_record(run / "models", "tools")["losses"]["best"]
     assert result["losses"] == pytest.approx(best, rel=1e-5)
