@@ -295,7 +295,7 @@ def test_a_corpus_pinned_to_the_first_corpus_tokenizer_continues_its_checkpoint(
     corpus's checkpoint; without the pin, the new data dir's own tokenizer is refused."""
     root, _ = prepared
     main(stage_argv("language", "data"))
-    parent = "models/language_model_best.ckpt"
+    parent = "models/default/language_model_best.ckpt"
     (root / "more_code").mkdir()
     for i in range(20):
         (root / "more_code" / f"m{i:02d}.txt").write_text(f"while n > {i}:\n    n = n // 2 + {i}\n    print(n)\n")
@@ -316,13 +316,13 @@ def test_a_corpus_pinned_to_the_first_corpus_tokenizer_continues_its_checkpoint(
     assert json.loads((root / "data_code" / "code" / "manifest.json").read_text())["tokenizer_from"] == str(
         root / "data" / "tokenizer")
     main(stage_argv("code", "data_code", "--model.init_args.init_from", parent, "--data.init_args.val_domains", "[code]"))
-    assert (root / "models" / "code_model_best.ckpt").exists()
+    assert (root / "models" / "default" / "code_model_best.ckpt").exists()
 
     run_prepare(later_config("data_own"))  # no pin: a tokenizer of its own, which the checkpoint refuses
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         main(stage_argv("code", "data_own", "--model.init_args.init_from", parent, "--data.init_args.val_domains",
-                        "[code]", "--trainer.logger.init_args.version", "own", "--overwrite"))
+                        "[code]", "--stage.name", "own", "--overwrite"))
     assert exc.value.code == 2 and "tokenizer" in capsys.readouterr().err
 
 
