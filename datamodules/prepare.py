@@ -7,7 +7,9 @@ and sources does nothing, and a changed source or config rebuilds only what depe
     tokenizer config + every source fingerprint ──> data/tokenizer/ (its sha256 feeds the next key)
     tokenizer sha256 + corpus config + its sources ──> data/<corpus>/{train,val,test}.bin + manifest.json
 
-Pin a tokenizer with `tokenizer.from_dir` to keep it fixed while sources change.
+Pin a tokenizer with `tokenizer.from_dir` to keep it fixed while sources change; adopt a transformers
+model's with `tokenizer.from_model`. A new chat template (``datamodules.tokenizer.CHAT_TEMPLATE``) is written
+into ``data/tokenizer/`` without retraining it and re-renders the tool shards only.
 
 A run publishes nothing until everything is written: a new tokenizer, shards and manifests go to
 ``*.tmp`` names first and are renamed into place together at the end, so an error (a malformed line, a
@@ -36,6 +38,11 @@ from datamodules.errors import StagewiseError
 from datamodules.shards import ShardWriter, atomic_path, stage_manifest
 from datamodules.sources import Document, Source, SourceStats
 from datamodules.tokenizer import (
+    CHAT_TEMPLATE,
+    adopt_tokenizer,
+    check_adoptable,
+    chat_template_of,
+    chat_template_sha256,
     encode_document,
     load_tokenizer,
     render_tool_example,
@@ -75,11 +82,17 @@ class TokenizerConfig:
         vocab_size: Vocabulary size, special tokens included (8192 for the demo; 32768 for real runs).
         sample_bytes: Bytes of training text sampled for BPE training, split evenly over the corpora.
         from_dir: Use this existing tokenizer directory instead of training one.
+        from_model: Adopt the tokenizer of this transformers model directory (to start a stage from that model
+            with ``--model.init_args.init_from``): its vocabulary and ids stay, each of our special tokens it
+            lacks is added after its last id, its bos / eos / pad stay, the chat template becomes ours
+            (``datamodules.tokenizer.adopt_tokenizer``; written to ``<data_dir>/tokenizer``). ``vocab_size``
+            and ``sample_bytes`` are then unused.
     """
 
     vocab_size: int = 32768
     sample_bytes: int = 40_000_000
     from_dir: str | None = None
+    from_model: str | None = None
 
 
 @dataclass
@@ -190,16 +203,26 @@ def _ensure_tokenizer(cfg: TokenizerConfig, data_dir: Path, key: str, splits) ->
     out = data_dir / "tokenizer"
     key_file = out / "stagewise_key.txt"
     if key_file.exists() and key_file.read_text() == key:
-        return out, False
-    with console.status(f"training a {cfg.vocab_size}-token byte-level BPE tokenizer"):
-        tmp = data_dir / "tokenizer.tmp"
+        if chat_template_of(out) == CHAT_TEMPLATE:
+            return out, False
+    tmp = data_dir / "tokenizer.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if key_file.exists() and key_file.read_text() == key:
+            # Only the chat template changed: the same vocabulary with the new template (the tool shards,
+            # keyed on the template, are re-rendered; BPE is not retrained).
+            console.print(f"chat template changed: updating {out} (the vocabulary stays)")
+            shutil.copytree(out, tmp)
+            (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+        elif cfg.from_model:
+            adopt_tokenizer(cfg.from_model, tmp)
+        else:
+            with console.status(f"training a {cfg.vocab_size}-token byte-level BPE tokenizer"):
+                train_tokenizer(_tokenizer_sample(splits, cfg.sample_bytes), cfg.vocab_size, tmp)
+        (tmp / "stagewise_key.txt").write_text(key)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            train_tokenizer(_tokenizer_sample(splits, cfg.sample_bytes), cfg.vocab_size, tmp)
-            (tmp / "stagewise_key.txt").write_text(key)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        raise
     return tmp, True
 
 
@@ -243,7 +266,7 @@ class StagedCorpus:
             self.manifest_tmp.unlink(missing_ok=True)
 
 
-def _write_shards(name, corpus, corpus_dir, splits, results, tok, tok_sha, key, progress) -> StagedCorpus:
+def _write_shards(name, corpus, corpus_dir, splits, results, tok, tok_sha, template_sha, key, progress) -> StagedCorpus:
     dtype = "uint16" if len(tok) <= 65535 else "uint32"
     tools = corpus.kind == "tools"
     tokens: dict[str, int] = {}
@@ -277,6 +300,7 @@ def _write_shards(name, corpus, corpus_dir, splits, results, tok, tok_sha, key, 
             "documents": {s: len(splits[s]) for s in SPLITS},
             "sources": per_source,
             "tokenizer_sha256": tok_sha,
+            **({"chat_template_sha256": template_sha} if tools else {}),
             "key": key,
             "config": {
                 "kind": corpus.kind,
@@ -342,16 +366,17 @@ def _prepare(corpora: dict[str, Corpus], tokenizer: TokenizerConfig, root: Path)
     for name, corpus in corpora.items():
         if len(fingerprints[name]) != len(corpus.sources):
             raise StagewiseError(f"corpus '{name}' has two sources with the same name; give each a `name:`")
-    tok_key = _sha(asdict(tokenizer), fingerprints, {n: asdict(c) | {"sources": None} for n, c in corpora.items()})
+    tok_key = _tokenizer_key(tokenizer, fingerprints, corpora)
 
     # Fast path: nothing changed since the last run.
     tok_dir = Path(tokenizer.from_dir) if tokenizer.from_dir else root / "tokenizer"
     key_file = tok_dir / "stagewise_key.txt"
-    if tokenizer.from_dir or (key_file.exists() and key_file.read_text() == tok_key):
+    if tokenizer.from_dir or (key_file.exists() and key_file.read_text() == tok_key
+                              and chat_template_of(tok_dir) == CHAT_TEMPLATE):
         if (tok_dir / "tokenizer.json").exists():
-            sha = tokenizer_sha256(tok_dir)
+            sha, template = tokenizer_sha256(tok_dir), chat_template_sha256(tok_dir)
             manifests = {
-                n: _manifest_if_current(root / n, _corpus_key(n, c, fingerprints[n], sha))
+                n: _manifest_if_current(root / n, _corpus_key(n, c, fingerprints[n], sha, template))
                 for n, c in corpora.items()
             }
             if all(manifests.values()):
@@ -372,17 +397,17 @@ def _prepare(corpora: dict[str, Corpus], tokenizer: TokenizerConfig, root: Path)
     manifests, staged = {}, []
     try:
         tok = load_tokenizer(tok_dir)
-        sha = tokenizer_sha256(tok_dir)
+        sha, template = tokenizer_sha256(tok_dir), chat_template_sha256(tok_dir)
         with _progress() as progress:
             for name, corpus in corpora.items():
-                key = _corpus_key(name, corpus, fingerprints[name], sha)
+                key = _corpus_key(name, corpus, fingerprints[name], sha, template)
                 current = _manifest_if_current(root / name, key)
                 if current:
                     console.print(f"{name}: shards up to date")
                     manifests[name] = current
                     continue
                 staged.append(_write_shards(
-                    name, corpus, root / name, splits[name], results[name], tok, sha, key, progress
+                    name, corpus, root / name, splits[name], results[name], tok, sha, template, key, progress
                 ))
                 manifests[name] = staged[-1].manifest
     except BaseException:
@@ -394,7 +419,7 @@ def _prepare(corpora: dict[str, Corpus], tokenizer: TokenizerConfig, root: Path)
     # Everything is written: publish the tokenizer and every corpus (renames only).
     if trained:
         _publish_tokenizer(tok_dir, root / "tokenizer")
-        console.print(f"tokenizer trained: {len(tok)} tokens, sha256 {sha[:12]}… -> {root / 'tokenizer'}")
+        console.print(f"tokenizer written: {len(tok)} tokens, sha256 {sha[:12]}… -> {root / 'tokenizer'}")
     for corpus_files in staged:
         corpus_files.publish()
     print_table(manifests, console)
@@ -409,9 +434,22 @@ def _progress() -> Progress:
     )
 
 
-def _corpus_key(name: str, corpus: Corpus, fingerprints: dict[str, str], tok_sha: str) -> str:
+def _tokenizer_key(tokenizer: TokenizerConfig, fingerprints: dict, corpora: dict[str, Corpus]) -> str:
+    """What the tokenizer depends on: a trained one on its config and every source, an adopted one on the
+    model's tokenizer.json (the chat template is not in it: a new template is written without retraining)."""
+    if tokenizer.from_model:
+        if tokenizer.from_dir:
+            raise StagewiseError("the data config sets both tokenizer.from_dir and tokenizer.from_model; keep one")
+        check_adoptable(tokenizer.from_model)
+        return _sha(asdict(tokenizer), tokenizer_sha256(tokenizer.from_model))
+    config = {k: v for k, v in asdict(tokenizer).items() if k != "from_model"}  # keys from before it existed
+    return _sha(config, fingerprints, {n: asdict(c) | {"sources": None} for n, c in corpora.items()})
+
+
+def _corpus_key(name: str, corpus: Corpus, fingerprints: dict[str, str], tok_sha: str, template_sha: str) -> str:
+    """What a corpus's shards depend on; a tool corpus's also on the chat template it is rendered with."""
     config = {"kind": corpus.kind, "val": corpus.val_fraction, "test": corpus.test_fraction}
-    return _sha(name, config, fingerprints, tok_sha)
+    return _sha(name, config, fingerprints, tok_sha, *([template_sha] if corpus.kind == "tools" else []))
 
 
 def print_table(manifests: dict[str, dict], out: Console) -> None:
