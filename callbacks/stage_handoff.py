@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import shutil
 import time
 from pathlib import Path
@@ -21,7 +23,9 @@ from datamodules.shards import atomic_path
 from datamodules.stage_record import (
     checked_record, file_sha256, lineage_domains, read_checkpoint, stage_of_checkpoint, update_stage_record,
 )
+from datamodules.tokenizer import check_same_ids
 from lightning_modules.export import export_hf
+from lightning_modules.hf_llama import is_hf_dir
 
 
 class StageHandoff(L.Callback):
@@ -31,7 +35,8 @@ class StageHandoff(L.Callback):
 
     - ``on_fit_start``: with ``model.init_from`` set, reads the parent's ``stage.json``, refuses a parent
       its record does not describe (replaced after the record was written: ``LineageError``) and a parent
-      trained with another tokenizer (``TokenizerMismatchError``).
+      trained with another tokenizer (``TokenizerMismatchError``); for a transformers model directory, one
+      whose tokenizer gives other ids than the data's (not that tokenizer or adopted from it).
     - ``on_train_start``: logs the stage boundary to TensorBoard (``stage/boundary`` = 1 and a text entry,
       at the lineage's total tokens), once per stage, not again on resume.
     - every ``log_every_n_steps`` optimizer steps: ``train_tokens/loss`` against the lineage's total tokens;
@@ -42,8 +47,8 @@ class StageHandoff(L.Callback):
       (copies it there if the ModelCheckpoint wrote it elsewhere), exports it to
       ``<models_dir>/<stage>/hf`` (transformers format), and writes ``<models_dir>/<stage>/stage.json``:
       stage, experiment, domain and the lineage's domains, checkpoint and parent (path, sha256), tokenizer
-      sha256, tokens and optimizer steps (of the best checkpoint, in this stage and in the lineage; and
-      trained in all), wall time, final and best per-domain losses, precision, config.
+      and chat template sha256, tokens and optimizer steps (of the best checkpoint, in this stage and in
+      the lineage; and trained in all), wall time, final and best per-domain losses, precision, config.
 
     Its state (per-validation losses, wall time so far, parent) is saved in checkpoints, so a resumed stage
     records the same numbers as an uninterrupted one.
@@ -86,7 +91,8 @@ class StageHandoff(L.Callback):
         self._t0 = time.perf_counter()
         init_from = _hparam(pl_module, "init_from")
         if init_from and self.parent is None:
-            self.parent = self._check_parent(init_from, _hparam(pl_module, "tokenizer_sha256"))
+            self.parent = self._check_parent(init_from, _hparam(pl_module, "tokenizer_sha256"),
+                                             getattr(trainer.datamodule, "tokenizer_dir", None))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Here, not in on_fit_start: FSDP restores a resumed run's callback state after on_fit_start.
@@ -100,8 +106,14 @@ class StageHandoff(L.Callback):
                             global_step=tokens)
         self.boundary_logged = True
 
-    def _check_parent(self, init_from: str, tokenizer_sha: str | None) -> dict:
+    def _check_parent(self, init_from: str, tokenizer_sha: str | None, tokenizer_dir: str | Path | None = None) -> dict:
         path = Path(init_from)
+        if is_hf_dir(path):  # a transformers model: its tokenizer's ids must mean the same in this stage's data
+            if tokenizer_dir is not None:
+                check_same_ids(path, tokenizer_dir)
+            files = sorted([path / "config.json", *path.glob("*.safetensors")])
+            digest = hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+            return {"path": str(path), "sha256": digest, "stage": None, "tokens": 0, "optimizer_steps": 0}
         hint = "run the earlier stage first or point --model.init_args.init_from at a .ckpt written by `stagewise fit`"
         record = checked_record(path) if path.is_file() else None
         parent_sha = (record or {}).get("tokenizer_sha256")
@@ -217,6 +229,7 @@ class StageHandoff(L.Callback):
             "checkpoint": {"path": str(self.best_path), "sha256": file_sha256(self.best_path)},
             "parent": {k: parent[k] for k in ("path", "sha256", "stage")} if self.parent else None,
             "tokenizer_sha256": _hparam(pl_module, "tokenizer_sha256"),
+            "chat_template_sha256": _hparam(pl_module, "chat_template_sha256"),
             "tokens": {"stage": tokens, "total": parent_tokens + tokens, "trained": trained_tokens},
             "optimizer_steps": {"stage": steps, "total": parent_steps + steps, "trained": trained_steps},
             "wall_time_s": round(self.wall_time_s(), 3),

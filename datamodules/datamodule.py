@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.errors import StagewiseError
 from datamodules.shards import PREPARE_HINT, check_tokenizer, open_split, read_manifest
+from datamodules.tokenizer import chat_template_sha256
 
 
 class TokenWindows(Dataset):
@@ -224,8 +225,9 @@ class CorpusDataModule(L.LightningDataModule):
             names = [self.corpus] + [d for d in self.val_domains if d != self.corpus]
             manifests = {name: read_manifest(self.data_dir / name) for name in names}
             sha = manifests[self.corpus].get("tokenizer_sha256")
+            template = chat_template_sha256(manifests[self.corpus].get("tokenizer_dir") or self.data_dir / "tokenizer")
             for name, manifest in manifests.items():
-                check_tokenizer(manifest, sha, self.data_dir / name)
+                check_tokenizer(manifest, sha, self.data_dir / name, template)
             self._manifests = manifests
         return self._manifests
 
@@ -233,6 +235,12 @@ class CorpusDataModule(L.LightningDataModule):
     def tokenizer_sha256(self) -> str:
         """sha256 of the tokenizer.json the training corpus was tokenized with."""
         return self.manifests()[self.corpus]["tokenizer_sha256"]
+
+    @property
+    def chat_template_sha256(self) -> str:
+        """sha256 of the chat template of the data's tokenizer (the tool shards were rendered with it, checked):
+        with ``tokenizer_sha256`` the tokenizer identity a checkpoint records."""
+        return chat_template_sha256(self.tokenizer_dir)
 
     @property
     def tokenizer_dir(self) -> Path:

@@ -10,7 +10,10 @@ One tokenizer per data dir, for the whole lineage of stages trained on it: ``dat
 once, when there is none, and reused after that, whatever changes in the sources or the fractions (a new
 tokenizer would make every checkpoint trained on the old one useless for the next stage). Retraining it is
 explicit (``--retrain_tokenizer true``). ``tokenizer.from_dir`` copies another data dir's tokenizer into this
-one (and records where it came from), so later corpora prepared elsewhere share the first stage's ids.
+one (and records where it came from), so later corpora prepared elsewhere share the first stage's ids;
+``tokenizer.from_model`` adopts a transformers model's tokenizer instead. The chat template
+(``datamodules.tokenizer.CHAT_TEMPLATE``) is the other half of the tokenizer's identity: a new one is written
+into ``data/tokenizer/`` without retraining BPE and re-renders the tool shards only.
 
 Prepared data travels without its sources: where the sources are not installed (a GPU machine), a data dir
 whose manifests match the config (the same sources, settings and tokenizer) is up to date as it is.
@@ -44,6 +47,11 @@ from datamodules.errors import MissingSourceError, StagewiseError
 from datamodules.shards import ShardWriter, atomic_path, stage_manifest
 from datamodules.sources import Document, Source, SourceStats, ordered_map
 from datamodules.tokenizer import (
+    CHAT_TEMPLATE,
+    adopt_tokenizer,
+    chat_template_of,
+    chat_template_sha256,
+    check_adoptable,
     encode_document,
     load_tokenizer,
     render_tool_example,
@@ -106,11 +114,17 @@ class TokenizerConfig:
         sample_bytes: Bytes of training text sampled for BPE training, split evenly over the corpora.
         from_dir: Copy this existing tokenizer directory (e.g. the first stage's ``data/tokenizer``) into
             ``data_dir/tokenizer`` instead of training one; where it came from is recorded.
+        from_model: Adopt the tokenizer of this transformers model directory (to start a stage from that model
+            with ``--model.init_args.init_from``): its vocabulary and ids stay, each of our special tokens it
+            lacks is added after its last id, its bos / eos / pad stay, the chat template becomes ours
+            (``datamodules.tokenizer.adopt_tokenizer``; written to ``<data_dir>/tokenizer``). ``vocab_size``
+            and ``sample_bytes`` are then unused.
     """
 
     vocab_size: int = 32768
     sample_bytes: int = 40_000_000
     from_dir: str | None = None
+    from_model: str | None = None
 
 
 @dataclass
@@ -265,10 +279,32 @@ def tokenizer_record(tok_dir: str | Path) -> dict:
 
 
 def _tokenizer_plan(cfg: TokenizerConfig, root: Path, retrain: bool) -> str:
-    """``reuse`` the data dir's tokenizer, ``copy`` ``cfg.from_dir`` into it, or ``train`` one; refuses a
-    config that asks for another vocabulary than the tokenizer it would keep."""
+    """``reuse`` the data dir's tokenizer, give it the current chat ``template``, ``copy`` ``cfg.from_dir``
+    into it, ``adopt`` ``cfg.from_model``'s, or ``train`` one; refuses a config that asks for another
+    vocabulary than the tokenizer it would keep."""
+    plan = _vocabulary_plan(cfg, root, retrain)
+    if plan == "reuse" and chat_template_of(root / "tokenizer") != CHAT_TEMPLATE:
+        return "template"
+    return plan
+
+
+def _vocabulary_plan(cfg: TokenizerConfig, root: Path, retrain: bool) -> str:
     out = root / "tokenizer"
     exists = (out / "tokenizer.json").exists()
+    if cfg.from_model:
+        if cfg.from_dir:
+            raise StagewiseError("the data config sets both tokenizer.from_dir and tokenizer.from_model; keep one")
+        check_adoptable(cfg.from_model)
+        theirs = tokenizer_sha256(cfg.from_model)
+        if exists and not retrain:
+            if tokenizer_record(out).get("from_model_sha256") == theirs:
+                return "reuse"
+            raise StagewiseError(
+                f"{out} holds another tokenizer than the one tokenizer.from_model {cfg.from_model} would adopt; "
+                "every stage of a lineage shares one tokenizer, so prepare never replaces it on its own: prepare "
+                "into a new data_dir, or pass --retrain_tokenizer true to replace it"
+            )
+        return "adopt"
     if cfg.from_dir:
         if retrain:
             raise StagewiseError(
@@ -293,15 +329,26 @@ def _tokenizer_plan(cfg: TokenizerConfig, root: Path, retrain: bool) -> str:
 
 
 def _stage_tokenizer(cfg: TokenizerConfig, root: Path, plan: str, splits, fingerprints) -> Path:
-    """Write the tokenizer to ``data_dir/tokenizer.tmp`` (trained, or copied from ``cfg.from_dir``), with its
-    record; :func:`_publish_tokenizer` moves it into place once the shards are written."""
+    """Write the tokenizer to ``data_dir/tokenizer.tmp`` (trained, copied from ``cfg.from_dir``, adopted from
+    ``cfg.from_model``, or the data dir's own with the current chat template), with its record;
+    :func:`_publish_tokenizer` moves it into place once the shards are written."""
     tmp = root / "tokenizer.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        if plan == "copy":
+        if plan == "template":  # the same vocabulary, the new template (tool shards are re-rendered with it)
+            console.print(f"chat template changed: updating {root / 'tokenizer'} (the vocabulary stays)")
+            shutil.copytree(root / "tokenizer", tmp)
+            (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+            record = tokenizer_record(tmp)
+        elif plan == "copy":
             shutil.copytree(cfg.from_dir, tmp, ignore=shutil.ignore_patterns("stagewise_*"))
+            (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
             record = {"trained_here": False, "from_dir": str(Path(cfg.from_dir).resolve()),
                       "from_record": tokenizer_record(cfg.from_dir)}
+        elif plan == "adopt":
+            adopt_tokenizer(cfg.from_model, tmp)
+            record = {"trained_here": False, "from_model": str(Path(cfg.from_model).resolve()),
+                      "from_model_sha256": tokenizer_sha256(cfg.from_model)}
         else:
             with console.status(f"training a {cfg.vocab_size}-token byte-level BPE tokenizer"):
                 train_tokenizer(_tokenizer_sample(splits, cfg.sample_bytes), cfg.vocab_size, tmp)
@@ -398,7 +445,7 @@ def _encoded_split(tok, docs: list[Document], tools: bool, cap: int | None, work
 
 
 def _write_shards(name, corpus, corpus_dir, splits, results, tok, tok_dir, keys, workers, progress) -> StagedCorpus:
-    tok_sha = tokenizer_sha256(tok_dir)
+    tok_sha, template_sha = tokenizer_sha256(tok_dir), chat_template_sha256(tok_dir)
     dtype = "uint16" if len(tok) <= 65535 else "uint32"
     tools = corpus.kind == "tools"
     tokens: dict[str, int] = {}
@@ -435,6 +482,7 @@ def _write_shards(name, corpus, corpus_dir, splits, results, tok, tok_dir, keys,
             "available_documents": {s: len(v) for s, v in splits.items()},
             "sources": per_source,
             "tokenizer_sha256": tok_sha,
+            **({"chat_template_sha256": template_sha} if tools else {}),
             "tokenizer_from": tokenizer_record(tok_dir).get("from_dir"),
             "key": keys[0],
             "config_key": keys[1],
@@ -549,8 +597,8 @@ def _prepare(corpora: dict[str, Corpus], tokenizer: TokenizerConfig, root: Path,
         return manifests
 
     if plan == "reuse":  # fast path: nothing changed since the last run
-        sha = tokenizer_sha256(tok_dir)
-        manifests = {n: _manifest_if_current(root / n, _corpus_keys(n, c, fingerprints[n], sha)[0])
+        sha, template = tokenizer_sha256(tok_dir), chat_template_sha256(tok_dir)
+        manifests = {n: _manifest_if_current(root / n, _corpus_keys(n, c, fingerprints[n], sha, template)[0])
                      for n, c in corpora.items()}
         if all(manifests.values()):
             print_table(manifests, console)
@@ -571,12 +619,12 @@ def _prepare(corpora: dict[str, Corpus], tokenizer: TokenizerConfig, root: Path,
     try:
         use_dir = staged_tok or tok_dir
         tok = load_tokenizer(use_dir)
-        sha = tokenizer_sha256(use_dir)
+        sha, template = tokenizer_sha256(use_dir), chat_template_sha256(use_dir)
         if plan == "reuse":
             console.print(f"tokenizer: reusing {tok_dir} (sha256 {sha[:12]}…; --retrain_tokenizer true trains a new one)")
         with _progress() as progress:
             for name, corpus in corpora.items():
-                keys = _corpus_keys(name, corpus, fingerprints[name], sha)
+                keys = _corpus_keys(name, corpus, fingerprints[name], sha, template)
                 current = _manifest_if_current(root / name, keys[0])
                 if current:
                     console.print(f"{name}: shards up to date")
@@ -595,7 +643,8 @@ def _prepare(corpora: dict[str, Corpus], tokenizer: TokenizerConfig, root: Path,
     # Everything is written: publish the tokenizer and every corpus (renames only).
     if staged_tok:
         _publish_tokenizer(staged_tok, tok_dir)
-        how = f"copied from {tokenizer.from_dir}" if plan == "copy" else "trained"
+        how = {"copy": f"copied from {tokenizer.from_dir}", "adopt": f"adopted from {tokenizer.from_model}",
+               "template": "given the current chat template"}.get(plan, "trained")
         console.print(f"tokenizer {how}: {len(tok)} tokens, sha256 {sha[:12]}… -> {tok_dir}")
     for corpus_files in staged:
         corpus_files.publish()
@@ -606,8 +655,9 @@ def _prepare(corpora: dict[str, Corpus], tokenizer: TokenizerConfig, root: Path,
 
 def _prepared_as_configured(corpora: dict[str, Corpus], root: Path) -> dict[str, dict] | None:
     """Every corpus's manifest, where each was prepared from this config with the data dir's tokenizer."""
-    sha = tokenizer_sha256(root / "tokenizer")
-    manifests = {n: _manifest_if_current(root / n, _config_key(n, c, sha), "config_key") for n, c in corpora.items()}
+    sha, template = tokenizer_sha256(root / "tokenizer"), chat_template_sha256(root / "tokenizer")
+    manifests = {n: _manifest_if_current(root / n, _config_key(n, c, sha, template), "config_key")
+                 for n, c in corpora.items()}
     return manifests if all(manifests.values()) else None
 
 
@@ -618,14 +668,16 @@ def _progress() -> Progress:
     )
 
 
-def _config_key(name: str, corpus: Corpus, tok_sha: str) -> str:
-    """What the config says about a corpus (its sources' settings, fractions, budgets) and its tokenizer."""
-    return _sha(name, corpus.settings(), tok_sha)
+def _config_key(name: str, corpus: Corpus, tok_sha: str, template_sha: str) -> str:
+    """What the config says about a corpus (its sources' settings, fractions, budgets) and its tokenizer; a tool
+    corpus's also the chat template it is rendered with."""
+    return _sha(name, corpus.settings(), tok_sha, *([template_sha] if corpus.kind == "tools" else []))
 
 
-def _corpus_keys(name: str, corpus: Corpus, fingerprints: dict[str, str], tok_sha: str) -> tuple[str, str]:
+def _corpus_keys(name: str, corpus: Corpus, fingerprints: dict[str, str], tok_sha: str,
+                 template_sha: str) -> tuple[str, str]:
     """The key of a corpus's shards (its config, tokenizer and sources' fingerprints) and its config key."""
-    config = _config_key(name, corpus, tok_sha)
+    config = _config_key(name, corpus, tok_sha, template_sha)
     return _sha(config, fingerprints), config
 
 

@@ -258,9 +258,17 @@ def read_manifest(corpus_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def check_tokenizer(manifest: dict, expected_sha: str, corpus_dir: str | Path) -> None:
-    """Raise TokenizerMismatchError unless the corpus was tokenized with the tokenizer of sha256 ``expected_sha``."""
+def check_tokenizer(manifest: dict, expected_sha: str, corpus_dir: str | Path, template_sha: str | None = None) -> None:
+    """Raise TokenizerMismatchError unless the corpus was tokenized with the tokenizer of sha256 ``expected_sha``
+    and, where the manifest records one (tool corpora), rendered with the chat template of sha256 ``template_sha``."""
     found = manifest.get("tokenizer_sha256")
+    rendered = manifest.get("chat_template_sha256")
+    if template_sha and rendered and rendered != template_sha:
+        raise TokenizerMismatchError(
+            f"{corpus_dir} was rendered with chat template {rendered[:12]}… but the tokenizer's is "
+            f"{template_sha[:12]}…; re-run `stagewise prepare` on the same data config (it re-renders the tool "
+            "examples, the vocabulary stays)"
+        )
     if found != expected_sha:
         raise TokenizerMismatchError(
             f"{corpus_dir} was tokenized with tokenizer {str(found)[:12]}… but {expected_sha[:12]}… is expected "

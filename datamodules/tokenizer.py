@@ -13,6 +13,7 @@ and a ``tool`` message as ``<|tool_response|>...<|/tool_response|>``.
 from __future__ import annotations
 
 import hashlib
+import json
 import weakref
 from pathlib import Path
 from typing import Iterable, overload
@@ -20,19 +21,23 @@ from typing import Iterable, overload
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from datamodules.errors import StagewiseError
+from datamodules.errors import StagewiseError, TokenizerMismatchError
+from datamodules.tool_examples import conversation, scored_turn
 
-BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+BOS, EOS, PAD, END = "<|bos|>", "<|eos|>", "<|pad|>", "<|end|>"
 SPECIAL_TOKENS = [
     BOS, EOS, PAD,
-    "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+    "<|system|>", "<|user|>", "<|assistant|>", END,
     "<|tools|>", "<|/tools|>",
     "<|tool_call|>", "<|/tool_call|>",
     "<|tool_response|>", "<|/tool_response|>",
 ]
 
-# The assistant's answer sits in a {% generation %} block, so transformers'
-# `return_assistant_tokens_mask=True` marks the same tokens as `render_tool_example`'s loss mask.
+# Every assistant turn sits in a {% generation %} block: transformers' `return_assistant_tokens_mask=True` gives
+# the loss mask of `render_tool_example`. A tool renders as one sorted-key JSON line of its name, description
+# and parameters, whether it comes flat, OpenAI-wrapped ({"type": "function", "function": {...}}) or as a
+# Python function (transformers turns those into the wrapped form with `get_json_schema`); a call renders as
+# {"name": ..., "arguments": ...} (sorted keys) from either form, arguments given as a JSON string verbatim.
 CHAT_TEMPLATE = (
     "{{- bos_token -}}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
@@ -40,7 +45,12 @@ CHAT_TEMPLATE = (
     "{%- set messages = messages[1:] -%}"
     "{%- endif -%}"
     "{%- if tools -%}"
-    "<|tools|>{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}<|/tools|>"
+    "<|tools|>"
+    "{%- for tool in tools -%}"
+    "{%- set fn = tool['function'] if tool['function'] is mapping else tool -%}"
+    "{{ {'name': fn['name'], 'description': fn.get('description') or '', 'parameters': fn.get('parameters') or {}}"
+    " | tojson(sort_keys=True) }}\n{% endfor %}"
+    "<|/tools|>"
     "{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}"
@@ -52,15 +62,13 @@ CHAT_TEMPLATE = (
     "<|/tool_response|>"
     "{%- elif message['role'] == 'assistant' -%}"
     "<|assistant|>{% generation %}"
-    "{%- if message.get('tool_calls') -%}"
-    "{%- for call in message['tool_calls'] -%}"
-    "{%- set fn = call['function'] if call.get('function') else call -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}{%- endif -%}"
+    "{%- for call in message.get('tool_calls') or [] -%}"
+    "{%- set fn = call['function'] if call['function'] is mapping else call -%}"
+    "{%- set arguments = fn.get('arguments') or {} -%}"
     "<|tool_call|>{\"name\": {{ fn['name'] | tojson }}, \"arguments\": "
-    "{{ fn['arguments'] if fn['arguments'] is string else fn['arguments'] | tojson }}}<|/tool_call|>"
+    "{{ arguments if arguments is string else arguments | tojson(sort_keys=True) }}}<|/tool_call|>"
     "{%- endfor -%}"
-    "{%- else -%}"
-    "{{ message['content'] }}"
-    "{%- endif -%}"
     "<|end|>{% endgeneration %}"
     "{%- endif -%}"
     "{%- endfor -%}"
@@ -123,11 +131,91 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
 
 
 def tokenizer_sha256(path: str | Path) -> str:
-    """sha256 of the tokenizer's ``tokenizer.json``: the identity every artifact records."""
+    """sha256 of the tokenizer's ``tokenizer.json``: what the token ids mean. With :func:`chat_template_sha256`
+    it is the tokenizer's identity, which prepared data, checkpoints and stage records carry."""
     file = Path(path) / "tokenizer.json"
     if not file.exists():
         raise StagewiseError(f"no tokenizer at {file}; run `stagewise prepare -c configs/data/demo.yaml` first")
     return hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+def chat_template_of(path: str | Path) -> str:
+    """The chat template a tokenizer directory renders with: ``chat_template.jinja``, else the one in
+    ``tokenizer_config.json``, else :data:`CHAT_TEMPLATE` (what :func:`load_tokenizer` falls back to)."""
+    path = Path(path)
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text(encoding="utf-8")
+    config = path / "tokenizer_config.json"
+    template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+    return template if isinstance(template, str) and template else CHAT_TEMPLATE
+
+
+def chat_template_sha256(path: str | Path | None = None) -> str:
+    """sha256 of the chat template of tokenizer directory ``path`` (of :data:`CHAT_TEMPLATE` when None): the
+    other half of the tokenizer's identity, since the template decides how tool examples and prompts render."""
+    template = CHAT_TEMPLATE if path is None else chat_template_of(path)
+    return hashlib.sha256(template.encode("utf-8")).hexdigest()
+
+
+ADOPTED_FILE = "stagewise_adopted.json"
+
+
+def check_adoptable(model_dir: str | Path) -> None:
+    """StagewiseError unless ``model_dir`` holds a fast tokenizer (``tokenizer.json``) for :func:`adopt_tokenizer`."""
+    if not (Path(model_dir) / "tokenizer.json").is_file():
+        raise StagewiseError(
+            f"tokenizer.from_model: no tokenizer.json in {model_dir}; point it at a transformers model directory "
+            "with a fast tokenizer (`AutoTokenizer.from_pretrained(...).save_pretrained(dir)` writes one)"
+        )
+
+
+def adopt_tokenizer(model_dir: str | Path, out_dir: str | Path) -> PreTrainedTokenizerFast:
+    """The tokenizer of transformers model directory ``model_dir`` made usable for every stage, saved to ``out_dir``.
+
+    Its vocabulary and ids stay as they are; each of :data:`SPECIAL_TOKENS` it lacks is added as a special
+    token after its last id; its own bos / eos / pad stay (ours fill in those it has none of); the chat
+    template becomes :data:`CHAT_TEMPLATE`. ``out_dir/stagewise_adopted.json`` records where it came from,
+    its sha256 and the tokens added.
+
+    Args:
+        model_dir: A directory with a fast tokenizer (``tokenizer.json``), e.g. a ``LlamaForCausalLM`` checkpoint.
+        out_dir: Directory for the adopted tokenizer's files (created).
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    check_adoptable(model_dir)
+    tok = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+    before = len(tok)
+    missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
+    tok.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    for role, token in (("bos_token", BOS), ("eos_token", EOS), ("pad_token", PAD)):
+        if getattr(tok, role) is None:
+            setattr(tok, role, token)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.model_max_length = 1 << 40  # windows are cut by the data module, never by the tokenizer
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(out_dir)
+    record = {"model_dir": str(model_dir), "tokenizer_sha256": tokenizer_sha256(model_dir),
+              "vocab_before": before, "added": missing}
+    (out_dir / ADOPTED_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return tok
+
+
+def check_same_ids(model_dir: str | Path, tokenizer_dir: str | Path) -> None:
+    """TokenizerMismatchError unless every token of ``model_dir``'s tokenizer has the same id in
+    ``tokenizer_dir``'s: it is that tokenizer, or :func:`adopt_tokenizer` made it from it. Nothing to
+    compare when ``model_dir`` has no ``tokenizer.json``."""
+    theirs_file, ours_file = Path(model_dir) / "tokenizer.json", Path(tokenizer_dir) / "tokenizer.json"
+    if not theirs_file.is_file() or tokenizer_sha256(model_dir) == tokenizer_sha256(tokenizer_dir):
+        return
+    theirs = Tokenizer.from_file(str(theirs_file)).get_vocab(with_added_tokens=True)
+    ours = Tokenizer.from_file(str(ours_file)).get_vocab(with_added_tokens=True)
+    differ = sorted(t for t, i in theirs.items() if ours.get(t) != i)
+    if differ:
+        raise TokenizerMismatchError(
+            f"init_from: the tokenizer of {model_dir} gives {len(differ)} of its {len(theirs)} tokens other ids than "
+            f"this stage's tokenizer {tokenizer_dir} (e.g. {differ[:3]}); prepare the data with that model's "
+            f"tokenizer (`tokenizer.from_model: {model_dir}` in the data config) and run the stage on it"
+        )
 
 
 # Per tokenizer, a copy of its backend that reads special-token strings in documents as plain text, so a
@@ -160,29 +248,23 @@ def encode_document(tok, text):
     return [enc.ids + [eos] for enc in backend.encode_batch_fast(list(text), add_special_tokens=False)]
 
 
-def _chat_ids(tok: PreTrainedTokenizerFast, messages: list[dict], tools, add_generation_prompt: bool) -> list[int]:
-    text = tok.apply_chat_template(
-        messages, tools=tools or None, add_generation_prompt=add_generation_prompt, tokenize=False
-    )
+def render_tool_prompt(tok: PreTrainedTokenizerFast, example: dict) -> list[int]:
+    """The prompt of a tool example's scored turn (``tool_examples.scored_turn``: the messages before its last
+    assistant turn with calls, and the tools), ending with ``<|assistant|>``, where that answer starts."""
+    messages, _ = scored_turn(example)
+    text = tok.apply_chat_template(messages, tools=example.get("tools") or None, add_generation_prompt=True,
+                                   tokenize=False)
     return tok.encode(text, add_special_tokens=False)
 
 
-def render_tool_prompt(tok: PreTrainedTokenizerFast, example: dict) -> list[int]:
-    """The prompt of a tool example (messages + tools) ending with ``<|assistant|>``, where the answer starts."""
-    return _chat_ids(tok, example["messages"], example.get("tools"), add_generation_prompt=True)
-
-
 def render_tool_example(tok: PreTrainedTokenizerFast, example: dict) -> tuple[list[int], list[int]]:
-    """A tool example rendered with the chat template, and its loss mask.
+    """A tool example (either shape of ``datamodules.tool_examples``) rendered with the chat template as
+    ``apply_chat_template(messages, tools=tools)`` renders it, and its loss mask.
 
-    The assistant's answer is built from ``example["tool_calls"]``. The mask is 1 exactly on that answer's
-    tokens, ``<|tool_call|>`` through ``<|/tool_call|>`` and the closing ``<|end|>``, and 0 on the prompt
-    (messages, tools and the ``<|assistant|>`` marker).
+    The mask is 1 exactly on **every assistant turn** (its content, each ``<|tool_call|>`` through
+    ``<|/tool_call|>``, and the closing ``<|end|>``: the template's ``{% generation %}`` blocks) and 0 on the
+    rest (system, user and tool messages, the tools, the ``<|assistant|>`` markers).
     """
-    prompt = render_tool_prompt(tok, example)
-    answer = {"role": "assistant", "content": "", "tool_calls": example["tool_calls"]}
-    ids = _chat_ids(tok, example["messages"] + [answer], example.get("tools"), add_generation_prompt=False)
-    # The prompt ends in a special token, which BPE never merges across, so it is an exact prefix.
-    if ids[: len(prompt)] != prompt:
-        raise RuntimeError("the chat template rendered the prompt differently inside the full example")
-    return ids, [0] * len(prompt) + [1] * (len(ids) - len(prompt))
+    out = tok.apply_chat_template(conversation(example), tools=example.get("tools") or None, tokenize=True,
+                                  return_dict=True, return_assistant_tokens_mask=True)
+    return list(out["input_ids"]), list(out["assistant_masks"])

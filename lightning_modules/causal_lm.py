@@ -24,6 +24,9 @@ from datamodules.metric_names import (
 )
 from datamodules.stage_record import read_checkpoint
 from lightning_modules.decoding import generate
+from lightning_modules.hf_llama import (
+    FIXED, FREE, config_fields, is_hf_dir, load_hf_state, our_state_dict, read_hf_config,
+)
 from lightning_modules.transformer import ARCHITECTURES, TransformerConfig
 
 
@@ -61,21 +64,60 @@ def cross_entropy(
     return (losses * mask).sum() / n.clamp(min=1), n
 
 
+def model_config(size: str | None, vocab_size: int, model_overrides: dict[str, Any] | None = None,
+                 init_from: str | None = None) -> TransformerConfig:
+    """The transformer's shape: preset ``size`` (``small`` when None) with ``model_overrides``; with ``init_from``
+    a transformers Llama directory and no ``size``, that model's ``config.json``.
+
+    Against a transformers model, a preset or override that disagrees on a field that fixes the weights'
+    meaning (width, layers, heads, ffn, tying, RoPE base, norm epsilon) is refused, naming the field;
+    ``max_seq_len``, ``dropout`` and ``init_std`` may differ. Its vocabulary may be smaller than
+    ``vocab_size`` (an adopted tokenizer with our special tokens added), never larger.
+    """
+    overrides = dict(model_overrides or {})
+    if not is_hf_dir(init_from):
+        return TransformerConfig.from_preset(size or "small", vocab_size=vocab_size, **overrides)
+    hf = read_hf_config(init_from)
+    theirs = config_fields(hf)
+    where = f"init_from: {Path(init_from) / 'config.json'}"
+    hf_name = {ours: name for name, ours in {**FIXED, **FREE}.items()}
+    if hf.vocab_size > vocab_size:
+        raise StagewiseError(
+            f"{where} has vocab_size {hf.vocab_size} but this stage's tokenizer has {vocab_size} ids: prepare the "
+            f"data with that model's tokenizer (`tokenizer.from_model: {init_from}` in the data config)")
+    given = TransformerConfig.from_preset(size, vocab_size=vocab_size, **overrides) if size else None
+    for field in FIXED.values():
+        ours = getattr(given, field) if given else overrides.get(field, theirs[field])
+        if ours != theirs[field]:
+            origin = (f"size '{size}'" + (" with model_overrides" if field in overrides else "")) if given else \
+                "model_overrides"
+            raise StagewiseError(
+                f"{where} has {hf_name[field]} {theirs[field]!r} but {origin} gives {field} {ours!r}; leave the "
+                "preset out (--model.init_args.size null) to take the shape from config.json, and override "
+                "only max_seq_len, dropout or init_std")
+    return TransformerConfig(**{**theirs, **overrides, "vocab_size": vocab_size})
+
+
 class CausalLM(L.LightningModule):
     """A decoder-only language model trained on next-token prediction, one stage at a time.
 
     Start a stage from another stage's weights with ``init_from`` (weights only: fresh optimizer and
-    schedule); resume an interrupted run with the Trainer's ``ckpt_path`` instead.
+    schedule), or from a transformers ``LlamaForCausalLM`` directory; resume an interrupted run with the
+    Trainer's ``ckpt_path`` instead.
 
     Args:
         size: Model size preset: tiny (≈1M), small (≈30M), base (≈124M), medium (≈350M), large (≈760M),
-            xl (≈1.1B).
+            xl (≈1.1B). Default: ``small``, or, when ``init_from`` is a transformers directory, that model's
+            shape from its ``config.json`` (a preset given with one must agree with it).
         architecture: Model family; only ``dense`` (a Llama-style transformer) exists.
         model_overrides: Fields of ``TransformerConfig`` that replace the preset's, e.g.
             ``{n_layers: 4, max_seq_len: 1024, tie_embeddings: true}``.
         vocab_size: Vocabulary size; the CLI links it from the data's tokenizer.
         tokenizer_sha256: sha256 of the tokenizer.json the data was made with; linked from the data and
             checked against ``init_from``'s.
+        chat_template_sha256: sha256 of the data tokenizer's chat template, linked from the data: with
+            ``tokenizer_sha256`` the tokenizer identity the checkpoint records (``stagewise export`` finds
+            the tokenizer by it).
         lr: Peak learning rate.
         weight_decay: AdamW weight decay, applied to matrices only (not to embeddings or norms).
         betas: AdamW betas.
@@ -85,7 +127,10 @@ class CausalLM(L.LightningModule):
         decay_fraction: Fraction of all steps spent decaying in the ``wsd`` schedule.
         min_lr_ratio: Final LR as a fraction of ``lr`` (cosine and wsd).
         max_steps: Optimizer steps the schedule spans; default: the Trainer's estimated stepping batches.
-        init_from: A checkpoint (``.ckpt``) whose model weights this stage starts from.
+        init_from: Where this stage's starting weights come from: a checkpoint (``.ckpt``), or a transformers
+            ``LlamaForCausalLM`` directory (``config.json`` + safetensors, e.g. a ``stagewise export``). For a
+            directory, the data's tokenizer must be that model's (``tokenizer.from_model`` in the data config);
+            embedding and output rows for ids the model lacks start as the mean of its rows.
         compile: ``torch.compile`` the forward pass together with the loss (state-dict keys stay unchanged).
         fused_adamw: Use the fused AdamW kernel; ``None``: on CUDA unless fp16 loss scaling is on.
         max_bad_steps: A step whose loss or gradient norm is not finite is skipped (weights and optimizer
@@ -96,11 +141,12 @@ class CausalLM(L.LightningModule):
 
     def __init__(
         self,
-        size: str = "small",
+        size: str | None = None,
         architecture: str = "dense",
         model_overrides: dict[str, Any] | None = None,
         vocab_size: int = 8192,
         tokenizer_sha256: str | None = None,
+        chat_template_sha256: str | None = None,
         lr: float = 3e-4,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -121,7 +167,9 @@ class CausalLM(L.LightningModule):
                 f"unknown architecture '{architecture}'; choose one of: {', '.join(ARCHITECTURES)}"
             )
         # Build the config now so a bad size or override fails when the CLI parses, not mid-setup.
-        self.config = TransformerConfig.from_preset(size, vocab_size=vocab_size, **(model_overrides or {}))
+        self.config = model_config(size, vocab_size, model_overrides, init_from)
+        if is_hf_dir(init_from):  # the shape in the hyperparameters, so a checkpoint rebuilds without that directory
+            self.hparams["model_overrides"] = {f: v for f, v in vars(self.config).items() if f != "vocab_size"}
         self.model: nn.Module | None = None
         self.val_metrics = nn.ModuleDict()  # domain -> token-weighted MeanMetric, created on first use
         self.tokens_seen = 0  # tokens trained on in this stage, all ranks together
@@ -190,9 +238,16 @@ class CausalLM(L.LightningModule):
 
     def load_init_from(self, path: str | Path) -> None:
         """Load the model weights of checkpoint ``path`` (no optimizer, schedule or step) and record its
-        lineage's token count in ``parent_tokens``."""
+        lineage's token count in ``parent_tokens``; or those of a transformers Llama directory (the inverse
+        of ``stagewise export``; its lineage is unknown, so the count starts at 0)."""
         path = Path(path)
-        hint = "train the previous stage first or pass --model.init_from <checkpoint>"
+        if is_hf_dir(path):
+            state = our_state_dict(load_hf_state(path), self.config, f"init_from: {path}")
+            meta = any(p.is_meta for p in self.model.parameters())  # sharded strategies build on meta
+            self.model.load_state_dict(state, strict=True, assign=meta)
+            return
+        hint = ("train the previous stage first or pass --model.init_from <checkpoint or transformers model "
+                "directory>")
         ckpt = read_checkpoint(path, hint, prefix="init_from: ")
         theirs = (ckpt.get("hyper_parameters") or {}).get("tokenizer_sha256")
         ours = self.hparams.tokenizer_sha256
@@ -471,7 +526,9 @@ class CausalLM(L.LightningModule):
     def generate(
         self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
         attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
+        temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Greedy continuation of prompts ``input_ids`` [B, T], all rows decoded together with a KV cache
-        (:func:`lightning_modules.decoding.generate`, where the arguments are documented)."""
-        return generate(self, input_ids, max_new_tokens, eos_token_id, attention_mask, pad_token_id)
+        """Greedy (or sampled) continuation of prompts ``input_ids`` [B, T], all rows decoded together with a
+        KV cache (:func:`lightning_modules.decoding.generate`, where the arguments are documented)."""
+        return generate(self, input_ids, max_new_tokens, eos_token_id, attention_mask, pad_token_id,
+                        temperature, top_k, generator)

@@ -42,9 +42,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "prepare": ("datamodules.prepare", "main", "corpora -> tokenizer -> token shards"),
     "pack": ("datamodules.pack", "main_pack", "a prepared data dir -> xz pieces of at most N MB, to carry"),
     "unpack": ("datamodules.pack", "main_unpack", "check and extract the pieces of `stagewise pack`"),
-    "export": ("lightning_modules.export", "main", "checkpoint -> transformers LlamaForCausalLM directory"),
+    "export": ("lightning_modules.export", "main", "checkpoint -> complete transformers directory (model + tokenizer)"),
     "pipeline": ("lightning_modules.pipeline", "main", "prepare + every stage + joint baseline + report"),
     "evaluate": ("lightning_modules.evaluate", "main", "per-domain losses and tool-call scores of a checkpoint"),
+    "generate": ("lightning_modules.generate", "main", "a prompt in, the model's text out (.ckpt or export)"),
     "report": ("lightning_modules.report", "main", "markdown table and plots from finished runs"),
     "interpolate": ("lightning_modules.interpolate", "main", "blend two checkpoints' weights and evaluate"),
 }
@@ -76,6 +77,8 @@ class StagewiseCLI(LightningCLI):
         # The model's embedding size and tokenizer check come from the prepared data, never by hand.
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.tokenizer_sha256", "model.init_args.tokenizer_sha256", apply_on="instantiate")
+        parser.link_arguments("data.chat_template_sha256", "model.init_args.chat_template_sha256",
+                              apply_on="instantiate")
         # `precision: auto` (resolved in before_instantiate_classes): widen the Trainer's Literal type.
         action = next(a for a in parser._actions if a.dest == "trainer.precision")
         action._typehint = Optional[Union[action._typehint, Literal["auto"]]]

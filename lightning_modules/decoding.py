@@ -17,13 +17,28 @@ import torch.nn as nn
 from datamodules.errors import StagewiseError
 
 
+def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token of each row of ``logits`` [B, V]: the argmax when ``temperature`` is 0, else a draw from
+    ``softmax(logits / temperature)`` restricted to the ``top_k`` largest logits (all when None)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
 @torch.no_grad()
 def generate(
     module, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
     attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
+    temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Greedy continuation of prompts ``input_ids`` [B, T] by ``module`` (a ``CausalLM``), all rows decoded
-    together with a KV cache.
+    """Greedy (or sampled) continuation of prompts ``input_ids`` [B, T] by ``module`` (a ``CausalLM``), all
+    rows decoded together with a KV cache.
 
     Args:
         module: A ``CausalLM`` (or subclass): its ``model`` is built if needed and decodes.
@@ -33,9 +48,12 @@ def generate(
             have stopped.
         attention_mask: [B, T], 1 for prompt tokens and 0 for left padding (None: no padding).
         pad_token_id: Fills a stopped row's later slots (default: the first stop id).
+        temperature: 0 decodes greedily; above 0, each token is sampled from ``softmax(logits / temperature)``.
+        top_k: When sampling, only from the ``top_k`` most likely tokens (all when None).
+        generator: The random generator sampling draws from (default: torch's global one).
 
     Returns:
-        Prompt + new tokens [B, T + n]; row ``b`` equals its own unbatched greedy continuation.
+        Prompt + new tokens [B, T + n]; greedily, row ``b`` equals its own unbatched continuation.
     """
     module.configure_model()
     model = module.model
@@ -47,7 +65,8 @@ def generate(
         attention_mask = None
     if attention_mask is not None and "key_mask" not in inspect.signature(model.layers[0].attn.attend).parameters:
         # an attention subclass without padding support: decode the rows one by one, unpadded
-        news = [generate(module, ids[mask.bool()][None], max_new_tokens, eos_token_id, None, pad)[0, int(mask.sum()):]
+        news = [generate(module, ids[mask.bool()][None], max_new_tokens, eos_token_id, None, pad, temperature, top_k,
+                         generator)[0, int(mask.sum()):]
                 for ids, mask in zip(input_ids, attention_mask.to(module.device))]
         return torch.cat([input_ids, nn.utils.rnn.pad_sequence(news, batch_first=True, padding_value=pad)], 1)
     was_training = module.training
@@ -56,7 +75,7 @@ def generate(
     logits = model(input_ids, cache, attention_mask=attention_mask, last_only=True)
     out, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=module.device)
     for i in range(max_new_tokens):
-        token = torch.where(done, pad, logits[:, -1].argmax(dim=-1))
+        token = torch.where(done, pad, next_token(logits[:, -1], temperature, top_k, generator))
         done |= torch.isin(token, stops)
         out.append(token[:, None])
         if i == max_new_tokens - 1 or bool(done.all()):

@@ -2,12 +2,14 @@
 
 Three numbers, each a fraction of the examples:
 
-- ``json_valid``: the answer holds a parseable JSON call object;
-- ``name_accuracy``: it calls the expected function;
-- ``call_accuracy``: it calls the expected function with exactly the expected arguments (key order is
-  irrelevant, ``1`` equals ``1.0``, but ``"1"`` does not equal ``1``).
+- ``json_valid``: the answer holds at least one call and every call in it is a parseable JSON call object;
+- ``name_accuracy``: it calls the expected functions, the same number of them in the same order;
+- ``call_accuracy``: besides, every call has exactly the expected arguments (key order is irrelevant, ``1``
+  equals ``1.0``, but ``"1"`` does not equal ``1``).
 
-Only the first call of an example is scored (the corpora have one call per example).
+The turn scored is an example's **last assistant turn that makes calls** (``tool_examples.scored_turn``),
+prompted with the whole conversation before it; a turn with several calls counts as right only when all of
+them are, in order.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from datamodules.errors import StagewiseError
+from datamodules.tool_examples import scored_turn
 from lightning_modules.decoding import decoding_threads, greedy_continuations
 
 CALL_OPEN, CALL_CLOSE, END = "<|tool_call|>", "<|/tool_call|>", "<|end|>"
@@ -60,12 +66,27 @@ def parse_tool_call(text: str) -> dict | None:
     end, if generation stopped early); without the markers, the first JSON object in the text.
     """
     if CALL_OPEN in text:
-        body = text.split(CALL_OPEN, 1)[1].split(CALL_CLOSE, 1)[0].split(END, 1)[0].strip()
-        try:
-            return _as_call(json.loads(body))
-        except json.JSONDecodeError:
-            return _as_call(_first_json_object(body))
+        return _parse_body(text.split(CALL_OPEN, 1)[1])
     return _as_call(_first_json_object(text))
+
+
+def _parse_body(body: str) -> dict | None:
+    body = body.split(CALL_CLOSE, 1)[0].split(END, 1)[0].strip()
+    try:
+        return _as_call(json.loads(body))
+    except json.JSONDecodeError:
+        return _as_call(_first_json_object(body))
+
+
+def parse_tool_calls(text: str) -> list[dict] | None:
+    """Every call of a generated turn, in order, each as ``{"name", "arguments"}``; None when the turn holds no
+    call or any of its calls does not parse. Reads each ``<|tool_call|>...<|/tool_call|>`` up to the turn's
+    ``<|end|>``; without the markers, the first JSON object in the text as the one call."""
+    if CALL_OPEN not in text:
+        call = parse_tool_call(text)
+        return None if call is None else [call]
+    calls = [_parse_body(body) for body in text.split(END, 1)[0].split(CALL_OPEN)[1:]]
+    return None if any(c is None for c in calls) else calls
 
 
 # --------------------------------------------------------------------------------------------- scoring
@@ -91,18 +112,31 @@ def calls_equal(predicted: dict | None, expected: dict) -> bool:
     )
 
 
-def score_calls(predicted: list[dict | None], expected: list[dict]) -> dict:
-    """``json_valid``, ``name_accuracy``, ``call_accuracy`` (fractions) and ``n`` over paired calls."""
+def _turn(calls: list[dict] | dict | None) -> list[dict] | None:
+    return [calls] if isinstance(calls, dict) else calls
+
+
+def turns_equal(predicted: list[dict] | dict | None, expected: list[dict] | dict) -> bool:
+    """The same calls in the same order (:func:`calls_equal` each); a dict stands for a turn of one call."""
+    predicted, expected = _turn(predicted), _turn(expected)
+    return predicted is not None and len(predicted) == len(expected) and all(map(calls_equal, predicted, expected))
+
+
+def score_calls(predicted: list[list[dict] | dict | None], expected: list[list[dict] | dict]) -> dict:
+    """``json_valid``, ``name_accuracy``, ``call_accuracy`` (fractions) and ``n`` over paired turns; each turn
+    is its list of calls (a dict: one call; None: nothing parseable)."""
     if len(predicted) != len(expected):
-        raise ValueError(f"{len(predicted)} predicted calls for {len(expected)} expected ones")
+        raise ValueError(f"{len(predicted)} predicted turns for {len(expected)} expected ones")
     n = len(expected)
     if n == 0:
         return {"n": 0, "json_valid": 0.0, "name_accuracy": 0.0, "call_accuracy": 0.0}
+    pairs = [(_turn(p), _turn(e)) for p, e in zip(predicted, expected)]
+    names = lambda calls: [c.get("name") for c in calls]  # noqa: E731
     return {
         "n": n,
-        "json_valid": sum(p is not None for p in predicted) / n,
-        "name_accuracy": sum(p is not None and p.get("name") == e.get("name") for p, e in zip(predicted, expected)) / n,
-        "call_accuracy": sum(calls_equal(p, e) for p, e in zip(predicted, expected)) / n,
+        "json_valid": sum(bool(p) for p, _ in pairs) / n,
+        "name_accuracy": sum(p is not None and names(p) == names(e) for p, e in pairs) / n,
+        "call_accuracy": sum(turns_equal(p, e) for p, e in pairs) / n,
     }
 
 
@@ -111,14 +145,15 @@ def load_heldout_examples(data_dir: str | Path = "data", split: str = "val", lim
                           corpus: str = "tools", tokenizer=None) -> list[dict]:
     """Held-out tool examples straight from the prepared shards of ``<data_dir>/<corpus>/``.
 
-    Each document's loss mask marks the assistant's answer, so the tokens before the first masked token
-    are exactly the prompt the model sees in training (``prompt_ids``), and the masked tokens decode to
-    the expected call (``tool_calls``, parsed like a generated answer). Nothing is re-rendered, so the
-    examples cannot drift from what the model was trained and validated on.
+    Each document's loss mask marks its assistant turns; the scored one is the last that makes calls, so the
+    tokens before it are exactly the prompt the model sees in training there (``prompt_ids``: the whole
+    conversation so far), and its tokens decode to the expected calls (``tool_calls``, parsed like a
+    generated answer). Nothing is re-rendered, so the examples cannot drift from what the model was
+    trained and validated on.
 
     Returns:
-        Dicts with ``prompt_ids`` (list[int]), ``tool_calls`` ([{"name", "arguments"}]) and ``answer``
-        (the expected answer's text), in shard order, at most ``limit`` of them.
+        Dicts with ``prompt_ids`` (list[int]), ``tool_calls`` (the turn's [{"name", "arguments"}...]) and
+        ``answer`` (the expected turn's text), in shard order, at most ``limit`` of them.
     """
     from datamodules.shards import open_split, read_manifest
     from datamodules.tokenizer import load_tokenizer
@@ -131,21 +166,24 @@ def load_heldout_examples(data_dir: str | Path = "data", split: str = "val", lim
     data = open_split(corpus_dir, split)
     if data.mask is None:
         raise StagewiseError(f"{corpus_dir}/{split}.mask.bin is missing; re-run `stagewise prepare`")
+    call_open = tok.convert_tokens_to_ids(CALL_OPEN)
     examples = []
     for start, end in zip(data.offsets[:-1], data.offsets[1:]):
         if limit is not None and len(examples) >= limit:
             break
-        ids = data.tokens[start:end]
-        masked = data.mask[start:end].nonzero()[0]
-        if len(masked) == 0:
+        ids, mask = data.tokens[start:end], data.mask[start:end].astype(bool)
+        # assistant turns: runs of 1s in the mask, [begin, end) each; the last one that holds a call is scored
+        edges = np.flatnonzero(np.diff(np.concatenate([[False], mask, [False]]).astype(np.int8)))
+        turns = [(int(b), int(e)) for b, e in zip(edges[::2], edges[1::2]) if call_open in ids[b:e]]
+        if not turns:
             continue
-        first, last = int(masked[0]), int(masked[-1]) + 1
+        first, last = turns[-1]
         answer = tok.decode(ids[first:last].tolist(), skip_special_tokens=False)
-        call = parse_tool_call(answer)
-        if call is None:
+        calls = parse_tool_calls(answer)
+        if calls is None:
             raise StagewiseError(f"{corpus_dir}/{split}: document at offset {int(start)} has no parseable call "
                                  f"in its answer ({answer[:80]!r}); re-run `stagewise prepare`")
-        examples.append({"prompt_ids": ids[:first].tolist(), "tool_calls": [call], "answer": answer})
+        examples.append({"prompt_ids": ids[:first].tolist(), "tool_calls": calls, "answer": answer})
     return examples
 
 
@@ -160,14 +198,15 @@ def heldout_groups(data_dir: str | Path = "data", seen_split: str = "val", corpu
 
 # --------------------------------------------------------------------------------------------- generation
 def stop_token_ids(tokenizer) -> list[int]:
-    """The ids that end an answer: ``<|/tool_call|>``, ``<|end|>`` and eos."""
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in (CALL_CLOSE, END)] + [tokenizer.eos_token_id]
+    """The ids that end an assistant turn: ``<|end|>`` and eos (not ``<|/tool_call|>``: a turn may make
+    several calls). An export's ``generation_config.eos_token_id`` lists the same ids."""
+    ids = [tokenizer.convert_tokens_to_ids(END), tokenizer.eos_token_id]
     unk = tokenizer.unk_token_id
     return list(dict.fromkeys(i for i in ids if i is not None and (unk is None or i != unk)))
 
 
 def prompt_ids_of(tokenizer, example: dict) -> list[int]:
-    """The prompt of an example: its ``prompt_ids``, or ``render_tool_prompt`` of its messages and tools."""
+    """The prompt of an example: its ``prompt_ids``, or ``render_tool_prompt`` of its conversation and tools."""
     if "prompt_ids" in example:
         return list(example["prompt_ids"])
     from datamodules.tokenizer import render_tool_prompt
@@ -184,9 +223,9 @@ def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: 
         model: A ``CausalLM`` (anything with ``generate(input_ids, max_new_tokens, eos_token_id,
             attention_mask)`` and ``parameters()``).
         tokenizer: The tokenizer the model was trained with.
-        examples: Tool examples: ``{"messages", "tools", "tool_calls"}`` or ``load_heldout_examples`` dicts.
-        max_new_tokens: Longest answer generated; generation stops earlier at ``<|/tool_call|>``,
-            ``<|end|>`` or eos.
+        examples: Tool examples (canonical, either shape of ``datamodules.tool_examples``) or
+            ``load_heldout_examples`` dicts; the scored turn is the last assistant turn with calls.
+        max_new_tokens: Longest answer generated; generation stops earlier at ``<|end|>`` or eos.
         limit: Evaluate only the first ``limit`` examples.
         num_samples: How many (prompt tail, generated, expected) triples to return for reading.
         batch_size: Prompts decoded together (the scores do not depend on it).
@@ -205,11 +244,12 @@ def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: 
     predicted, expected, samples = [], [], []
     for ex, prompt, new in zip(examples, prompts, generated):
         text = tokenizer.decode(new, skip_special_tokens=False)
-        call = parse_tool_call(text)
-        predicted.append(call)
-        expected.append(ex["tool_calls"][0])
+        calls = parse_tool_calls(text)
+        want = ex["tool_calls"] if "prompt_ids" in ex else scored_turn(ex)[1]
+        predicted.append(calls)
+        expected.append(want)
         if len(samples) < num_samples:
             tail = tokenizer.decode(prompt[-48:], skip_special_tokens=False)
-            samples.append({"prompt_tail": tail, "generated": text, "expected": ex["tool_calls"][0],
-                            "correct": calls_equal(call, ex["tool_calls"][0])})
+            samples.append({"prompt_tail": tail, "generated": text, "expected": want[0] if len(want) == 1 else want,
+                            "correct": turns_equal(calls, want)})
     return {**score_calls(predicted, expected), "samples": samples}

@@ -50,3 +50,26 @@ def corpora(tmp_path_factory):
                             test_fraction=0.1) for name in ("language", "code")}
     prepare(sources, TokenizerConfig(vocab_size=320, sample_bytes=40000), str(root / "data"))
     return root / "data"
+
+
+def save_llama(out, vocab_size: int, **changes):
+    """A random small transformers ``LlamaForCausalLM`` (d 64, 2 layers, GQA 4/2, untied, RoPE base 5000) with
+    every weight perturbed (norms too), saved to ``out`` by ``save_pretrained``; ``changes`` edit its config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+                  rope_parameters={"rope_type": "default", "rope_theta": 5000.0}, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**config, **changes}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def make_llama():
+    """``make_llama(out_dir, vocab_size, **config_changes)`` -> a saved random small LlamaForCausalLM directory."""
+    return save_llama

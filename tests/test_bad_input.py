@@ -295,6 +295,34 @@ def test_bad_stage_settings(workdir, capsys, args, fragments):
     assert_refused(fit_argv(*args), capsys, *fragments, unchanged=workdir)
 
 
+def _llama_with_its_tokenizer(path: Path, make_llama, **changes) -> Path:
+    """A transformers Llama directory whose tokenizer is its own (not the prepared data's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator([" ".join(WORDS)] * 5, trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    tok.save_pretrained(path)
+    return make_llama(path, len(tok), **changes)
+
+
+@pytest.mark.parametrize("size, changes, fragments", [
+    ([], {}, ["config.json has num_hidden_layers 3 but size 'tiny' gives n_layers 6", "--model.init_args.size null"]),
+    (["--model.init_args.size", "null"], {"hidden_act": "gelu"}, ["has hidden_act 'gelu' but stagewise's transformer "
+                                                                  "needs 'silu'", "it cannot be mapped"]),
+    (["--model.init_args.size", "null"], {}, ["the tokenizer of", "gives", "other ids than this stage's tokenizer",
+                                              "`tokenizer.from_model:"]),
+], ids=["preset_disagrees", "unmappable", "tokenizer_not_adopted"])
+def test_bad_transformers_init_from(workdir, capsys, make_llama, size, changes, fragments):
+    changes = {"num_hidden_layers": 3, **changes} if not size else changes  # tiny has 6 layers
+    llama = _llama_with_its_tokenizer(workdir / "llama", make_llama, **changes)
+    assert_refused(fit_argv("--model.init_args.init_from", str(llama), *size), capsys, "init_from", *fragments,
+                   unchanged=workdir / "models")
+
+
 def test_stage_handoff_refuses_a_parent_that_is_not_a_checkpoint(tmp_path):
     """The fit-start check of ``StageHandoff`` (it also guards modules that load ``init_from`` themselves)."""
     from callbacks.stage_handoff import StageHandoff
@@ -350,13 +378,18 @@ def _example(**changes) -> dict:
 
 @pytest.mark.parametrize("line, fragments", [
     ('{"messages": [', ["not valid JSON", "Fix or remove the line"]),
-    (json.dumps(_example(tool_calls=None)), ["`tool_calls` must be a non-empty list", "Fix the example"]),
+    (json.dumps(_example(tool_calls=None)), ["no assistant answer", "top-level `tool_calls`", "Fix the example"]),
+    (json.dumps(_example(messages=[{"role": "user", "content": "Oslo?"}, {"role": "assistant", "content": None,
+                "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": "{city"}}]}],
+                tool_calls=None)), ["`messages[1].tool_calls[0].function.arguments` of `get_weather` is a string "
+                                    "but not JSON", "Fix the example"]),
     (json.dumps(_example(tool_calls=[{"name": "book_flight", "arguments": {}}])),
      ["calls `book_flight`, which is not among the tools (get_weather)", "Fix the example"]),
-], ids=["not_json", "no_tool_calls", "unknown_function"])
+    (b'{"messages": "caf\xe9"}', ["not UTF-8 (byte 0xe9 at column 18)", "save the file as UTF-8"]),
+], ids=["not_json", "no_tool_calls", "openai_arguments_not_json", "unknown_function", "not_utf8"])
 def test_bad_tool_jsonl_line(workdir, capsys, line, fragments):
     jsonl = workdir / "tools.jsonl"
-    jsonl.write_text(json.dumps(_example()) + "\n" + line + "\n")
+    jsonl.write_bytes(json.dumps(_example()).encode() + b"\n" + (line if isinstance(line, bytes) else line.encode()) + b"\n")
     tools = {"kind": "tools", "sources": [{"class_path": "datamodules.tool_examples.ToolJsonl",
                                            "init_args": {"paths": [str(jsonl)]}}]}
     assert_prepare_refused(data_config(workdir, tools=tools), capsys, f"{jsonl}:2", *fragments)

@@ -446,3 +446,26 @@ def test_pack_and_unpack_carry_a_data_dir_in_small_pieces(prepared, tmp_path, ca
     with pytest.raises(SystemExit) as exc:
         main(["unpack", "--pack", str(tmp_path / "packs" / "data.pack.json"), "--into", str(tmp_path / "again")])
     assert exc.value.code == 2 and "damaged" in capsys.readouterr().err and not (tmp_path / "again").exists()
+
+
+def test_a_new_chat_template_re_renders_the_tool_shards_without_retraining(prepared, monkeypatch, capsys):
+    """The template is half of the tokenizer's identity: a new one is written into data/tokenizer (the
+    vocabulary stays) and the tool shards, rendered with it, are rebuilt; the text shards stay as they were."""
+    from datamodules.tokenizer import CHAT_TEMPLATE, chat_template_of, chat_template_sha256
+
+    root, cfg = prepared
+    data = root / "data"
+    sha, before = tokenizer_sha256(data / "tokenizer"), snapshot(data)
+    new = CHAT_TEMPLATE.replace("<|user|>{{", "<|user|> {{")
+    monkeypatch.setattr(prepare_mod, "CHAT_TEMPLATE", new)
+    monkeypatch.setattr(prepare_mod, "train_tokenizer", lambda *a, **k: pytest.fail("the tokenizer was retrained"))
+    run_prepare(cfg)
+    assert tokenizer_sha256(data / "tokenizer") == sha and chat_template_of(data / "tokenizer") == new
+    tools = manifest(root, "tools")
+    assert tools["chat_template_sha256"] == chat_template_sha256(data / "tokenizer") != chat_template_sha256()
+    after = snapshot(data)
+    assert after["tools/train.bin"] != before["tools/train.bin"]
+    assert all(after[f] == before[f] for f in before if f.startswith(("language/", "code/")))
+    capsys.readouterr()
+    run_prepare(cfg)
+    assert "up to date" in capsys.readouterr().err

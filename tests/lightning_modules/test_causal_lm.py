@@ -243,6 +243,15 @@ def test_generate_with_cache_equals_greedy_full_recompute():
     assert stopped.shape == (1, 6) and stopped[0, -1] == eos
 
 
+def test_sampling_follows_its_generator_and_top_k_1_is_greedy():
+    model = tiny_lm()
+    model.configure_model()
+    prompt = torch.randint(0, VOCAB, (2, 5))
+    draw = lambda seed, **kw: model.generate(prompt, 8, temperature=1.5, generator=torch.Generator().manual_seed(seed), **kw)  # noqa: E731
+    assert torch.equal(draw(1), draw(1)) and not torch.equal(draw(1), draw(2))
+    assert torch.equal(draw(3, top_k=1), model.generate(prompt, 8))
+
+
 def test_unknown_architecture_or_size_is_a_clear_error():
     with pytest.raises(StagewiseError, match="choose one of: dense"):
         CausalLM(architecture="moe")

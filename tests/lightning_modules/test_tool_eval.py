@@ -60,6 +60,18 @@ def test_nested_arguments_and_booleans():
     assert score_calls([same, list_order, bool_as_int], [expected] * 3)["call_accuracy"] == pytest.approx(1 / 3)
 
 
+def test_a_turn_of_several_calls_is_right_only_when_every_call_is_in_order():
+    from lightning_modules.tool_eval import parse_tool_calls
+
+    a, b = {"name": "f", "arguments": {"x": 1}}, {"name": "g", "arguments": {}}
+    turn = f'<|tool_call|>{json.dumps(a)}<|/tool_call|><|tool_call|>{json.dumps(b)}<|/tool_call|><|end|>'
+    assert parse_tool_calls(turn) == [a, b]
+    assert parse_tool_calls(turn.replace('"g"', '"g')) is None  # one call does not parse: the turn does not
+    assert parse_tool_calls("no call") is None
+    scores = score_calls([[a, b], [b, a], [a], [a, {**b, "arguments": {"y": 2}}], None], [[a, b]] * 5)
+    assert scores == {"n": 5, "json_valid": 0.8, "name_accuracy": 0.4, "call_accuracy": 0.2}
+
+
 def test_score_lengths_must_match():
     with pytest.raises(ValueError):
         score_calls([None], [CALL, CALL])
@@ -130,6 +142,33 @@ def data_dir(tmp_path_factory):
     return prepare_tiny(tmp_path_factory.mktemp("data"))
 
 
+def test_heldout_example_of_a_conversation_scores_its_last_turn_with_calls(tmp_path, data_dir):
+    """A multi-turn document: the prompt is the whole conversation before the last assistant turn that makes
+    calls (a text answer after it is not scored), the expected calls are all of that turn's."""
+    from datamodules.tool_examples import validate_example
+
+    tok = load_tokenizer(data_dir / "tokenizer")
+    call = lambda name, args: {"type": "function", "function": {"name": name, "arguments": args}}  # noqa: E731
+    example = validate_example({"tools": TOOLS, "messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [call("get_weather", {"city": "Oslo"})]},
+        {"role": "tool", "content": "4 degrees"},
+        {"role": "user", "content": "Lima for 2 days, and 3 dollars in EUR"},
+        {"role": "assistant", "content": None, "tool_calls": [call("get_weather", {"city": "Lima", "days": 2}),
+                                                              call("convert_currency", {"amount": 3, "to": "EUR"})]},
+        {"role": "tool", "content": "ok"},
+        {"role": "assistant", "content": "Done."}]})
+    ids, mask = render_tool_example(tok, example)
+    with ShardWriter(tmp_path / "tools", "val", "uint16", with_mask=True) as w:
+        w.add(np.array(ids), np.array(mask, dtype=np.uint8))
+    write_manifest(tmp_path / "tools", {"dtype": "uint16", "kind": "tools", "tokenizer_sha256": "x"})
+    [heldout] = load_heldout_examples(tmp_path, "val", tokenizer=tok)
+    assert heldout["tool_calls"] == [{"name": "get_weather", "arguments": {"city": "Lima", "days": 2}},
+                                     {"name": "convert_currency", "arguments": {"amount": 3, "to": "EUR"}}]
+    assert heldout["prompt_ids"] == render_tool_prompt(tok, example)
+    assert tok.decode(heldout["prompt_ids"], skip_special_tokens=False).endswith("3 dollars in EUR<|end|><|assistant|>")
+
+
 def test_heldout_examples_are_the_prompts_and_calls_of_the_val_split(data_dir):
     tok = load_tokenizer(data_dir / "tokenizer")
     examples = load_heldout_examples(data_dir, "val")
@@ -165,8 +204,8 @@ def test_evaluate_scores_generated_calls(data_dir):
     assert {k: scores[k] for k in ("n", "json_valid", "name_accuracy", "call_accuracy")} == {
         "n": 4, "json_valid": 0.75, "name_accuracy": 0.5, "call_accuracy": 0.5}
     first = scores["samples"][0]
-    # generation stops at the end of the call; the closing <|end|> of the scripted answer is not kept
-    assert first["correct"] and first["generated"] == examples[0]["answer"].removesuffix("<|end|>")
+    # generation stops at the end of the turn, <|end|> included
+    assert first["correct"] and first["generated"] == examples[0]["answer"] and first["generated"].endswith("<|end|>")
 
 
 def test_evaluate_with_tiny_causal_lm_stops_and_restores_train_mode(data_dir):
