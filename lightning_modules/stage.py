@@ -36,6 +36,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from callbacks import BestCheckpoint, ForgettingMonitor, StageHandoff
 from datamodules.errors import StagewiseError
 from datamodules.stage_record import BEST_SUFFIX, checked_record, lineage_domains, stage_record_for_checkpoint
+from lightning_modules.hf_llama import is_hf_dir
 
 # What every stage shares, applied before its -c files (``configs/base.yaml`` of the checkout).
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
@@ -229,6 +230,8 @@ def _start_from(model: Namespace, stage: Stage, fitting: bool, check: bool) -> l
         return []
     if fitting and "init_from" in model:
         model.init_from = str(parent)
+    if is_hf_dir(parent):  # a transformers model: no lineage of ours (CausalLM.load_init_from checks it)
+        return []
     if not check:
         return lineage_domains(stage_record_for_checkpoint(parent) if parent.is_file() else None)
     from_stage = stage.parent_is_stage and not explicit
