@@ -8,7 +8,6 @@ writers never lose each other's sections and a reader never sees half a file.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from datamodules.errors import StagewiseError
-from datamodules.shards import atomic_path
+from datamodules.shards import atomic_path, file_sha256  # noqa: F401  (file_sha256: imported from here too)
 
 BEST_SUFFIX = "_model_best"
 
@@ -24,15 +23,6 @@ BEST_SUFFIX = "_model_best"
 def stage_record_path(models_dir: str | Path, stage: str) -> Path:
     """Where the record of ``stage`` lives: ``<models_dir>/<stage>/stage.json``."""
     return Path(models_dir) / stage / "stage.json"
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """The sha256 hex digest of a file's bytes (read in chunks: checkpoints can be large)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _load(path: Path) -> dict | None:

@@ -253,7 +253,7 @@ def _write_shards(name, corpus, corpus_dir, splits, results, tok, tok_sha, key, 
     staged = StagedCorpus(corpus_dir, {})
     try:
         for split in SPLITS:
-            writer = ShardWriter(corpus_dir, split, dtype, with_mask=tools)
+            writer = ShardWriter(corpus_dir, split, dtype, with_mask=tools, with_documents=tools)
             staged.writers.append(writer)
             for batch in _batched(splits[split], 256):
                 if tools:
@@ -261,7 +261,7 @@ def _write_shards(name, corpus, corpus_dir, splits, results, tok, tok_sha, key, 
                 else:
                     encoded = [(ids, None) for ids in encode_document(tok, [d.text for d in batch])]
                 for doc, (ids, mask) in zip(batch, encoded):
-                    writer.add(ids, mask)
+                    writer.add(ids, mask, doc.text if tools else None)
                     per_source[doc.source]["documents"] += 1
                     per_source[doc.source]["tokens"] += len(ids)
                 progress.advance(task, len(batch))
@@ -298,6 +298,8 @@ def _manifest_if_current(corpus_dir: Path, key: str) -> dict | None:
         return None
     manifest = json.loads(path.read_text())
     files = [corpus_dir / f"{s}.bin" for s in SPLITS]
+    if manifest.get("kind") == "tools":  # tool corpora keep their examples as JSONL (since `stagewise pairs`)
+        files += [corpus_dir / f"{s}.jsonl" for s in SPLITS]
     return manifest if manifest.get("key") == key and all(f.exists() for f in files) else None
 
 
