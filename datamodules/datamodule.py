@@ -215,13 +215,18 @@ class CorpusDataModule(L.LightningDataModule):
     def manifests(self) -> dict[str, dict]:
         """The manifests of the training corpus and every validation domain, checked for one shared tokenizer."""
         if self._manifests is None:
-            names = [self.corpus] + [d for d in self.val_domains if d != self.corpus]
+            names = [self.corpus] + [d for d in self.corpus_domains if d != self.corpus]
             manifests = {name: read_manifest(self.data_dir / name) for name in names}
             sha = manifests[self.corpus].get("tokenizer_sha256")
             for name, manifest in manifests.items():
                 check_tokenizer(manifest, sha, self.data_dir / name)
             self._manifests = manifests
         return self._manifests
+
+    @property
+    def corpus_domains(self) -> list[str]:
+        """The validation domains that are prepared corpora (all of ``val_domains`` here)."""
+        return list(self.val_domains)
 
     @property
     def tokenizer_sha256(self) -> str:
@@ -277,14 +282,15 @@ class CorpusDataModule(L.LightningDataModule):
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         self.manifests()
-        loaders = []
-        for domain in self.val_domains:
-            dataset = TokenWindows(self.data_dir / domain, split, self.seq_len, self.val_max_windows,
-                                   align_to_documents=self._align(domain))
-            # Read in the main process: a window is one memmap slice (tens of M tokens/s, see
-            # experiments/benchmark_prepare.py), so workers per domain would only hold memory.
-            loaders.append(DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **self._loader_kwargs(0)))
-        return loaders
+        return [self._eval_loader(domain, split) for domain in self.val_domains]
+
+    def _eval_loader(self, domain: str, split: str) -> DataLoader:
+        """One domain's held-out windows, in order."""
+        dataset = TokenWindows(self.data_dir / domain, split, self.seq_len, self.val_max_windows,
+                               align_to_documents=self._align(domain))
+        # Read in the main process: a window is one memmap slice (tens of M tokens/s, see
+        # experiments/benchmark_prepare.py), so workers per domain would only hold memory.
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **self._loader_kwargs(0))
 
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per ``val_domains`` entry: its held-out windows once, in order.

@@ -268,14 +268,9 @@ def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: 
         The scores of :func:`score_calls` plus ``samples``.
     """
     examples = examples[:limit] if limit is not None else examples
-    prompts = [prompt_ids_of(tokenizer, ex) for ex in examples]
-    with decoding_threads(model):  # CausalLM.generate switches to eval mode and back
-        generated = greedy_continuations(model, prompts, max_new_tokens, stop_token_ids(tokenizer), batch_size,
-                                         max_prompt_tokens)
+    predictions = predict_calls(model, tokenizer, examples, max_new_tokens, batch_size, max_prompt_tokens)
     predicted, expected, samples = [], [], []
-    for ex, prompt, new in zip(examples, prompts, generated):
-        text = tokenizer.decode(new, skip_special_tokens=False)
-        call = parse_tool_call(text)
+    for ex, (prompt, text, call) in zip(examples, predictions):
         predicted.append(call)
         expected.append(ex["tool_calls"][0])
         if len(samples) < num_samples:
@@ -283,3 +278,15 @@ def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: 
             samples.append({"prompt_tail": tail, "generated": text, "expected": ex["tool_calls"][0],
                             "correct": calls_equal(call, ex["tool_calls"][0])})
     return {**score_calls(predicted, expected), "samples": samples}
+
+
+def predict_calls(model, tokenizer, examples: list[dict], max_new_tokens: int = 128, batch_size: int = 16,
+                  max_prompt_tokens: int | None = None) -> list[tuple[list[int], str, dict | None]]:
+    """Each example's prompt ids, the generated answer's text and the call parsed from it (None if none
+    parses): greedy, batched, with the KV cache (arguments as in :func:`evaluate_tool_calls`)."""
+    prompts = [prompt_ids_of(tokenizer, ex) for ex in examples]
+    with decoding_threads(model):  # CausalLM.generate switches to eval mode and back
+        generated = greedy_continuations(model, prompts, max_new_tokens, stop_token_ids(tokenizer), batch_size,
+                                         max_prompt_tokens)
+    texts = [tokenizer.decode(new, skip_special_tokens=False) for new in generated]
+    return [(prompt, text, parse_tool_call(text)) for prompt, text in zip(prompts, texts)]
