@@ -25,6 +25,7 @@ from rich.console import Console
 
 from callbacks.stage_record import file_sha256, read_stage_record, update_stage_record
 from datamodules.errors import StagewiseError
+from lightning_modules.cli import COMMANDS
 
 console = Console(stderr=True)
 
@@ -39,12 +40,16 @@ class StageSpec:
         args: Extra command-line overrides, e.g. ``["--trainer.max_steps=200"]``.
         init_from: The stage whose best checkpoint this one starts from; ``previous`` (the default) is the
             stage before it in the list, ``none`` starts from scratch.
+        before: A ``stagewise`` command run before the fit (when the stage is not up to date), with
+            ``{parent}`` and ``{data_dir}`` replaced by the parent's best checkpoint and the data directory,
+            e.g. ``[pairs, --parent, "{parent}", --data_dir, "{data_dir}"]``; part of the stage's key.
     """
 
     name: str
     configs: list[str]
     args: list[str] = field(default_factory=list)
     init_from: str = "previous"
+    before: list[str] = field(default_factory=list)
 
 
 def _key(spec: StageSpec, parent_ckpt: Path | None, data_dir: Path) -> str:
@@ -52,6 +57,8 @@ def _key(spec: StageSpec, parent_ckpt: Path | None, data_dir: Path) -> str:
     for cfg in spec.configs:
         h.update(cfg.encode() + b"\0" + Path(cfg).read_bytes())
     h.update(json.dumps(spec.args).encode())
+    if spec.before:
+        h.update(json.dumps(spec.before).encode())
     h.update((file_sha256(parent_ckpt) if parent_ckpt else "scratch").encode())
     for manifest in sorted(data_dir.glob("*/manifest.json")):
         h.update(json.loads(manifest.read_text()).get("key", "").encode())
@@ -78,6 +85,8 @@ def _run_stage(spec: StageSpec, experiment: str, parent: Path | None, models_dir
     if parent is not None:
         cmd += [f"--model.init_args.init_from={parent}"]
     cmd += spec.args
+    if spec.before:
+        _run_before(spec, parent, data_dir)
     resumed = key_file.exists() and key_file.read_text() == key and last.exists()
     if resumed:
         cmd += ["--ckpt_path", str(last)]
@@ -107,9 +116,22 @@ def _run_stage(spec: StageSpec, experiment: str, parent: Path | None, models_dir
     return "resumed" if resumed else "trained"
 
 
+def _run_before(spec: StageSpec, parent: Path | None, data_dir: Path) -> None:
+    """Run the stage's ``before`` command (e.g. ``stagewise pairs``) as its own process."""
+    args = [a.replace("{parent}", str(parent or "")).replace("{data_dir}", str(data_dir)) for a in spec.before]
+    console.print(f"[bold]{spec.name}[/] (before): stagewise " + " ".join(args))
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "lightning_modules", *args], env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    if result.returncode != 0:
+        raise StagewiseError(f"the step before stage '{spec.name}' (`stagewise {' '.join(args)}`) failed "
+                             f"(exit {result.returncode}); fix the error above and re-run the pipeline")
+    console.print(f"{spec.name} (before): done in {time.perf_counter() - start:.0f}s")
+
+
 def validate_pipeline(stages: list[StageSpec], baselines: list[StageSpec], data: str | None) -> None:
     """Check the whole pipeline before anything runs: unique stage names, every config file and the data
-    config exist, and every ``init_from`` names a stage that runs earlier (or ``previous`` / ``none``)."""
+    config exist, every ``before`` names a command, and every ``init_from`` names a stage that runs earlier (or
+    ``previous`` / ``none``)."""
     fix = "fix the pipeline config (`stagewise pipeline -c <file>`) and run it again; nothing has run yet"
     if not stages:
         raise StagewiseError(f"the pipeline names no stages; list at least one under `stages:`. {fix}")
@@ -128,6 +150,9 @@ def validate_pipeline(stages: list[StageSpec], baselines: list[StageSpec], data:
                 f"stage '{spec.name}' names config file {', '.join(map(repr, missing))}, which does not exist "
                 f"(paths are relative to {Path.cwd()}); {fix}"
             )
+        if spec.before and spec.before[0] not in COMMANDS:
+            raise StagewiseError(f"stage '{spec.name}' runs `stagewise {spec.before[0]}` before it (`before:`), which "
+                                 f"is not a command; choose one of: {', '.join(COMMANDS)}; {fix}")
     earlier: list[str] = []
     for spec in stages + baselines:
         if spec.init_from not in ("previous", "none") and spec.init_from not in earlier:

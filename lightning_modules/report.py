@@ -11,6 +11,7 @@ from pathlib import Path
 
 from callbacks.stage_record import read_stage_record
 from datamodules.errors import StagewiseError
+from datamodules.preference import PREFERENCE
 
 
 def read_scalars(run_dir: Path, prefix: str) -> dict[str, list[tuple[float, float, float]]]:
@@ -58,6 +59,33 @@ def _forgetting(records: dict[str, dict]) -> list[str]:
         return []
     return ["", "## Forgetting (held-out loss of earlier domains vs the stage's start)", "",
             "| stage | domain | baseline | final | worst rise | alarms |", "|---|---|---|---|---|---|", *lines]
+
+
+def _preference(records: dict[str, dict], experiment_dir: Path, models_dir: str | Path) -> list[str]:
+    """Stages trained on preference pairs: held-out pair metrics at the best checkpoint, tool scores before
+    (the parent's) and after."""
+    lines = []
+    for name, r in records.items():
+        if PREFERENCE not in (r.get("losses") or {}).get("final", {}):
+            continue
+        series = read_scalars(experiment_dir / name, f"val/{PREFERENCE}/")
+        best_step = r.get("best_step", float("inf"))
+
+        def at_best(metric: str) -> float | None:  # validation logs at the step before the checkpoint's count
+            points = [p for p in series.get(f"val/{PREFERENCE}/{metric}", []) if p[0] < best_step] or \
+                series.get(f"val/{PREFERENCE}/{metric}", [])
+            return points[-1][1] if points else None
+
+        parent = (r.get("parent") or {}).get("stage")
+        before = (records.get(parent) or read_stage_record(models_dir, parent) or {}).get("tools") if parent else None
+        scores = lambda t: " / ".join(_fmt((t or {}).get(k), 2) for k in ("json_valid", "name_accuracy", "call_accuracy"))  # noqa: E731
+        lines.append(f"| {name} | {parent or '–'} | {_fmt(at_best('reward_accuracy'), 2)} | {_fmt(at_best('reward_margin'))} "
+                     f"| {_fmt(at_best('loss'))} | {scores(before)} → {scores(r.get('tools'))} |")
+    if not lines:
+        return []
+    return ["", "## Preference tuning (held-out pairs at the best checkpoint; at the start accuracy 0, margin 0, loss 0.693)",
+            "", "| stage | parent | reward accuracy | reward margin | pair loss | tools json / name / call: parent → stage |",
+            "|---|---|---|---|---|---|", *lines]
 
 
 def plot_loss_vs_tokens(ax, domain: str, runs: dict[str, dict[str, list]], stages: list[str], baselines: list[str],
@@ -139,14 +167,15 @@ def write_report(experiment: str, stages: list[str], baselines: list[str] | None
             raise StagewiseError(f"no record for stage '{name}' in {models_dir}/{name}/stage.json; run the stage first")
         records[name] = record
     domains: list[str] = []
-    for r in records.values():
-        domains += [d for d in r.get("losses", {}).get("final", {}) if d not in domains]
+    for r in records.values():  # the held-out pairs have their own section, not a loss column
+        domains += [d for d in r.get("losses", {}).get("final", {}) if d not in domains and d != PREFERENCE]
     experiment_dir = Path(runs_dir) / experiment
     experiment_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"# {experiment}: staged path {' → '.join(stages)}" + (f" vs {', '.join(baselines)}" if baselines else ""),
              "", "Final held-out loss per domain (lower is better; compare within a column only).", ""]
     lines += _table(records, domains)
     lines += _forgetting(records)
+    lines += _preference(records, experiment_dir, models_dir)
     plots = _plots(experiment_dir, stages, baselines, domains)
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     path = experiment_dir / "report.md"

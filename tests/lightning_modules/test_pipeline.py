@@ -18,12 +18,15 @@ from lightning_modules.report import write_report
 
 @pytest.fixture
 def fake_fit(monkeypatch, tmp_path):
-    """A stand-in for the `stagewise fit` subprocess: records argv, writes the best ckpt and stage.json."""
+    """A stand-in for the `stagewise fit` subprocess: records argv, writes the best ckpt and stage.json (other
+    commands, a stage's `before`, are only recorded)."""
     monkeypatch.chdir(tmp_path)
     calls: list[list[str]] = []
 
     def run(cmd, env=None):
         calls.append(cmd)
+        if "fit" not in cmd:  # a stage's `before` command
+            return subprocess.CompletedProcess(cmd, 0)
         version = next(a.split("=", 1)[1] for a in cmd if a.startswith("--trainer.logger.init_args.version="))
         Path("models").mkdir(exist_ok=True)
         Path(f"models/{version}_model_best.ckpt").write_bytes(f"weights of {version} {len(calls)}".encode())
@@ -114,3 +117,35 @@ def test_report_has_a_column_per_domain_forgetting_and_plots(tmp_path):
 def test_report_refuses_a_stage_that_has_not_run(tmp_path):
     with pytest.raises(StagewiseError, match="run the stage first"):
         write_report("exp", ["language"], models_dir=str(tmp_path / "models"), runs_dir=str(tmp_path / "runs"))
+
+
+def test_a_stage_runs_its_before_command_first_from_its_parent(fake_fit):
+    stages = [*_stages(), pl.StageSpec("preference", ["stage.yaml"], before=["pairs", "--parent", "{parent}",
+                                                                              "--data_dir", "{data_dir}"])]
+    pl.pipeline(stages, experiment="t", report=False, data_dir="mydata")
+    assert fake_fit[2][-5:] == ["pairs", "--parent", "models/code_model_best.ckpt", "--data_dir", "mydata"]
+    assert "--model.init_args.init_from=models/code_model_best.ckpt" in fake_fit[3]  # then the fit
+    assert pl.pipeline(stages, experiment="t", report=False, data_dir="mydata")["preference"] == "skipped"
+    assert len(fake_fit) == 4  # up to date: neither runs again
+    stages[-1].before += ["--limit", "8"]  # other pairs: part of the stage's key, so it trains again
+    assert pl.pipeline(stages, experiment="t", report=False, data_dir="mydata")["preference"] == "trained"
+    assert fake_fit[4][-2:] == ["--limit", "8"] and len(fake_fit) == 6
+    with pytest.raises(StagewiseError, match="not a command"):
+        pl.pipeline([pl.StageSpec("p", ["stage.yaml"], before=["frobnicate"])], report=False)
+
+
+def test_report_of_a_preference_stage_gives_its_pair_metrics_and_tool_scores_before_and_after(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    models, runs = tmp_path / "models", tmp_path / "runs"
+    scores = {"json_valid": 0.5, "name_accuracy": 0.25, "call_accuracy": 0.125}
+    update_stage_record(models, "tools", {"losses": {"final": {"tools": 2.0}}, "tools": scores})
+    update_stage_record(models, "preference", {"parent": {"stage": "tools"}, "best_step": 20, "losses": {
+        "final": {"tools": 1.5, "preference": 0.5}}, "tools": dict(scores, call_accuracy=0.375)})
+    writer = SummaryWriter(runs / "exp" / "preference")
+    for step, accuracy in ((0, 0.0), (19, 0.75), (39, 0.625)):  # the best checkpoint is step 20's validation
+        writer.add_scalar("val/preference/reward_accuracy", accuracy, step)
+    writer.close()
+    text = write_report("exp", ["tools", "preference"], models_dir=str(models), runs_dir=str(runs)).read_text()
+    assert "| tools loss | tools json" in text and "preference loss" not in text  # pairs: their own section
+    assert "| preference | tools | 0.75 | – | – | 0.50 / 0.25 / 0.12 → 0.50 / 0.25 / 0.38 |" in text
