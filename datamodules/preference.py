@@ -136,8 +136,9 @@ class PreferenceDataModule(CorpusDataModule):
         return [d for d in self.val_domains if d != PREFERENCE]
 
     def manifests(self) -> dict[str, dict]:
-        """The corpora's manifests, checked as in :class:`CorpusDataModule`, after checking that the pairs
-        of ``parent`` exist (so a fit without them stops before anything is written)."""
+        """The corpora's manifests, checked as in :class:`CorpusDataModule`; also checks that the pairs of
+        ``parent`` exist (the CLI reads this when it builds the model, so a fit without them stops before
+        anything is written)."""
         if self._manifests is None:
             self.pairs_manifest(super().manifests()[self.corpus]["tokenizer_sha256"])
         return self._manifests
@@ -146,7 +147,6 @@ class PreferenceDataModule(CorpusDataModule):
         """The manifest of the parent's pairs; StagewiseError saying how to make them if they are missing."""
         if self._pairs is not None:
             return self._pairs
-        fix = "make them with `stagewise pairs --parent {parent} --data_dir {data_dir}`, then run this stage again"
         if not self.parent:
             raise StagewiseError("the preference stage needs its parent checkpoint (`model.init_args.init_from`, "
                                  "which `stagewise fit` passes on as `data.init_args.parent`): it is the start of "
@@ -157,7 +157,8 @@ class PreferenceDataModule(CorpusDataModule):
         sha = file_sha256(self.parent)
         where = pairs_dir(self.data_dir, sha)
         path = where / "manifest.json"
-        hint = fix.format(parent=self.parent, data_dir=self.data_dir)
+        hint = (f"make them with `stagewise pairs --parent {self.parent} --data_dir {self.data_dir}`, then run "
+                "this stage again")
         if not path.is_file():
             raise StagewiseError(f"no preference pairs for the parent {self.parent} (sha256 {sha[:12]}…): "
                                  f"{where}/manifest.json does not exist; {hint}")

@@ -7,6 +7,7 @@ domains are never compared with each other: every table column and plot is one d
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from callbacks.stage_record import read_stage_record
@@ -39,7 +40,7 @@ def _table(records: dict[str, dict], domains: list[str]) -> list[str]:
     for name, r in records.items():
         final = r.get("losses", {}).get("final", {})
         tools = r.get("tools") or {}
-        scores = " / ".join(_fmt(tools.get(k), 2) for k in ("json_valid", "name_accuracy", "call_accuracy"))
+        scores = _tool_scores(tools)
         parent = (r.get("parent") or {}).get("stage") or "–"
         row = [name, parent, f"{r.get('tokens', {}).get('stage', 0):,}", f"{r.get('tokens', {}).get('total', 0):,}",
                f"{r.get('wall_time_s', 0):.0f}s"]
@@ -61,6 +62,17 @@ def _forgetting(records: dict[str, dict]) -> list[str]:
             "| stage | domain | baseline | final | worst rise | alarms |", "|---|---|---|---|---|---|", *lines]
 
 
+def _tool_scores(tools: dict | None) -> str:
+    return " / ".join(_fmt((tools or {}).get(k), 2) for k in ("json_valid", "name_accuracy", "call_accuracy"))
+
+
+def _at_step(points: list[tuple[float, float, float]], step: float) -> float | None:
+    """The value logged by the validation that made the checkpoint of optimizer step ``step`` (Lightning logs a
+    validation at the step before its count), else the last one."""
+    before = [p for p in points if p[0] < step] or points
+    return before[-1][1] if before else None
+
+
 def _preference(records: dict[str, dict], experiment_dir: Path, models_dir: str | Path) -> list[str]:
     """Stages trained on preference pairs: held-out pair metrics at the best checkpoint, tool scores before
     (the parent's) and after."""
@@ -69,22 +81,18 @@ def _preference(records: dict[str, dict], experiment_dir: Path, models_dir: str 
         if PREFERENCE not in (r.get("losses") or {}).get("final", {}):
             continue
         series = read_scalars(experiment_dir / name, f"val/{PREFERENCE}/")
-        best_step = r.get("best_step", float("inf"))
-
-        def at_best(metric: str) -> float | None:  # validation logs at the step before the checkpoint's count
-            points = [p for p in series.get(f"val/{PREFERENCE}/{metric}", []) if p[0] < best_step] or \
-                series.get(f"val/{PREFERENCE}/{metric}", [])
-            return points[-1][1] if points else None
-
+        at_best = {m: _at_step(series.get(f"val/{PREFERENCE}/{m}", []), r.get("best_step", math.inf))
+                   for m in ("reward_accuracy", "reward_margin", "loss")}
         parent = (r.get("parent") or {}).get("stage")
-        before = (records.get(parent) or read_stage_record(models_dir, parent) or {}).get("tools") if parent else None
-        scores = lambda t: " / ".join(_fmt((t or {}).get(k), 2) for k in ("json_valid", "name_accuracy", "call_accuracy"))  # noqa: E731
-        lines.append(f"| {name} | {parent or '–'} | {_fmt(at_best('reward_accuracy'), 2)} | {_fmt(at_best('reward_margin'))} "
-                     f"| {_fmt(at_best('loss'))} | {scores(before)} → {scores(r.get('tools'))} |")
+        before = (records.get(parent) or read_stage_record(models_dir, parent) or {}) if parent else {}
+        lines.append(f"| {name} | {parent or '–'} | {_fmt(at_best['reward_accuracy'], 2)} | "
+                     f"{_fmt(at_best['reward_margin'])} | {_fmt(at_best['loss'])} | "
+                     f"{_tool_scores(before.get('tools'))} → {_tool_scores(r.get('tools'))} |")
     if not lines:
         return []
-    return ["", "## Preference tuning (held-out pairs at the best checkpoint; at the start accuracy 0, margin 0, loss 0.693)",
-            "", "| stage | parent | reward accuracy | reward margin | pair loss | tools json / name / call: parent → stage |",
+    return ["", "## Preference tuning (held-out pairs at the best checkpoint; at a stage's start: accuracy 0, "
+            "margin 0, loss 0.693)", "",
+            "| stage | parent | reward accuracy | reward margin | pair loss | tools json / name / call: parent → stage |",
             "|---|---|---|---|---|---|", *lines]
 
 
