@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.errors import StagewiseError
-from datamodules.shards import PREPARE_HINT, check_tokenizer, open_split, read_manifest
+from datamodules.shards import check_tokenizer, open_split, read_manifest
 from datamodules.tokenizer import chat_template_sha256
 
 
@@ -222,7 +222,7 @@ class CorpusDataModule(L.LightningDataModule):
     def manifests(self) -> dict[str, dict]:
         """The manifests of the training corpus and every validation domain, checked for one shared tokenizer."""
         if self._manifests is None:
-            names = [self.corpus] + [d for d in self.val_domains if d != self.corpus]
+            names = [self.corpus] + [d for d in self.corpus_domains if d != self.corpus]
             manifests = {name: read_manifest(self.data_dir / name) for name in names}
             sha = manifests[self.corpus].get("tokenizer_sha256")
             template = chat_template_sha256(manifests[self.corpus].get("tokenizer_dir") or self.data_dir / "tokenizer")
@@ -230,6 +230,11 @@ class CorpusDataModule(L.LightningDataModule):
                 check_tokenizer(manifest, sha, self.data_dir / name, template)
             self._manifests = manifests
         return self._manifests
+
+    @property
+    def corpus_domains(self) -> list[str]:
+        """The validation domains that are prepared corpora (all of ``val_domains`` here)."""
+        return list(self.val_domains)
 
     @property
     def tokenizer_sha256(self) -> str:
@@ -291,21 +296,23 @@ class CorpusDataModule(L.LightningDataModule):
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         self.manifests()
-        loaders = []
-        for domain in self.val_domains:
-            dataset = TokenWindows(self.data_dir / domain, split, self.seq_len, self.val_max_windows,
-                                   align_to_documents=self._align(domain))
-            if len(dataset) == 0:  # a stage that validates on nothing would train blind
-                tokens = self.manifests()[domain].get("tokens", {}).get(split, 0)
-                raise StagewiseError(
-                    f"the '{domain}' {split} split holds {tokens} tokens, not one window of {self.seq_len + 1}: "
-                    f"nothing to validate on. Raise that corpus's {split}_fraction (or min_heldout_documents) in "
-                    "the data config and re-run `stagewise prepare`, or lower data.seq_len"
-                )
-            # Read in the main process: a window is one memmap slice (tens of M tokens/s, see
-            # experiments/benchmark_prepare.py), so workers per domain would only hold memory.
-            loaders.append(DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **self._loader_kwargs(0)))
-        return loaders
+        return [self._eval_loader(domain, split) for domain in self.val_domains]
+
+    def _eval_loader(self, domain: str, split: str) -> DataLoader:
+        """One domain's held-out windows, in order; a split without one window is refused (a stage that
+        validates on nothing would train blind)."""
+        dataset = TokenWindows(self.data_dir / domain, split, self.seq_len, self.val_max_windows,
+                               align_to_documents=self._align(domain))
+        if len(dataset) == 0:
+            tokens = self.manifests()[domain].get("tokens", {}).get(split, 0)
+            raise StagewiseError(
+                f"the '{domain}' {split} split holds {tokens} tokens, not one window of {self.seq_len + 1}: "
+                f"nothing to validate on. Raise that corpus's {split}_fraction (or min_heldout_documents) in "
+                "the data config and re-run `stagewise prepare`, or lower data.seq_len"
+            )
+        # Read in the main process: a window is one memmap slice (tens of M tokens/s, see
+        # experiments/benchmark_prepare.py), so workers per domain would only hold memory.
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **self._loader_kwargs(0))
 
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per ``val_domains`` entry: its held-out windows once, in order.

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from pathlib import Path
 from typing import Literal
 
 import numpy as np

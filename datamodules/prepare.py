@@ -456,12 +456,12 @@ def _write_shards(name, corpus, corpus_dir, splits, results, tok, tok_dir, keys,
     staged = StagedCorpus(corpus_dir, {})
     try:
         for split, docs in splits.items():
-            writer = ShardWriter(corpus_dir, split, dtype, with_mask=tools)
+            writer = ShardWriter(corpus_dir, split, dtype, with_mask=tools, with_documents=tools)
             staged.writers.append(writer)
             cap = corpus.max_train_tokens if split == "train" else corpus.max_heldout_tokens
             services[split] = Counter()
             for doc, ids, mask in _encoded_split(tok, docs, tools, cap, workers, progress, task):
-                writer.add(ids, mask)
+                writer.add(ids, mask, doc.text if tools else None)
                 per_source[doc.source]["documents"] += 1
                 per_source[doc.source]["tokens"] += len(ids)
                 if tools:
@@ -505,7 +505,10 @@ def _manifest_if_current(corpus_dir: Path, key: str, field: str = "key") -> dict
     if not path.exists():
         return None
     manifest = json.loads(path.read_text())
-    files = [corpus_dir / f"{s}.bin" for s in manifest.get("documents", SPLITS)]
+    splits = manifest.get("documents", SPLITS)
+    files = [corpus_dir / f"{s}.bin" for s in splits]
+    if manifest.get("kind") == "tools":  # tool corpora keep their examples as JSONL (for `stagewise pairs`)
+        files += [corpus_dir / f"{s}.jsonl" for s in splits]
     return manifest if manifest.get(field) == key and all(f.exists() for f in files) else None
 
 

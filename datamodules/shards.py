@@ -5,6 +5,8 @@ Layout of ``data/<corpus>/``::
     <split>.bin        token ids, uint16 if the vocabulary fits, else uint32
     <split>.idx.npy    int64 document offsets into <split>.bin (n_docs + 1 entries, starting at 0)
     <split>.mask.bin   uint8 loss mask, one per token (tool corpora only)
+    <split>.jsonl      each document's text, one line per document in shard order (tool corpora only: the
+                       examples as JSON, for what needs them unrendered, e.g. ``stagewise pairs``)
     manifest.json      counts, sources, tokenizer sha256, dtype, kind, config (written last)
 
 Every file is written to ``<file>.tmp`` and renamed into place, so an interrupted run leaves the previous
@@ -42,11 +44,12 @@ class ShardWriter:
         split: ``train``, ``val`` or ``test``.
         dtype: ``uint16`` or ``uint32``: the token id type of the ``.bin`` file.
         with_mask: Also write a uint8 loss mask per token (tool corpora).
+        with_documents: Also keep each document's text as one line of ``<split>.jsonl`` (tool corpora).
         chunk_tokens: Tokens buffered in memory before a write to disk.
     """
 
     def __init__(self, corpus_dir: str | Path, split: str, dtype: str = "uint16", with_mask: bool = False,
-                 chunk_tokens: int = 1 << 22):
+                 with_documents: bool = False, chunk_tokens: int = 1 << 22):
         self.dir = Path(corpus_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.split = split
@@ -58,8 +61,11 @@ class ShardWriter:
         self.final = {"tokens": self.dir / f"{split}.bin", "offsets": self.dir / f"{split}.idx.npy"}
         if with_mask:
             self.final["mask"] = self.dir / f"{split}.mask.bin"
+        if with_documents:
+            self.final["documents"] = self.dir / f"{split}.jsonl"
         self._tokens_file = open(_tmp(self.final["tokens"]), "wb")
         self._mask_file = open(_tmp(self.final["mask"]), "wb") if with_mask else None
+        self._documents_file = open(_tmp(self.final["documents"]), "w", encoding="utf-8") if with_documents else None
         self._buffer: list[np.ndarray] = []
         self._mask_buffer: list[np.ndarray] = []
         self._buffered = 0
@@ -77,8 +83,9 @@ class ShardWriter:
         """Documents added so far."""
         return len(self._offsets) - 1
 
-    def add(self, ids, mask=None) -> None:
-        """Append one document's token ids (and, for a masked shard, its 0/1 loss mask of the same length)."""
+    def add(self, ids, mask=None, text: str | None = None) -> None:
+        """Append one document's token ids (and, for a masked shard, its 0/1 loss mask of the same length;
+        with ``with_documents``, its one-line ``text``)."""
         arr = np.asarray(ids, dtype=np.int64)
         if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(self.dtype).max):
             raise ValueError(f"token id {arr.max()} does not fit the shard dtype {self.dtype}")
@@ -88,6 +95,10 @@ class ShardWriter:
             self._mask_buffer.append(np.asarray(mask, dtype=np.uint8))
         elif mask is not None:
             raise ValueError("this shard has no mask; create the writer with with_mask=True")
+        if self._documents_file is not None:
+            if text is None or "\n" in text:
+                raise ValueError("a writer with_documents needs each document's text, on one line")
+            self._documents_file.write(text + "\n")
         self._buffer.append(arr.astype(self.dtype))
         self._buffered += len(arr)
         self._offsets.append(self._offsets[-1] + len(arr))
@@ -108,8 +119,9 @@ class ShardWriter:
             return
         self._flush()
         self._tokens_file.close()
-        if self._mask_file:
-            self._mask_file.close()
+        for file in (self._mask_file, self._documents_file):
+            if file:
+                file.close()
         with open(_tmp(self.final["offsets"]), "wb") as f:
             np.save(f, np.asarray(self._offsets, dtype=np.int64))
         self._finished = True
@@ -127,7 +139,7 @@ class ShardWriter:
         """Drop the temporary files; the split's previous files (if any) stay as they were."""
         if self._closed:
             return
-        for file in (self._tokens_file, self._mask_file):
+        for file in (self._tokens_file, self._mask_file, self._documents_file):
             try:
                 if file:
                     file.close()

@@ -1,4 +1,5 @@
-"""Tool-calling examples: the two shapes a tool corpus may come in, their check, and a JSONL reader.
+"""Tool-calling examples: the two shapes a tool corpus may come in, their check, a JSONL reader, and the
+examples of a prepared tool corpus.
 
 An example is a conversation plus the functions on offer, in either shape:
 
@@ -26,7 +27,8 @@ from typing import Any, Iterator
 
 import jsonschema
 
-from datamodules.errors import DataFormatError, MissingSourceError
+from datamodules.errors import DataFormatError, MissingSourceError, StagewiseError
+from datamodules.shards import PREPARE_HINT, open_split
 from datamodules.sources import Document, Source, SourceStats
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -242,3 +244,20 @@ class ToolJsonl(Source):
                         raise DataFormatError(f"{where}: not valid JSON ({e}). Fix or remove the line.") from None
                     example = validate_example(example, where)
                     yield Document(text=json.dumps(example, sort_keys=True), source=self.name, path=where)
+
+
+def prepared_examples(corpus_dir: str | Path, split: str) -> list[dict]:
+    """The examples of one split of a prepared tool corpus, in shard order (``<split>.jsonl``, written by
+    ``stagewise prepare`` beside the shards they were rendered into); StagewiseError if it is missing or
+    does not match the shard."""
+    corpus_dir = Path(corpus_dir)
+    path = corpus_dir / f"{split}.jsonl"
+    if not path.is_file():
+        raise StagewiseError(f"{path} is missing (data prepared before tool corpora kept their examples): "
+                             f"re-run `stagewise prepare` on the same data config; {PREPARE_HINT}")
+    examples = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    documents = open_split(corpus_dir, split).documents
+    if len(examples) != documents:
+        raise StagewiseError(f"{path} holds {len(examples)} examples but the '{split}' shard {documents}: they are "
+                             f"from different runs of prepare; {PREPARE_HINT}")
+    return examples

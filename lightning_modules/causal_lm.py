@@ -306,10 +306,15 @@ class CausalLM(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.training_loss(batch["input_ids"], batch["targets"], batch.get("loss_mask"))
+        return self.account_step(loss, batch["input_ids"])
+
+    def account_step(self, loss: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Count a training step's tokens and log ``train/loss``, ``train/tokens`` and ``train/lr``; returns
+        ``loss`` (what ``training_step`` returns). Subclasses with another loss call it too."""
         self._step_loss = loss.detach()
         # Host-side count (numel is known without a device sync); each rank sees an equal-sized batch.
-        self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
-        bs = batch["input_ids"].shape[0]
+        self.tokens_seen += input_ids.numel() * self.trainer.world_size
+        bs = input_ids.shape[0]
         self.log(TRAIN_LOSS, loss, batch_size=bs)
         self._show_loss(loss, bs)
         # CPU tensors: a Python float would be copied to the GPU, a host sync on every step.

@@ -48,6 +48,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("lightning_modules.generate", "main", "a prompt in, the model's text out (.ckpt or export)"),
     "report": ("lightning_modules.report", "main", "markdown table and plots from finished runs"),
     "interpolate": ("lightning_modules.interpolate", "main", "blend two checkpoints' weights and evaluate"),
+    "pairs": ("lightning_modules.pairs", "main", "preference pairs for DPO from a checkpoint's own wrong tool calls"),
 }
 
 
@@ -85,10 +86,12 @@ class StagewiseCLI(LightningCLI):
         action.default = "auto"
 
     def before_instantiate_classes(self) -> None:
-        """Apply the stage to the config; resolve ``trainer.precision: auto`` to bf16-mixed / 16-mixed / 32-true."""
+        """Apply the stage to the config; give a data module that takes a ``parent`` (the preference pairs')
+        the model's ``init_from``; resolve ``trainer.precision: auto`` to bf16-mixed / 16-mixed / 32-true."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         self.stage = Stage(**config.stage)
         apply_stage(config, self.stage, self.subcommand or "fit", resuming=bool(config.get("ckpt_path")))
+        _link_parent(config)
         trainer = config.trainer
         if trainer.get("plugins") and trainer.precision == "auto":
             trainer.precision = None  # a precision plugin (e.g. Float8MixedPrecision) chooses instead
@@ -113,6 +116,21 @@ class StagewiseCLI(LightningCLI):
             _check_resume_path(self.trainer, str(config.ckpt_path))
         else:
             _check_not_overwriting(self.trainer, self.stage, bool(config.get("overwrite")))
+
+
+def _link_parent(config) -> None:
+    """``data.init_args.parent`` follows ``model.init_args.init_from`` (one parent per stage): set when unset,
+    refused when it names another checkpoint."""
+    init_args, model = config.get("data.init_args"), config.get("model.init_args")
+    if init_args is None or "parent" not in init_args:
+        return
+    init_from = model.get("init_from") if model is not None else None
+    if init_args.parent is None:
+        init_args.parent = init_from
+    elif init_from and Path(init_args.parent).resolve() != Path(init_from).resolve():
+        raise StagewiseError(f"data.init_args.parent ({init_args.parent}) and model.init_args.init_from ({init_from}) "
+                             "name different checkpoints; the pairs must come from the model the stage starts from: "
+                             "leave data.init_args.parent unset (it follows init_from)")
 
 
 class SaveStageConfig(SaveConfigCallback):

@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from datamodules.datamodule import CorpusDataModule

@@ -1,8 +1,8 @@
 """``stagewise generate``: a prompt in, the model's text out, from a checkpoint or a ``stagewise export``.
 
-    stagewise generate --ckpt models/language_model_best.ckpt --prompt "The scheduler"
+    stagewise generate --ckpt models/demo/language_model_best.ckpt --prompt "The scheduler"
     stagewise generate --ckpt models/tools_hf --tools tools.json --prompt "What is the weather in Oslo?"
-    stagewise generate --ckpt models/code_model_best.ckpt --prompt "def parse(" --temperature 0.8 --top_k 50
+    stagewise generate --ckpt models/demo/code_model_best.ckpt --prompt "def parse(" --temperature 0.8 --top_k 50
 
 With ``--tools`` (or ``--chat true``) the prompt is a user message rendered by the chat template, as
 ``apply_chat_template(..., tools=..., add_generation_prompt=True)`` renders it, and the answer ends with the

@@ -19,7 +19,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import yaml
 from jsonargparse import ArgumentParser
 
 from datamodules.datamodule import CorpusDataModule

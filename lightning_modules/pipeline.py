@@ -33,6 +33,7 @@ from datamodules.command import run_function
 from datamodules.errors import StagewiseError
 from datamodules.prepare import main as prepare_main
 from datamodules.stage_record import file_sha256, read_stage_record, update_stage_record
+from lightning_modules.cli import COMMANDS
 from lightning_modules.report import write_report
 from lightning_modules.stage import BASE_CONFIG, Outputs
 
@@ -51,12 +52,16 @@ class StageSpec:
         args: Extra command-line overrides, e.g. ``["--trainer.max_steps=200"]``.
         parent: The stage whose best checkpoint this one starts from: ``previous`` (the default) is the
             stage before it in the list (baselines: none), ``none`` starts from scratch.
+        before: A ``stagewise`` command run before the fit (when the stage is not up to date), with
+            ``{parent}`` and ``{data_dir}`` replaced by the parent's best checkpoint and the data directory,
+            e.g. ``[pairs, --parent, "{parent}", --data_dir, "{data_dir}"]``; part of the stage's key.
     """
 
     name: str
     configs: list[str]
     args: list[str] = field(default_factory=list)
     parent: str = "previous"
+    before: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,8 @@ def _key(spec: StageSpec, parent_ckpt: Path | None, data_dir: Path, cwd: Path) -
     for cfg in [str(BASE_CONFIG), *spec.configs]:
         h.update(cfg.encode() + b"\0" + ((cwd / cfg).read_bytes() if (cwd / cfg).is_file() else b""))
     h.update(json.dumps(spec.args).encode())
+    if spec.before:
+        h.update(json.dumps(spec.before).encode())
     h.update((file_sha256(parent_ckpt) if parent_ckpt else "scratch").encode())
     for manifest in sorted(data_dir.glob("*/manifest.json")):
         h.update(json.loads(manifest.read_text()).get("key", "").encode())
@@ -128,6 +135,8 @@ def run_stage(spec: StageSpec, parent: str | None, where: Workspace, env: dict[s
     key_file = out.run_dir / "pipeline_key.txt"
     last = out.run_dir / "checkpoints" / "last.ckpt"
     cmd = fit_command(spec, parent, where)
+    if spec.before:
+        _run_before(spec, where.outputs(parent).best_checkpoint if parent else None, where.data_dir, cwd)
     resumed = key_file.exists() and key_file.read_text() == key and last.exists()
     if resumed:
         cmd += ["--ckpt_path", str(where.outputs(spec.name).run_dir / "checkpoints" / "last.ckpt")]
@@ -159,9 +168,24 @@ def run_stage(spec: StageSpec, parent: str | None, where: Workspace, env: dict[s
     return "resumed" if resumed else "trained"
 
 
+def _run_before(spec: StageSpec, parent: Path | None, data_dir: str, cwd: str | Path | None) -> None:
+    """Run the stage's ``before`` command (e.g. ``stagewise pairs``) as its own process (in ``cwd``, where the
+    paths it is given are relative to)."""
+    args = [a.replace("{parent}", str(parent or "")).replace("{data_dir}", str(data_dir)) for a in spec.before]
+    console.print(f"[bold]{spec.name}[/] (before): stagewise " + " ".join(args))
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "lightning_modules", *args], env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            cwd=cwd)
+    if result.returncode != 0:
+        raise StagewiseError(f"the step before stage '{spec.name}' (`stagewise {' '.join(args)}`) failed "
+                             f"(exit {result.returncode}); fix the error above and re-run the pipeline")
+    console.print(f"{spec.name} (before): done in {time.perf_counter() - start:.0f}s")
+
+
 def validate_pipeline(stages: list[StageSpec], baselines: list[StageSpec], data: str | None) -> None:
     """Check the whole pipeline before anything runs: unique stage names, every config file and the data
-    config exist, and every ``parent`` names a stage that runs earlier (or ``previous`` / ``none``)."""
+    config exist, every ``before`` names a command, and every ``parent`` names a stage that runs earlier (or
+    ``previous`` / ``none``)."""
     fix = "fix the pipeline config (`stagewise pipeline -c <file>`) and run it again; nothing has run yet"
     if not stages:
         raise StagewiseError(f"the pipeline names no stages; list at least one under `stages:`. {fix}")
@@ -180,6 +204,9 @@ def validate_pipeline(stages: list[StageSpec], baselines: list[StageSpec], data:
                 f"stage '{spec.name}' names config file {', '.join(map(repr, missing))}, which does not exist "
                 f"(paths are relative to {Path.cwd()}); {fix}"
             )
+        if spec.before and spec.before[0] not in COMMANDS:
+            raise StagewiseError(f"stage '{spec.name}' runs `stagewise {spec.before[0]}` before it (`before:`), which "
+                                 f"is not a command; choose one of: {', '.join(COMMANDS)}; {fix}")
     earlier: list[str] = []
     for spec in stages + baselines:
         if spec.parent not in ("previous", "none") and spec.parent not in earlier:

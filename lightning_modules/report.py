@@ -9,6 +9,7 @@ flagged in the table and explained under "Lineage".
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from datamodules.command import run_function
 from datamodules.errors import StagewiseError
 from datamodules.metric_names import val_loss, val_tokens_loss
 from datamodules.stage_record import lineage_problems, read_stage_record
+from datamodules.preference import PREFERENCE
 
 
 def read_scalars(run_dir: Path, prefix: str) -> dict[str, list[tuple[float, float, float]]]:
@@ -43,9 +45,7 @@ def _table(records: dict[str, dict], domains: list[str], broken: dict[str, list[
     for name, r in records.items():
         final = r.get("losses", {}).get("final", {})
         tools = r.get("tools") or {}
-        scores = " / ".join(_fmt(tools.get(k), 2) for k in ("json_valid", "name_accuracy", "call_accuracy"))
-        if "unseen" in tools:  # services no training example calls
-            scores += f" (unseen services: call {_fmt(tools['unseen'].get('call_accuracy'), 2)})"
+        scores = _tool_scores(tools)
         parent = (r.get("parent") or {}).get("stage") or "–"
         row = [f"{name} (lineage broken)" if broken.get(name) else name, parent, f"{r.get('tokens', {}).get('stage', 0):,}", f"{r.get('tokens', {}).get('total', 0):,}",
                f"{r.get('wall_time_s', 0):.0f}s"]
@@ -65,6 +65,45 @@ def _forgetting(records: dict[str, dict]) -> list[str]:
         return []
     return ["", "## Forgetting (held-out loss of earlier domains vs the stage's start)", "",
             "| stage | domain | baseline | final | worst rise | alarms |", "|---|---|---|---|---|---|", *lines]
+
+
+def _tool_scores(tools: dict | None) -> str:
+    """``json / name / call`` of the seen services, and the unseen services' call accuracy where there are some."""
+    tools = tools or {}
+    scores = " / ".join(_fmt(tools.get(k), 2) for k in ("json_valid", "name_accuracy", "call_accuracy"))
+    if "unseen" in tools:  # services no training example calls
+        scores += f" (unseen services: call {_fmt(tools['unseen'].get('call_accuracy'), 2)})"
+    return scores
+
+
+def _at_step(points: list[tuple[float, float, float]], step: float) -> float | None:
+    """The value logged by the validation that made the checkpoint of optimizer step ``step`` (every tag of a
+    validation carries its optimizer step), else the last one."""
+    before = [p for p in points if p[0] <= step] or points
+    return before[-1][1] if before else None
+
+
+def _preference(records: dict[str, dict], experiment_dir: Path, models_dir: str | Path) -> list[str]:
+    """Stages trained on preference pairs: held-out pair metrics at the best checkpoint, tool scores before
+    (the parent's) and after."""
+    lines = []
+    for name, r in records.items():
+        if PREFERENCE not in (r.get("losses") or {}).get("final", {}):
+            continue
+        series = read_scalars(experiment_dir / name, f"val/{PREFERENCE}/")
+        at_best = {m: _at_step(series.get(f"val/{PREFERENCE}/{m}", []), r.get("best_step", math.inf))
+                   for m in ("reward_accuracy", "reward_margin", "loss")}
+        parent = (r.get("parent") or {}).get("stage")
+        before = (records.get(parent) or read_stage_record(models_dir, parent) or {}) if parent else {}
+        lines.append(f"| {name} | {parent or '–'} | {_fmt(at_best['reward_accuracy'], 2)} | "
+                     f"{_fmt(at_best['reward_margin'])} | {_fmt(at_best['loss'])} | "
+                     f"{_tool_scores(before.get('tools'))} → {_tool_scores(r.get('tools'))} |")
+    if not lines:
+        return []
+    return ["", "## Preference tuning (held-out pairs at the best checkpoint; at a stage's start: accuracy 0, "
+            "margin 0, loss 0.693)", "",
+            "| stage | parent | reward accuracy | reward margin | pair loss | tools json / name / call: parent → stage |",
+            "|---|---|---|---|---|---|", *lines]
 
 
 def plot_loss_vs_tokens(ax, domain: str, runs: dict[str, dict[str, list]], stages: list[str], baselines: list[str],
@@ -176,8 +215,8 @@ def write_report(experiment: str, stages: list[str], baselines: list[str] | None
         records[name] = record
     broken = lineage(records)
     domains: list[str] = []
-    for r in records.values():
-        domains += [d for d in r.get("losses", {}).get("final", {}) if d not in domains]
+    for r in records.values():  # the held-out pairs have their own section, not a loss column
+        domains += [d for d in r.get("losses", {}).get("final", {}) if d not in domains and d != PREFERENCE]
     experiment_dir = Path(runs_dir) / experiment
     experiment_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"# {experiment}: staged path {' → '.join(stages)}" + (f" vs {', '.join(baselines)}" if baselines else ""),
@@ -185,6 +224,7 @@ def write_report(experiment: str, stages: list[str], baselines: list[str] | None
     lines += _table(records, domains, broken)
     lines += _lineage_lines(broken, stages + baselines)
     lines += _forgetting(records)
+    lines += _preference(records, experiment_dir, models_dir)
     plots = _plots(experiment_dir, stages, baselines, domains)
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     path = experiment_dir / "report.md"

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from datamodules.errors import StagewiseError
 from datamodules.tool_examples import scored_turn
@@ -237,14 +236,9 @@ def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: 
         The scores of :func:`score_calls` plus ``samples``.
     """
     examples = examples[:limit] if limit is not None else examples
-    prompts = [prompt_ids_of(tokenizer, ex) for ex in examples]
-    with decoding_threads(model):  # CausalLM.generate switches to eval mode and back
-        generated = greedy_continuations(model, prompts, max_new_tokens, stop_token_ids(tokenizer), batch_size,
-                                         max_prompt_tokens)
+    predictions = predict_calls(model, tokenizer, examples, max_new_tokens, batch_size, max_prompt_tokens)
     predicted, expected, samples = [], [], []
-    for ex, prompt, new in zip(examples, prompts, generated):
-        text = tokenizer.decode(new, skip_special_tokens=False)
-        calls = parse_tool_calls(text)
+    for ex, (prompt, text, calls) in zip(examples, predictions):
         want = ex["tool_calls"] if "prompt_ids" in ex else scored_turn(ex)[1]
         predicted.append(calls)
         expected.append(want)
@@ -253,3 +247,15 @@ def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: 
             samples.append({"prompt_tail": tail, "generated": text, "expected": want[0] if len(want) == 1 else want,
                             "correct": turns_equal(calls, want)})
     return {**score_calls(predicted, expected), "samples": samples}
+
+
+def predict_calls(model, tokenizer, examples: list[dict], max_new_tokens: int = 128, batch_size: int = 16,
+                  max_prompt_tokens: int | None = None) -> list[tuple[list[int], str, list[dict] | None]]:
+    """Each example's prompt ids, the generated turn's text and the calls parsed from it (None if none
+    parses): greedy, batched, with the KV cache (arguments as in :func:`evaluate_tool_calls`)."""
+    prompts = [prompt_ids_of(tokenizer, ex) for ex in examples]
+    with decoding_threads(model):  # CausalLM.generate switches to eval mode and back
+        generated = greedy_continuations(model, prompts, max_new_tokens, stop_token_ids(tokenizer), batch_size,
+                                         max_prompt_tokens)
+    texts = [tokenizer.decode(new, skip_special_tokens=False) for new in generated]
+    return [(prompt, text, parse_tool_calls(text)) for prompt, text in zip(prompts, texts)]

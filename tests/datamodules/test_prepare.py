@@ -1,7 +1,6 @@
 """`stagewise prepare` end to end on tiny corpora: manifests, caching, stable splits, clear errors."""
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -105,7 +104,19 @@ def test_prepare_writes_manifests_shards_and_tokenizer(prepared):
             assert size == m["tokens"][split] * (2 if m["dtype"] == "uint16" else 4)
     assert manifest(root, "tools")["kind"] == "tools"
     assert any((root / "data" / "tools").glob("train*mask*"))
-    assert not any((root / "data" / "language").glob("*mask*"))
+    assert not any((root / "data" / "language").glob("*mask*") or (root / "data" / "language").glob("*.jsonl"))
+
+
+def test_tool_corpus_keeps_its_examples_beside_the_shards(prepared):
+    from datamodules.tool_examples import prepared_examples
+
+    root, cfg = prepared
+    written = [tool_example(c, u) for c in CITIES for u in ("celsius", "fahrenheit")]
+    kept = [e for split in ("train", "val", "test") for e in prepared_examples(root / "data" / "tools", split)]
+    assert sorted(map(json.dumps, kept)) == sorted(json.dumps(e, sort_keys=True) for e in written)
+    (root / "data" / "tools" / "val.jsonl").unlink()  # data prepared before they were kept: rebuilt
+    run_prepare(cfg)
+    assert len(prepared_examples(root / "data" / "tools", "val")) == manifest(root, "tools")["documents"]["val"]
 
 
 def test_second_run_is_up_to_date_and_touches_nothing(prepared, capsys):

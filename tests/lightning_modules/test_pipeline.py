@@ -4,7 +4,6 @@ The stages' training itself is covered elsewhere; here `subprocess.run` is repla
 records its command line and writes what a real `stagewise fit` leaves behind.
 """
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -19,12 +18,15 @@ from lightning_modules.report import write_report
 
 @pytest.fixture
 def fake_fit(monkeypatch, tmp_path):
-    """A stand-in for the `stagewise fit` subprocess: records argv, writes the best ckpt and stage.json."""
+    """A stand-in for the `stagewise fit` subprocess: records argv, writes the best ckpt and stage.json (other
+    commands, a stage's `before`, are only recorded)."""
     monkeypatch.chdir(tmp_path)
     calls: list[list[str]] = []
 
     def run(cmd, env=None, cwd=None, **streams):
         calls.append(cmd)
+        if "fit" not in cmd:  # a stage's `before` command
+            return subprocess.CompletedProcess(cmd, 0)
         arg = lambda name: [a.split("=", 1)[1] for a in cmd if a.startswith(f"--{name}=")][-1]  # noqa: E731
         name, models = arg("stage.name"), Path(arg("stage.models_dir")) / arg("stage.experiment")
         models.mkdir(parents=True, exist_ok=True)
@@ -172,3 +174,35 @@ def test_report_says_when_a_lineage_is_broken(tmp_path, capsys):
     code.write_bytes(b"other weights")
     text = write_report("exp", ["language", "code"], models_dir=str(tmp_path / "models"), runs_dir=runs).read_text()
     assert "is not the checkpoint its record" in text
+
+
+def test_a_stage_runs_its_before_command_first_from_its_parent(fake_fit):
+    stages = [*_stages(), pl.StageSpec("preference", ["stage.yaml"], before=["pairs", "--parent", "{parent}",
+                                                                              "--data_dir", "{data_dir}"])]
+    pl.pipeline(stages, experiment="t", report=False, data_dir="mydata")
+    assert fake_fit[2][-5:] == ["pairs", "--parent", "models/t/code_model_best.ckpt", "--data_dir", "mydata"]
+    assert "--stage.parent=code" in fake_fit[3]  # then the fit
+    assert pl.pipeline(stages, experiment="t", report=False, data_dir="mydata")["preference"] == "skipped"
+    assert len(fake_fit) == 4  # up to date: neither runs again
+    stages[-1].before += ["--limit", "8"]  # other pairs: part of the stage's key, so it trains again
+    assert pl.pipeline(stages, experiment="t", report=False, data_dir="mydata")["preference"] == "trained"
+    assert fake_fit[4][-2:] == ["--limit", "8"] and len(fake_fit) == 6
+    with pytest.raises(StagewiseError, match="not a command"):
+        pl.pipeline([pl.StageSpec("p", ["stage.yaml"], before=["frobnicate"])], report=False)
+
+
+def test_report_of_a_preference_stage_gives_its_pair_metrics_and_tool_scores_before_and_after(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    models, runs = tmp_path / "models", tmp_path / "runs"
+    scores = {"json_valid": 0.5, "name_accuracy": 0.25, "call_accuracy": 0.125}
+    update_stage_record(models / "exp", "tools", {"losses": {"final": {"tools": 2.0}}, "tools": scores})
+    update_stage_record(models / "exp", "preference", {"parent": {"stage": "tools"}, "best_step": 20, "losses": {
+        "final": {"tools": 1.5, "preference": 0.5}}, "tools": dict(scores, call_accuracy=0.375)})
+    writer = SummaryWriter(runs / "exp" / "preference")
+    for step, accuracy in ((0, 0.0), (20, 0.75), (40, 0.625)):  # the best checkpoint is step 20's validation
+        writer.add_scalar("val/preference/reward_accuracy", accuracy, step)
+    writer.close()
+    text = write_report("exp", ["tools", "preference"], models_dir=str(models), runs_dir=str(runs)).read_text()
+    assert "| tools loss | tools json" in text and "preference loss" not in text  # pairs: their own section
+    assert "| preference | tools | 0.75 | – | – | 0.50 / 0.25 / 0.12 → 0.50 / 0.25 / 0.38 |" in text
