@@ -45,7 +45,7 @@ def read_pairs(directory: str | Path, split: str) -> list[dict]:
 
 def render_pair(tok, pair: dict) -> tuple[list[int], list[int], list[int]]:
     """The prompt's token ids and those of the chosen and the rejected answer, rendered by the chat template."""
-    prompt = list(render_tool_prompt(tok, pair))
+    prompt = list(render_tool_prompt(tok, {**pair, "tool_calls": pair["chosen"]}))
     answers = []
     for key in ("chosen", "rejected"):
         ids, _ = render_tool_example(tok, {**pair, "tool_calls": pair[key]})

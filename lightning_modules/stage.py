@@ -201,10 +201,10 @@ def apply_stage(config: Namespace, stage: Stage, subcommand: str, resuming: bool
     if "corpus" in data:
         data.corpus = stage.domain
     trained = [stage.domain] + (list(data.mixture) if isinstance(data.get("mixture"), (dict, Namespace)) else [])
-    if "val_domains" in data and not data.val_domains:
+    if "val_domains" in data and not data.val_domains and lineage is not None:  # unknown: the data module's default
         data.val_domains = list(dict.fromkeys(lineage + trained))
     _name_callbacks(config, stage)
-    if config.forgetting.domains is None:
+    if config.forgetting.domains is None and lineage is not None:  # unknown lineage: every other validated domain
         config.forgetting.domains = [d for d in lineage if d != stage.domain]
 
 
@@ -222,8 +222,10 @@ def _place_run(trainer: Namespace, stage: Stage, subcommand: str) -> None:
             logger.init_args.save_dir, logger.init_args.name, logger.init_args.version = log_to
 
 
-def _start_from(model: Namespace, stage: Stage, fitting: bool, check: bool) -> list[str]:
-    """Set ``init_from`` (an explicit one wins) and return the lineage's domains (from the parent's record)."""
+def _start_from(model: Namespace, stage: Stage, fitting: bool, check: bool) -> list[str] | None:
+    """Set ``init_from`` (an explicit one wins) and return the lineage's domains (from the parent's record): none
+    without a parent, None for a parent whose lineage is unknown (a checkpoint without a record, a transformers
+    model)."""
     explicit = model.get("init_from")
     parent = Path(explicit) if explicit else stage.parent_checkpoint()
     if parent is None:
@@ -231,9 +233,10 @@ def _start_from(model: Namespace, stage: Stage, fitting: bool, check: bool) -> l
     if fitting and "init_from" in model:
         model.init_from = str(parent)
     if is_hf_dir(parent):  # a transformers model: no lineage of ours (CausalLM.load_init_from checks it)
-        return []
+        return None
     if not check:
-        return lineage_domains(stage_record_for_checkpoint(parent) if parent.is_file() else None)
+        record = stage_record_for_checkpoint(parent) if parent.is_file() else None
+        return lineage_domains(record) if record else None
     from_stage = stage.parent_is_stage and not explicit
     if not parent.is_file():
         if from_stage:
@@ -251,7 +254,7 @@ def _start_from(model: Namespace, stage: Stage, fitting: bool, check: bool) -> l
             f"({where}): that stage did not finish. Resume it with --ckpt_path last, or start from the file as it "
             "is with --model.init_args.init_from"
         )
-    return lineage_domains(record)
+    return lineage_domains(record) if record else None
 
 
 def _name_callbacks(config: Namespace, stage: Stage) -> None:

@@ -151,12 +151,12 @@ def test_tiny_preference_stage_prefers_the_chosen_answers_of_heldout_pairs(pair_
                   "--model.init_args.lr", "3e-3", "--model.init_args.warmup_steps", "3",
                   "--data.init_args.seq_len", "128", "--data.init_args.batch_size", "4",
                   "--trainer.limit_val_batches", "8"))
-    record = json.loads((tmp_path / "models" / "preference" / "stage.json").read_text())
+    record = json.loads((tmp_path / "models" / "default" / "preference" / "stage.json").read_text())
     assert record["stage"] == "preference" and record["parent"]["sha256"] == json.loads(
         next((pair_data / "preference").glob("*/manifest.json")).read_text())["parent"]["sha256"]
     assert set(record["forgetting"]) == {"language", "code", "tools"}
     assert set(record["losses"]["final"]) == {"language", "code", "tools", "preference"}
-    best = tmp_path / "models" / "preference_model_best.ckpt"
+    best = tmp_path / "models" / "default" / "preference_model_best.ckpt"
     loaded = load_model(best)  # as evaluate and pairs load it: the policy's weights, no reference
     assert getattr(loaded, "reference", None) is None
     assert torch.equal(loaded.model.lm_head.weight, torch.load(best, weights_only=False)["state_dict"]["model.lm_head.weight"])
