@@ -25,13 +25,15 @@ class BestCheckpoint(ModelCheckpoint):
         stage_domain: The domain the stage trains on; its ``val/<domain>/loss`` is the default ``monitor``.
         monitor: The metric whose lowest value marks the best weights, e.g. ``val/code/loss``.
         keep: ``best``: the validation with the lowest ``monitor``; ``final``: the last validation's weights.
-        save_weights_only: Save the weights without the optimizer state (a third of the size; a stage resumes
-            from ``last.ckpt``, never from this file).
+        save_weights_only: Save the weights, the hyperparameters, the data settings and the stage's counters
+            (tokens, optimizer steps) without the optimizer, scheduler and callback states: what the next stage,
+            ``evaluate`` and ``export`` read, at a third of the size (``small`` at vocab 8192: 96.0 MB instead of 288.0 MB). A stage
+            resumes from its ``last.ckpt`` (the full state), never from this file.
     """
 
     def __init__(self, stage: str | None = None, models_dir: str = "models", stage_domain: str | None = None,
                  monitor: str | None = None, keep: Literal["best", "final"] = "best",
-                 save_weights_only: bool = False) -> None:
+                 save_weights_only: bool = True) -> None:
         if keep not in ("best", "final"):
             raise StagewiseError(f"best_checkpoint.keep must be 'best' or 'final', got {keep!r}")
         monitor = monitor or (val_loss(stage_domain) if stage_domain else None)
