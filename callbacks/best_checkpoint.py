@@ -26,9 +26,9 @@ class BestCheckpoint(ModelCheckpoint):
         monitor: The metric whose lowest value marks the best weights, e.g. ``val/code/loss``.
         keep: ``best``: the validation with the lowest ``monitor``; ``final``: the last validation's weights.
         save_weights_only: Save the weights, the hyperparameters, the data settings and the stage's counters
-            (tokens, optimizer steps) without the optimizer, scheduler and callback states: what the next stage,
-            ``evaluate`` and ``export`` read, at a third of the size (``small`` at vocab 8192: 96.0 MB instead of 288.0 MB). A stage
-            resumes from its ``last.ckpt`` (the full state), never from this file.
+            (tokens, optimizer steps) without the optimizer, scheduler and callback states: what the next
+            stage, ``evaluate`` and ``export`` read, at a third of the size (``small`` at vocab 8192: 96.0 MB
+            instead of 288.0 MB). A stage resumes from its ``last.ckpt`` (the full state), never from this file.
     """
 
     def __init__(self, stage: str | None = None, models_dir: str = "models", stage_domain: str | None = None,
