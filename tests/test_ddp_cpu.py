@@ -39,14 +39,19 @@ def train(data_dir: str, out: str, devices: int, batch_size: int) -> None:
     from datamodules.datamodule import LanguageDataModule
     from lightning_modules.causal_lm import CausalLM
 
-    record = {"windows": [], "loss": [], "grad": [], "sigterm_broadcasts": 0}
-    lightning_check = _TrainingEpochLoop._broadcast_sigterm_tensor
+    record = {"windows": [], "loss": [], "grad": [], "sigterm_broadcasts": 0, "stop_checks": 0}
+    lightning_check, our_check = _TrainingEpochLoop._broadcast_sigterm_tensor, PreemptionCheck._any_rank_signalled
 
-    def counted_check(loop):
+    def counted_lightning_check(loop):
         record["sigterm_broadcasts"] += 1
         return lightning_check(loop)
 
-    _TrainingEpochLoop._broadcast_sigterm_tensor = counted_check
+    def counted_check(callback, trainer):
+        record["stop_checks"] += 1
+        return our_check(callback, trainer)
+
+    _TrainingEpochLoop._broadcast_sigterm_tensor = counted_lightning_check
+    PreemptionCheck._any_rank_signalled = counted_check
 
     class Recorder(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -96,11 +101,12 @@ def test_ddp_loss_and_grads_match_one_process_on_the_global_batch(runs):
         torch.testing.assert_close(r0["grad"][step], single["grad"][step], rtol=1e-4, atol=1e-6)
 
 
-def test_sigterm_is_broadcast_every_n_steps_not_every_step(runs):
+def test_ranks_agree_on_a_signal_every_n_steps_not_every_step(runs):
     """Lightning broadcasts (and reads back: a host sync on GPUs) before every batch of a multi-process run;
-    with PreemptionCheck(every_n_steps=2) the 3 steps check on batches 0 and 2 only, on both ranks."""
-    assert runs["world2_rank0"]["sigterm_broadcasts"] == runs["world2_rank1"]["sigterm_broadcasts"] == 2
-    assert runs["world1_rank0"]["sigterm_broadcasts"] == 0  # one process: Lightning never broadcasts
+    PreemptionCheck(every_n_steps=2) replaces that: the ranks agree on batches 0 and 2 of the 3 only."""
+    assert runs["world2_rank0"]["stop_checks"] == runs["world2_rank1"]["stop_checks"] == 2
+    assert runs["world2_rank0"]["sigterm_broadcasts"] == runs["world2_rank1"]["sigterm_broadcasts"] == 0
+    assert runs["world1_rank0"]["stop_checks"] == runs["world1_rank0"]["sigterm_broadcasts"] == 0  # one process
 
 
 def test_a_two_process_stage_runs_through_the_handoff(tmp_path):

@@ -206,7 +206,8 @@ def test_resumed_run_keeps_best_checkpoint_tracking_and_weights(runs):
 def test_resumed_run_keeps_the_config_the_run_started_with(runs):
     run = runs["root"] / "killed" / "runs" / "resume" / "language"
     started, resumed = (run / "config.yaml").read_text(), (run / "config.resume1.yaml").read_text()
-    assert "ckpt_path: null" in started and "ckpt_path: last" in resumed
+    # `--ckpt_path last` names the file it resumed from (Lightning then reads the model's settings from it)
+    assert "ckpt_path: null" in started and "ckpt_path: runs/resume/language/checkpoints/last.ckpt" in resumed
 
 
 def test_ckpt_path_last_without_a_checkpoint_says_to_start_without_it(tmp_path, monkeypatch, capsys, data_dir):

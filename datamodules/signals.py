@@ -1,0 +1,125 @@
+"""SIGTERM and SIGINT: every ``stagewise`` command stops promptly, says so in one line and exits 143 / 130.
+
+``stagewise`` (``lightning_modules.cli.main``) runs each command under :func:`stopping_on_signals`: either
+signal raises :class:`Stopped` at once, wherever the command is. Files are written through
+``datamodules.shards.atomic_path``, so a write that is cut leaves the previous file whole and no temporary
+file behind. A fit defers instead (``callbacks.safety.PreemptionCheck``, with :func:`defer_signals`): the
+batch in progress finishes, ``last.ckpt`` is saved, and the fit stops, so ``--ckpt_path last`` continues
+exactly. A command that runs another as a process (``pipeline``) passes the signal on to it and waits for
+it to stop (:func:`run_forwarding_signals`). Here, at the bottom of the imports: the data, the callbacks
+and the commands all stop this way.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_received: list[int] = []  # the stop signals this process received, in order, since stopping_on_signals began
+
+
+class Stopped(BaseException):
+    """The command was stopped by signal ``signum``. A ``BaseException``, as ``KeyboardInterrupt`` is, so that
+    no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        """``SIGTERM`` or ``SIGINT``."""
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_status(self) -> int:
+        """``128 + signum``, as a shell reports a process the signal ended: 143 for SIGTERM, 130 for SIGINT."""
+        return 128 + self.signum
+
+
+def received() -> int | None:
+    """The first stop signal received since :func:`stopping_on_signals` began, or None."""
+    return _received[0] if _received else None
+
+
+def _record(signum: int, frame: Any = None) -> None:
+    _received.append(signum)
+
+
+def _handlers() -> dict[int, Any]:
+    return {s: signal.getsignal(s) for s in STOP_SIGNALS}
+
+
+def _install(handler: Callable[[int, Any], None]) -> dict[int, Any]:
+    """Set ``handler`` for both stop signals; returns the handlers it replaced."""
+    before = _handlers()
+    for s in STOP_SIGNALS:
+        signal.signal(s, handler)
+    return before
+
+
+def _restore(handlers: dict[int, Any]) -> None:
+    for s, handler in handlers.items():
+        signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextmanager
+def stopping_on_signals() -> Iterator[None]:
+    """Within: SIGTERM and SIGINT raise :class:`Stopped` (once: later ones are only recorded, so stopping is
+    never interrupted itself). In processes forked meanwhile (worker pools) the signals keep their default
+    effect: a worker ends quietly and its pool's owner reports the stop. The previous handlers come back at exit."""
+    owner = os.getpid()
+
+    def stop(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:  # a forked worker: end as the signal would have ended it
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        first = not _received
+        _record(signum)
+        if first:
+            _install(_record)
+            raise Stopped(signum)
+
+    _received.clear()
+    before = _install(stop)
+    try:
+        yield
+    finally:
+        _restore(before)
+
+
+def defer_signals(on_signal: Callable[[int], None] | None = None) -> dict[int, Any]:
+    """From now on SIGTERM and SIGINT are only recorded (:func:`received`) and passed to ``on_signal``; the caller
+    stops at its next safe point. Returns the handlers replaced, for :func:`restore_signals`."""
+
+    def defer(signum: int, frame: Any) -> None:
+        _record(signum)
+        if on_signal is not None:
+            on_signal(signum)
+
+    return _install(defer)
+
+
+def restore_signals(handlers: dict[int, Any]) -> None:
+    """Put back the handlers :func:`defer_signals` replaced."""
+    _restore(handlers)
+
+
+def run_forwarding_signals(cmd: list[str], **popen: Any) -> int:
+    """Run ``cmd`` as a process to its end and return its exit status; a SIGTERM or SIGINT received meanwhile is
+    passed on to it and it is waited for (it stops at its own safe point), then :class:`Stopped` is raised here."""
+    earlier = len(_received)
+    proc = subprocess.Popen(cmd, **popen)
+    before = defer_signals(lambda signum: proc.poll() is None and proc.send_signal(signum))
+    try:
+        status = proc.wait()
+    finally:
+        restore_signals(before)
+    if len(_received) > earlier:
+        raise Stopped(_received[earlier])
+    return status
