@@ -84,5 +84,5 @@ def first_validation_batch(trainer: L.Trainer) -> int | None:
 def _never_why(trainer: L.Trainer) -> str:
     if not trainer.enable_validation:
         return "validation is off: limit_val_batches is 0 or there is no validation data"
-    return f"it trains {trainer.max_steps} steps, and validates first after batch {trainer.val_check_batch}"
+    return f"max_steps is {trainer.max_steps}, and the first validation is due after batch {trainer.val_check_batch}"
 

@@ -149,7 +149,7 @@ class StagewiseCLI(LightningCLI):
     def before_fit(self) -> None:
         """Check ``--ckpt_path`` points at a checkpoint this model can resume, or that this fit replaces no
         earlier run of its stage (with ``--overwrite``: move that run aside first), before anything is written."""
-        self._run_before = _contents(self.stage.outputs.run_dir)
+        self._run_before = _Before(self.stage.outputs.run_dir)
         if self.trainer.global_rank != 0:  # ranks started by the DDP launcher: rank 0 checked already
             return
         config = self.config[self.subcommand]
@@ -166,25 +166,33 @@ class StagewiseCLI(LightningCLI):
             self.trainer.fit(**kwargs)
         except BaseException:
             if self.trainer.global_step == 0 and self.trainer.is_global_zero:
-                _remove_new(self.stage.outputs.run_dir, self._run_before)
+                self._run_before.remove_new()
             raise
+
+
+class _Before:
+    """What a run directory held before a fit (and which of it and its parents existed), so that what the fit
+    added can be taken away again."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.contents = _contents(run_dir)
+        self.created = [d for d in (run_dir, run_dir.parent, run_dir.parent.parent) if not d.exists()]
+
+    def remove_new(self) -> None:
+        """Remove what appeared in the run directory since, then the directories created since, if empty."""
+        for path in sorted(_contents(self.run_dir) - self.contents, key=lambda p: len(p.parts), reverse=True):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        for folder in self.created:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def _contents(directory: Path) -> set[Path]:
     return set(directory.rglob("*")) if directory.is_dir() else set()
-
-
-def _remove_new(directory: Path, before: set[Path]) -> None:
-    """Remove what appeared under ``directory`` since ``before`` (its contents then), then ``directory`` and its
-    parent (the experiment's runs) if that left them empty."""
-    for path in sorted(_contents(directory) - before, key=lambda p: len(p.parts), reverse=True):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    for folder in (directory, directory.parent):
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
 
 
 def _link_parent(config) -> None:
@@ -250,10 +258,12 @@ def _check_resumable(module: Any, ckpt_path: str) -> None:
         expected = {f"model.{k}": v for k, v in module.build_model().state_dict().items()}
     problem = shape_mismatch(expected, {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
     if problem:
+        hparams = ckpt.get("hyper_parameters")
+        trained = f"The run was trained with {trained_shape(hparams)}: resume" if hparams else "Resume"
         raise StagewiseError(
-            f"--ckpt_path {ckpt_path} has another model shape than this config gives: {problem}. The run was trained "
-            f"with {trained_shape(ckpt.get('hyper_parameters') or {})}: resume it with the same settings (its "
-            "config.yaml in the run directory has them all: stagewise fit -c <run>/config.yaml --ckpt_path last)")
+            f"--ckpt_path {ckpt_path} has another model shape than this config gives: {problem}. {trained} it with "
+            "the same model settings (the run's config.yaml has them all: stagewise fit -c <run dir>/config.yaml "
+            "--ckpt_path last)")
 
 
 def _check_not_overwriting(trainer: Trainer, stage: Stage, overwrite: bool) -> None:
