@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -269,8 +270,9 @@ def pipeline(
         prepare_main(["-c", data, f"--data_dir={where.data_dir}"])
     outcome = {spec.name: run_stage(spec, parent, where) for spec, parent in parents(stages, baselines or [])}
     if report:
+        command = shlex.join(["stagewise", "pipeline", *sys.argv[2:]]) if sys.argv[1:2] == ["pipeline"] else None
         path = write_report(experiment, [s.name for s in stages], [b.name for b in baselines or []],
-                            models_dir=models_dir, runs_dir=runs_dir)
+                            models_dir=models_dir, runs_dir=runs_dir, data_dir=where.data_dir, command=command)
         print(path.read_text())  # plain: markdown brackets are not rich markup
         print(f"report: {path}")
     return outcome
