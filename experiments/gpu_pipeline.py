@@ -21,9 +21,11 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,15 +43,16 @@ def run(cmd: list[str], log: Path, timeout: float | None, cwd: Path = ROOT) -> i
         out.write(f"$ {shlex.join(cmd)}\n")
         out.flush()
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        try:
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                out.write(line)
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            rc = proc.wait()
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+        timer = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGTERM)) if timeout else None
+        if timer is not None:  # the whole process group: the pipeline and the stage it runs
+            timer.start()
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            out.write(line)
+        rc = proc.wait()
+        if timer is not None:
+            timer.cancel()
         out.write(f"exit {rc} after {time.perf_counter() - start:.1f}s\n")
     print(f"exit {rc} after {time.perf_counter() - start:.1f}s", flush=True)
     return rc
