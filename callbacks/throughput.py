@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from callbacks.precision import Float8MixedPrecision
+from callbacks.precision import precision_label
 
 # Peak dense (no sparsity) tensor-core FLOP/s of one accelerator, (bf16/fp16, fp8), from the vendors' data
 # sheets; the first entry whose key is in the lower-cased device name wins, so longer names come first.
@@ -32,16 +32,17 @@ H100_BF16_DENSE_FLOPS = PEAK_FLOPS["h100"][0]
 """Peak dense bf16 tensor-core FLOP/s of one H100 SXM (the MFU denominator of the shared reference)."""
 
 
-def device_peak_flops(device: torch.device, fp8: bool = False) -> float | None:
-    """The peak dense FLOP/s of ``device`` from :data:`PEAK_FLOPS` (its fp8 rate with ``fp8``); None on a CPU
-    or a GPU not in the table."""
+def device_peak_flops(device: torch.device, precision: str = "bf16-mixed") -> float | None:
+    """The peak dense FLOP/s of ``device`` from :data:`PEAK_FLOPS` for a run in ``precision``
+    (:func:`~callbacks.precision.precision_label`): the fp8 rate for ``fp8-mixed``, else the bf16 one; None on a
+    CPU or a GPU not in the table (no MFU is given then). The one lookup of ``Throughput`` and ``StageHandoff``."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device).lower()
     peaks = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
     if peaks is None:
         return None
-    return peaks[1] if fp8 and peaks[1] is not None else peaks[0]
+    return peaks[1] if precision == "fp8-mixed" and peaks[1] is not None else peaks[0]
 
 
 def flops_per_token(n_params: int, n_layers: int, d_model: int, seq_len: int) -> int:
@@ -99,8 +100,7 @@ class Throughput(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._shape = model_shape(pl_module)
         self._every = max(1, self.log_every_n_steps or trainer.log_every_n_steps)
-        self._peak = self.peak_flops or device_peak_flops(
-            pl_module.device, fp8=isinstance(trainer.precision_plugin, Float8MixedPrecision))
+        self._peak = self.peak_flops or device_peak_flops(pl_module.device, precision_label(trainer))
         if self._peak is None and pl_module.device.type == "cuda":
             rank_zero_warn(f"Throughput: no peak FLOP/s known for {torch.cuda.get_device_name(pl_module.device)}, "
                            "so no throughput/mfu; give it as Throughput(peak_flops=...)")

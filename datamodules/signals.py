@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -112,10 +113,13 @@ def restore_signals(handlers: dict[int, Any]) -> None:
 
 def run_forwarding_signals(cmd: list[str], **popen: Any) -> int:
     """Run ``cmd`` as a process to its end and return its exit status; a SIGTERM or SIGINT received meanwhile is
-    passed on to it and it is waited for (it stops at its own safe point), then :class:`Stopped` is raised here."""
+    passed on to it and it is waited for (it stops at its own safe point), then :class:`Stopped` is raised here.
+    Off the main thread (the workers of ``experiments/``), where Python lets no handler be set, the process is
+    only waited for: a signal does there what the main thread's handler does."""
     earlier = len(_received)
     proc = subprocess.Popen(cmd, **popen)
-    before = defer_signals(lambda signum: proc.poll() is None and proc.send_signal(signum))
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = defer_signals(lambda signum: proc.poll() is None and proc.send_signal(signum)) if main_thread else {}
     try:
         status = proc.wait()
     finally:

@@ -76,7 +76,7 @@ def test_mfu_peak_is_the_running_devices(monkeypatch, name, fp8, peak):
     from callbacks.throughput import device_peak_flops
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    assert device_peak_flops(torch.device("cuda", 0), fp8=fp8) == peak
+    assert device_peak_flops(torch.device("cuda", 0), "fp8-mixed" if fp8 else "bf16-mixed") == peak
     assert device_peak_flops(torch.device("cpu")) is None
 
 
