@@ -80,6 +80,7 @@ class StageHandoff(L.Callback):
         self._last_train_log = -1
         self._first_step: tuple[float, int] | None = None  # (time, tokens) after this run's first optimizer step
         self._peak_flops: float | None = None  # of the device trained on (at fit end the module is back on the CPU)
+        self._device: str | None = None  # its name ("NVIDIA H200", "cpu")
 
     @property
     def best_path(self) -> Path:
@@ -147,6 +148,8 @@ class StageHandoff(L.Callback):
                 torch.cuda.synchronize(pl_module.device)
             self._first_step = (time.perf_counter(), int(getattr(pl_module, "tokens_seen", 0)))
             self._peak_flops = device_peak_flops(pl_module.device)
+            self._device = (torch.cuda.get_device_name(pl_module.device) if pl_module.device.type == "cuda"
+                            else pl_module.device.type)
         every = self.log_every_n_steps or trainer.log_every_n_steps or 50
         step = trainer.global_step
         if not trainer.is_global_zero or step % every or step == self._last_train_log:
@@ -269,7 +272,7 @@ class StageHandoff(L.Callback):
             flops = flops_per_token(*model_shape(pl_module), seq_len)
             mfu = round(rate / trainer.world_size * flops / peak, 4)
         return {"tokens_per_s": round(rate), "mfu": mfu, "tokens": tokens, "seconds": round(seconds, 2),
-                "devices": trainer.world_size, "seq_len": seq_len}
+                "devices": trainer.world_size, "device": self._device, "seq_len": seq_len}
 
     def wall_time_s(self) -> float:
         """Seconds spent in fit for this stage, over every resume."""

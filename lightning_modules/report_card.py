@@ -43,6 +43,15 @@ def machine_card() -> str:
     return f"{len(names)}x {names[0]}" if names else "cpu"
 
 
+def records_card(records) -> str | None:
+    """``2x NVIDIA H200`` when the records that name their device all name the same one and count (None else)."""
+    named = {(t["devices"], t["device"]) for t in (r.get("throughput") or {} for r in records) if t.get("device")}
+    if len(named) != 1:
+        return None
+    devices, device = named.pop()
+    return f"{devices}x {device}"
+
+
 def current_commit() -> str | None:
     """``$STAGEWISE_COMMIT`` (a copy of the code without its git history names it so), else ``git rev-parse``."""
     if os.environ.get("STAGEWISE_COMMIT"):
@@ -113,9 +122,10 @@ def _entry(name: str, record: dict, models_dir: Path, own_stage_losses: dict[str
 
 
 def report_card(experiment: str, stages: list[str], baselines: list[str], models_dir: str | Path = "models",
-                data_dir: str | Path | None = None, command: str | None = None) -> dict:
+                data_dir: str | Path | None = None, command: str | None = None, card: str | None = None) -> dict:
     """The report card of an experiment's finished stages and baselines (module docstring). ``data_dir``
-    (default: the first stage's) gives the held-out splits' bytes per token for bits per byte."""
+    (default: the first stage's) gives the held-out splits' bytes per token for bits per byte; ``card`` the
+    machine the runs trained on (default: the one their records name, else this one)."""
     from datamodules.tokenizer import load_tokenizer
 
     experiment_models = Path(models_dir) / experiment
@@ -133,7 +143,8 @@ def report_card(experiment: str, stages: list[str], baselines: list[str], models
             bpt[d] = bytes_per_token(data_dir / d, tokenizer)
     own: dict[str, float] = {}  # each domain's loss at the end of the stage that trained it
     own_after: dict[str, dict[str, float]] = {}  # `own` as it stood after each stage (a variant's parent)
-    card = {"experiment": experiment, "card": machine_card(), "commit": current_commit(), "command": command,
+    card = {"experiment": experiment, "card": card or records_card(records.values()) or machine_card(),
+            "commit": current_commit(), "command": command,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "data_dir": str(data_dir), "bytes_per_token": bpt, "stages": {}, "baselines": {}}
     for name in stages:
