@@ -53,7 +53,8 @@ class StabilityGap(L.Callback):
     def __init__(self, every_n_steps: int = 10, until: float = 0.2, domains: list[str] | None = None,
                  stage: str | None = None, models_dir: str = "models") -> None:
         if every_n_steps < 1 or until <= 0:
-            raise StagewiseError(f"StabilityGap needs every_n_steps >= 1 and until > 0, got {every_n_steps} and {until}")
+            raise StagewiseError(f"StabilityGap needs every_n_steps >= 1 and until > 0, got {every_n_steps} and "
+                                 f"{until}")
         self.every_n_steps, self.until = every_n_steps, until
         self.domains = list(domains) if domains is not None else None
         self.stage, self.models_dir = stage, models_dir
@@ -87,7 +88,7 @@ class StabilityGap(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         sums = []
-        with torch.inference_mode(), trainer.precision_plugin.val_step_context():
+        with _eval_grad_mode(trainer), trainer.precision_plugin.val_step_context():
             for domain in domains:
                 total = torch.zeros(2, device=pl_module.device, dtype=torch.float64)
                 for batch in itertools.islice(loaders[domain], _batches(trainer, loaders[domain])):
@@ -131,3 +132,15 @@ def _batches(trainer: L.Trainer, loader: Any) -> int:
     """How many of ``loader``'s batches a validation reads: ``limit_val_batches`` as Lightning applies it."""
     limit, n = trainer.limit_val_batches, len(loader)
     return min(n, limit) if isinstance(limit, int) else int(n * limit)
+
+
+def _eval_grad_mode(trainer: L.Trainer):
+    """The autograd mode Lightning validates under (so a compiled loss sees the same guards): inference mode,
+    but no_grad under FSDP, the gloo backend, or ``inference_mode=False``."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    gloo = torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_backend() == "gloo"
+    if gloo or isinstance(trainer.strategy, FSDPStrategy) or not trainer.fit_loop.epoch_loop.val_loop.inference_mode:
+        return torch.no_grad()
+    return torch.inference_mode()

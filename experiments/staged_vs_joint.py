@@ -126,7 +126,8 @@ def execute(run: Run, args: argparse.Namespace, device: str, bytes_per_token: di
     entry |= {
         "status": "ok",
         "losses": {"final": final, "curve": curves},
-        "bpb": {"final": {d: bits_per_byte(loss, bytes_per_token[d]) for d, loss in final.items() if d in bytes_per_token}},
+        "bpb": {"final": {d: bits_per_byte(loss, bytes_per_token[d]) for d, loss in final.items()
+                          if d in bytes_per_token}},
         "tokens": record["tokens"],
         "optimizer_steps": record["optimizer_steps"],
         "wall_time_s": record["wall_time_s"],  # inside fit: training, validation and checkpoint saving
@@ -173,11 +174,13 @@ def worker(study: Study, device: str, bytes_per_token: dict[str, float], summari
             entry = execute(run, args, device, bytes_per_token)
         except Exception as err:  # noqa: BLE001  (a broken run must not stop the study)
             entry = {"key": run.key, "arm": run.arm, "condition": run.condition, "seed": run.seed, "stage": run.stage,
-                     "name": run.name, "status": "failed", "stderr_tail": f"{type(err).__name__}: {err}", "date": _now()}
+                     "name": run.name, "status": "failed", "stderr_tail": f"{type(err).__name__}: {err}",
+                     "date": _now()}
         if entry["status"] == "ok":
             final = entry["losses"]["final"]
+            losses = ", ".join(f"{d} {final[d]:.3f}" for d in DOMAINS if d in final)
             console.print(f"[green]done[/]  {run.label} in {entry['process_time_s']:.0f}s (fit "
-                          f"{entry['wall_time_s']:.0f}s): " + ", ".join(f"{d} {final[d]:.3f}" for d in DOMAINS if d in final))
+                          f"{entry['wall_time_s']:.0f}s): {losses}")
         else:
             console.print(f"[red]{entry['status']}[/] {run.label}: {entry['stderr_tail'][-600:]}")
         if run.condition != "stage1" and not args.keep_checkpoints:  # only stage 1's are read again
@@ -221,7 +224,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the trained arm's stage-2 LR sweep")
     p.add_argument("--replays", type=float, nargs="+", default=[0.01, 0.05, 0.25],
                    help="language replay fractions of stage 2 (0 is `staged`)")
-    p.add_argument("--warmup-fraction", type=float, default=0.05, help="the trained arm's LR warmup, of each run's steps")
+    p.add_argument("--warmup-fraction", type=float, default=0.05,
+                   help="the trained arm's LR warmup, of each run's steps")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32, help="sequences per optimizer step")
     p.add_argument("--val-points", type=int, default=8, help="validations per run, evenly spaced, the last at its end")
@@ -233,7 +237,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the CPU (`cpu cpu`: two at once)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds after which no new run starts (running ones finish, results are written)")
-    p.add_argument("--plan", action="store_true", help="print the runs, their tokens and the estimated time; run nothing")
+    p.add_argument("--plan", action="store_true",
+                   help="print the runs, their tokens and the estimated time; run nothing")
     p.add_argument("--assume-tokens-per-s", type=float, default=1.4e6,
                    help="--plan: training tokens/s of one GPU with all its workers together")
     p.add_argument("--assume-start-s", type=float, default=30.0,

@@ -20,7 +20,6 @@ from datamodules.stage_record import file_sha256
 from lightning_modules.pipeline import StageSpec, Workspace, fit_command
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
 DOMAINS = ("language", "code")
 ARMS = ("trained", "seed")
 SEED_RECIPE = {"stage1_lr": 3e-5, "staged_lr": 5e-6, "forgetting_lr": 1e-5, "warmup_steps": 300}
@@ -107,7 +106,8 @@ class Run:
 
     @property
     def label(self) -> str:
-        return f"{self.arm}/{self.condition}/seed{self.seed}" + (f" (lr {self.lr:g})" if self.condition == "stage1" else "")
+        lr = f" (lr {self.lr:g})" if self.condition == "stage1" else ""
+        return f"{self.arm}/{self.condition}/seed{self.seed}{lr}"
 
 
 def _config(*parts: str) -> str:
@@ -132,9 +132,9 @@ def plan_runs(args: argparse.Namespace, budget: Budget, chosen_lr: float | None)
                carry: bool = False) -> Run:
         configs = [_config("stages", "code.yaml")] + ([_config("stages", "code_replay.yaml")] if replay else [])
         warmup = warm(budget.stage2_steps) if arm == "trained" else seed_warm(budget.stage2_steps)
+        mixture = {"code": round(1 - replay, 6), "language": replay} if replay else None
         return Run(arm, condition, parent.seed, condition, configs + [model], lr, budget.stage2_steps, warmup, tier,
-                   parent=parent, mixture={"code": round(1 - replay, 6), "language": replay} if replay else None, carry=carry,
-                   replay=replay)
+                   parent=parent, mixture=mixture, carry=carry, replay=replay)
 
     def joint(arm: str, condition: str, seed: int, lr: float, code: float, tier: int) -> Run:
         warmup = warm(budget.joint_steps) if arm == "trained" else seed_warm(budget.joint_steps)
@@ -159,7 +159,8 @@ def plan_runs(args: argparse.Namespace, budget: Budget, chosen_lr: float | None)
                 runs.append(stage2("trained", "staged_carry", parent, args.stage2_lr, 3, carry=True))
                 for fraction in args.replays:
                     tier = 3 if math.isclose(fraction, 0.05) else 4
-                    runs.append(stage2("trained", replay_condition(fraction), parent, args.stage2_lr, tier, replay=fraction))
+                    runs.append(stage2("trained", replay_condition(fraction), parent, args.stage2_lr, tier,
+                                       replay=fraction))
     if "seed" in args.arms:
         for seed in args.study_seeds:
             parent = stage1("seed", seed, SEED_RECIPE["stage1_lr"])
@@ -174,9 +175,10 @@ def plan_runs(args: argparse.Namespace, budget: Budget, chosen_lr: float | None)
 def conditions_of(args: argparse.Namespace) -> dict[str, list[str]]:
     """The conditions each arm has with these settings (``sweep`` and ``stage1`` included)."""
     trained = ["sweep", "stage1", "staged", "staged_carry", "joint", "joint_upsampled"]
-    trained += [lr_condition("trained", lr, args) for lr in args.stage2_lrs if lr_condition("trained", lr, args) != "staged"]
+    trained += [c for c in (lr_condition("trained", lr, args) for lr in args.stage2_lrs) if c != "staged"]
     trained += [replay_condition(f) for f in args.replays]
-    return {"trained": trained, "seed": ["stage1", "staged", lr_condition("seed", SEED_RECIPE["forgetting_lr"], args), "joint"]}
+    seed = ["stage1", "staged", lr_condition("seed", SEED_RECIPE["forgetting_lr"], args), "joint"]
+    return {"trained": trained, "seed": seed}
 
 
 def selected(run: Run, args: argparse.Namespace) -> bool:
@@ -197,7 +199,8 @@ def repo_relative(path: Path) -> str:
 
 def workspace(run: Run, args: argparse.Namespace) -> Workspace:
     """The experiment of ``run`` and its directories (relative to the repository, where the fits run)."""
-    return Workspace(run.experiment, repo_relative(args.work_dir / "models"), repo_relative(args.work_dir / "runs"), repo_relative(args.data_dir))
+    return Workspace(run.experiment, repo_relative(args.work_dir / "models"), repo_relative(args.work_dir / "runs"),
+                     repo_relative(args.data_dir))
 
 
 def run_dir(run: Run, args: argparse.Namespace) -> Path:
@@ -268,8 +271,9 @@ def data_fingerprint(data_dir: Path) -> str:
 
 
 def assign_keys(runs: list[Run], args: argparse.Namespace, fingerprint: str) -> None:
-    """Each run's key: its stage (configs, overrides, name, experiment), its parent's key and the data; not the
-    directories it writes to, so another ``--work-dir`` finds the same runs done."""
+    """Each run's key: its stage's command (configs named, overrides, name, experiment; not what the config files
+    hold, so an edited config does not re-run finished runs), its parent's key and the data; not the directories
+    it writes to, so another ``--work-dir`` finds the same runs done."""
     for run in runs:  # parents come before their children
         spec = stage_spec(run, args)
         blob = [spec.configs, spec.args, run.name, run.experiment, run.parent.key if run.parent else None, fingerprint]

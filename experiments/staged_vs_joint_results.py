@@ -87,7 +87,8 @@ def stability(entry: dict) -> dict | None:
     if start is None:
         return None
     start_tokens = probe[0][1] if probe else entry["tokens"]["total"] - entry["tokens"]["stage"]
-    points = [(p[1], p[2]) for p in probe if p[0] > 0] + [tuple(p) for p in entry["losses"]["curve"].get("language", [])]
+    curve = entry["losses"]["curve"].get("language", [])
+    points = [(p[1], p[2]) for p in probe if p[0] > 0] + [tuple(p) for p in curve]
     points = [p for p in points if p[0] > start_tokens]
     final = entry["losses"]["final"]["language"]
     if not points:
@@ -129,7 +130,8 @@ def paths(study: Study) -> dict[str, dict[str, dict[int, dict]]]:
             path["wall_time_s"] += parent["wall_time_s"]
             path["process_time_s"] += parent["process_time_s"]
             before = e.get("parent_final") or parent["losses"]["final"]
-            path["rise"] = {d: e["losses"]["final"][d] - before[d] for d in DOMAINS if d in before and d in e["losses"]["final"]}
+            after = e["losses"]["final"]
+            path["rise"] = {d: after[d] - before[d] for d in DOMAINS if d in before and d in after}
             path["gap"] = stability(e)
         out.setdefault(run.arm, {}).setdefault(run.condition, {})[run.seed] = path
     return out
@@ -142,6 +144,11 @@ def _loss(d: str):
 
 def _rise(p: dict) -> float | None:
     return (p.get("rise") or {}).get("language")
+
+
+def _rises(seeds: dict[int, dict]) -> list[float]:
+    """The language rise of every seed that has one."""
+    return [v for v in map(_rise, seeds.values()) if v is not None]
 
 
 def _beats(staged: dict, joint: dict, min_effect: float) -> tuple[str, str]:
@@ -174,15 +181,15 @@ def verdicts(by_condition: dict[str, dict[int, dict]], arm: str, lr_names: dict[
 
     claim = "(2) stage-2 LR 1e-5 forgets language while 5e-6 keeps it"
     hi, lo = by_condition.get(lr_names.get(1e-5, ""), {}), by_condition.get(lr_names.get(5e-6, ""), {})
-    rise_hi, rise_lo = [v for v in map(_rise, hi.values()) if v is not None], [v for v in map(_rise, lo.values()) if v is not None]
+    rise_hi, rise_lo = _rises(hi), _rises(lo)
     if not rise_hi or not rise_lo:
         out.append((claim, "not measured", "a stage-2 run at 1e-5 or at 5e-6 has no result"))
     else:
         forgets_hi, forgets_lo = clearly_positive(rise_hi, min_effect), clearly_positive(rise_lo, min_effect)
         verdict = "not supported" if not forgets_hi else "mixed" if forgets_lo else "supported"
-        out.append((claim, verdict, f"language-loss rise over stage 2: LR 1e-5 {_fmt(rise_hi)} "
-                                    f"({'clear rise' if forgets_hi else 'no clear rise'}), LR 5e-6 {_fmt(rise_lo)} "
-                                    f"({'clear rise' if forgets_lo else 'no clear rise'}); language loss after LR 1e-5: "
+        clear = {True: "clear rise", False: "no clear rise"}
+        out.append((claim, verdict, f"language-loss rise over stage 2: LR 1e-5 {_fmt(rise_hi)} ({clear[forgets_hi]}), "
+                                    f"LR 5e-6 {_fmt(rise_lo)} ({clear[forgets_lo]}); language loss after LR 1e-5: "
                                     f"{_fmt([p['losses']['language'] for p in hi.values()])} (seed: 6.6)"))
 
     claim = "(3) the staged path costs only a little more wall time than joint training"
@@ -198,20 +205,21 @@ def verdicts(by_condition: dict[str, dict[int, dict]], arm: str, lr_names: dict[
     return out
 
 
-def other_findings(by_condition: dict[str, dict[int, dict]], min_effect: float = MIN_EFFECT) -> list[tuple[str, str, str]]:
+def other_findings(by_condition: dict[str, dict[int, dict]],
+                   min_effect: float = MIN_EFFECT) -> list[tuple[str, str, str]]:
     """Rules A (5% replay) and B (carried optimizer state) of RULES, for the trained arm."""
     staged, out = by_condition.get("staged", {}), []
     replay5 = by_condition.get(replay_condition(0.05), {})
     claim = "(A) 5% replay removes most of the forgetting (Ibrahim et al. 2024)"
-    rise0 = [v for v in map(_rise, staged.values()) if v is not None]
-    rise5 = [v for v in map(_rise, replay5.values()) if v is not None]
+    rise0, rise5 = _rises(staged), _rises(replay5)
     if not rise0 or not rise5:
         out.append((claim, "not measured", "staged or replay5 has no result"))
     elif not clearly_positive(rise0, min_effect):
         out.append((claim, "not measurable", f"staged shows no clear rise to remove ({_fmt(rise0)})"))
     else:
         reduced = clearly_positive(_paired(staged, replay5, _rise), min_effect)
-        verdict = "supported" if reduced and statistics.fmean(rise5) <= (1 - MOST) * statistics.fmean(rise0) else "not supported"
+        most = reduced and statistics.fmean(rise5) <= (1 - MOST) * statistics.fmean(rise0)
+        verdict = "supported" if most else "not supported"
         out.append((claim, verdict, f"language rise: staged {_fmt(rise0)}, 5% replay {_fmt(rise5)}"))
     carry = by_condition.get("staged_carry", {})
     claim = "(B) carrying the optimizer state over vs a fresh optimizer"
@@ -219,7 +227,8 @@ def other_findings(by_condition: dict[str, dict[int, dict]], min_effect: float =
         out.append((claim, "not measured", "no seed has both staged and staged_carry"))
     else:
         notes = []
-        for name, value in [(f"{d} loss", _loss(d)) for d in DOMAINS] + [("gap", lambda p: (p.get("gap") or {}).get("gap"))]:
+        gap = lambda p: (p.get("gap") or {}).get("gap")  # noqa: E731
+        for name, value in [(f"{d} loss", _loss(d)) for d in DOMAINS] + [("gap", gap)]:
             diff = _paired(carry, staged, value)
             which = ("carried clearly lower" if clearly_positive([-x for x in diff], min_effect) else
                      "carried clearly higher" if clearly_positive(diff, min_effect) else "no clear difference")
@@ -240,7 +249,8 @@ def settings(study: Study, bytes_per_token: dict[str, float]) -> dict:
     return {
         "size": args.size, "seq_len": args.seq_len, "batch_size": args.batch_size, "tokens_per_step": b.tokens_per_step,
         "budget": {"stage1_steps": b.stage1_steps, "stage2_steps": b.stage2_steps, "joint_steps": b.joint_steps,
-                   "stage1_tokens": b.stage1_steps * b.tokens_per_step, "stage2_tokens": b.stage2_steps * b.tokens_per_step,
+                   "stage1_tokens": b.stage1_steps * b.tokens_per_step,
+                   "stage2_tokens": b.stage2_steps * b.tokens_per_step,
                    "code_share": round(b.code_share, 6)},
         "seeds": args.study_seeds, "stage1_lrs": args.stage1_lrs, "stage1_lr_chosen": study.chosen_lr_if_known(),
         "stage1_target": args.stage1_target, "stage2_lr": args.stage2_lr, "stage2_lrs": args.stage2_lrs,
@@ -271,7 +281,8 @@ def plan_text(study: Study) -> str:
     lines = [f"staged vs joint: {args.size}, {b.tokens_per_step:,} tokens per step; stage 1 {b.stage1_steps} steps "
              f"({b.stage1_steps * b.tokens_per_step / 1e6:.2f}M tokens), stage 2 {b.stage2_steps} "
              f"({b.stage2_steps * b.tokens_per_step / 1e6:.2f}M), joint {b.joint_steps}; workers {args.devices}", "",
-             "| status | arm | condition | seed | lr | steps | tokens (M) | est. s |", "|---|---|---|---|---|---|---|---|"]
+             "| status | arm | condition | seed | lr | steps | tokens (M) | est. s |",
+             "|---|---|---|---|---|---|---|---|"]
     todo = study.todo()
     for run in todo + [r for r in study.runs if r not in todo]:  # in the order they would start
         status = ("to run" + (" again" if study.done(run.key) else "") if run in todo else
@@ -283,8 +294,9 @@ def plan_text(study: Study) -> str:
         lines.append(f"| {status} | {run.arm} | {run.condition} | {run.seed} | {lr_tag(run.lr)} | {run.steps} | "
                      f"{run.steps * b.tokens_per_step / 1e6:.1f} | {seconds:.0f} |")
     tokens, seconds = estimate(study, todo)
-    lines += ["", f"to run now: {len(todo)} runs, {tokens / 1e6:.0f}M tokens, ≈{seconds / 60:.1f} min on {args.devices} "
-                  f"(assuming {args.assume_tokens_per_s / 1e6:.2f}M tokens/s per GPU, {args.assume_start_s:.0f} s start-up per run)"]
+    lines += ["", f"to run now: {len(todo)} runs, {tokens / 1e6:.0f}M tokens, ≈{seconds / 60:.1f} min on "
+                  f"{args.devices} (assuming {args.assume_tokens_per_s / 1e6:.2f}M tokens/s per GPU, "
+                  f"{args.assume_start_s:.0f} s start-up per run)"]
     if study.chosen_lr_if_known() is None and "trained" in args.arms:
         later = [r for r in plan_runs(args, b, args.stage1_lrs[0]) if r.arm == "trained" and not r.sweep]
         tokens, seconds = estimate(study, later)
@@ -304,8 +316,9 @@ def _table(by_condition: dict[str, dict[int, dict]], conditions: list[str]) -> l
         cells = []
         for d in DOMAINS:
             cells += [_fmt([x["losses"].get(d) for x in p]), _fmt([x["bpb"].get(d) for x in p])]
-        lines.append(" | ".join([f"| {c}", str(len(p)), *cells, _fmt([_rise(x) for x in p]),
-                                 _fmt([x["tokens"] / 1e6 for x in p], 2), _fmt([x["wall_time_s"] for x in p], 0)]) + " |")
+        cells += [_fmt([_rise(x) for x in p]), _fmt([x["tokens"] / 1e6 for x in p], 2),
+                  _fmt([x["wall_time_s"] for x in p], 0)]
+        lines.append(" | ".join([f"| {c}", str(len(p)), *cells]) + " |")
     return lines
 
 
@@ -317,24 +330,27 @@ def _gap_table(by_arm: dict[str, dict[str, dict[int, dict]]], tokens_per_step: i
             gaps = [p["gap"] for p in seeds.values() if p.get("gap")]
             if not gaps:
                 continue
-            lines.append(f"| {arm} | {c} | {len(gaps)} | {_fmt([g['start'] for g in gaps])} | {_fmt([g['peak'] for g in gaps])} | "
-                         f"{_fmt([g['gap'] for g in gaps])} | {_fmt([g['peak_at_tokens'] / tokens_per_step for g in gaps], 0)} | "
-                         f"{_fmt([g['final_rise'] for g in gaps])} | {_fmt([g['recovered'] for g in gaps], 2)} |")
+            cells = [_fmt([g[k] for g in gaps]) for k in ("start", "peak", "gap")]
+            cells += [_fmt([g["peak_at_tokens"] / tokens_per_step for g in gaps], 0),
+                      _fmt([g["final_rise"] for g in gaps]), _fmt([g["recovered"] for g in gaps], 2)]
+            lines.append(f"| {arm} | {c} | {len(gaps)} | " + " | ".join(cells) + " |")
     return lines
 
 
 def _sweep(study: Study) -> list[str]:
     args, lr = study.args, study.chosen_lr_if_known()
-    lines = [f"Stage 1 of the trained arm, seed {args.study_seeds[0]}, {study.budget.stage1_steps} steps; chosen by the "
-             f"lowest final held-out language loss; target ≤ {args.stage1_target} nats/token.", "",
-             "| LR | status | language loss | language bits/byte | code loss (not trained) | ≤ target |", "|---|---|---|---|---|---|"]
+    lines = [f"Stage 1 of the trained arm, seed {args.study_seeds[0]}, {study.budget.stage1_steps} steps; chosen by "
+             f"the lowest final held-out language loss; target ≤ {args.stage1_target} nats/token.", "",
+             "| LR | status | language loss | language bits/byte | code loss (not trained) | ≤ target |",
+             "|---|---|---|---|---|---|"]
     for run in study.sweep_runs():
         ok, done = study.ok(run.key), study.done(run.key)
         if ok:
             e = ok[0]
             loss, bpb = e["losses"]["final"]["language"], (e.get("bpb") or {}).get("final", {}).get("language")
             mark = " **chosen**" if lr is not None and math.isclose(run.lr, lr) else ""
-            lines.append(f"| {lr_tag(run.lr)}{mark} | ok | {loss:.3f} | {_fmt([bpb])} | {e['losses']['final'].get('code', float('nan')):.3f} | "
+            code = _fmt([e["losses"]["final"].get("code")])
+            lines.append(f"| {lr_tag(run.lr)}{mark} | ok | {loss:.3f} | {_fmt([bpb])} | {code} | "
                          f"{'yes' if loss <= args.stage1_target else 'no'} |")
         else:
             lines.append(f"| {lr_tag(run.lr)} | {'diverged' if done else 'not run yet'} | – | – | – | – |")
@@ -356,10 +372,12 @@ def _not_run(study: Study) -> list[str]:
             continue
         why = study.blocked(run) if id(run) in todo else None
         failed = [e for e in study.entries if e.get("key") == run.key and e.get("status") == "failed"]
-        note = f" (failed {len(failed)}×: `{failed[-1]['stderr_tail'].strip().splitlines()[-1] if failed[-1].get('stderr_tail') else '?'}`)" if failed else ""
+        last = ((failed[-1].get("stderr_tail") or "?").strip().splitlines() or ["?"])[-1] if failed else ""
+        note = f" (failed {len(failed)}×: `{last}`)" if failed else ""
         lines.append(f"- {run.label}" + (f": {why}" if why and "waits" not in why else "") + note)
     if study.chosen_lr_if_known() is None:
-        later = [r for r in plan_runs(study.args, study.budget, study.args.stage1_lrs[0]) if r.arm == "trained" and not r.sweep]
+        later = [r for r in plan_runs(study.args, study.budget, study.args.stage1_lrs[0])
+                 if r.arm == "trained" and not r.sweep]
         lines.append(f"- the trained arm's {len(later)} runs after the stage-1 sweep (its LR decides their stage 1)")
     return lines
 
@@ -371,60 +389,64 @@ def _order(run) -> tuple:
     return kind, run.lr if kind == 3 else run.replay, run.condition
 
 
+def _header(study: Study, settings: dict) -> list[str]:
+    """The settings of the study, its arms, cards, commits and commands, as the first lines of results.md."""
+    args, b, lr = study.args, settings["budget"], study.chosen_lr_if_known()
+    seed = SEED_RECIPE
+
+    def command(c: dict) -> str:
+        speed = f" = {c['tokens_trained'] / c['wall_time_s'] / 1e6:.2f}M tokens/s" if c.get("wall_time_s") else ""
+        return (f"`{c['command']}` ({c['date']}, {c.get('runs_finished', 0)} runs, {c.get('wall_time_s', 0):.0f} s, "
+                f"{c.get('tokens_trained', 0) / 1e6:.0f}M tokens{speed})")
+
+    return [
+        "# Staged vs joint training: the seed's claims, measured in two arms", "",
+        f"Model `{args.size}`, seq_len {args.seq_len}, batch {args.batch_size} ({settings['tokens_per_step']:,} "
+        f"tokens per step); data `{repo_relative(Path(settings['data_dir']))}` (train tokens "
+        f"{settings['data_train_tokens']}; held-out bytes per token {settings['heldout_bytes_per_token']}); "
+        f"{args.val_windows} validation windows per domain, the same for every run; seeds {args.study_seeds}.  ",
+        f"Budget: stage 1 {b['stage1_steps']:,} steps ({b['stage1_tokens'] / 1e6:.2f}M tokens), stage 2 "
+        f"{b['stage2_steps']:,} ({b['stage2_tokens'] / 1e6:.2f}M), joint {b['joint_steps']:,} (their sum; code "
+        f"share of the staged path {b['code_share']:.3f}).  ",
+        f"**trained** arm: stage 1 and joint at LR {'(after the sweep)' if lr is None else lr_tag(lr)} (warmup "
+        f"{args.warmup_fraction:.0%} of each run), stage 2 at {lr_tag(args.stage2_lr)} (staged, carry, replay) and "
+        f"the sweep {', '.join(map(lr_tag, args.stage2_lrs))}, re-warmed.  ",
+        f"**seed** arm: stage 1 and joint at {lr_tag(seed['stage1_lr'])}, stage 2 at {lr_tag(seed['staged_lr'])} "
+        f"(staged) and {lr_tag(seed['forgetting_lr'])}, warmup {seed['warmup_steps']} steps (at most half a run).  ",
+        f"Cards: {', '.join(settings['cards']) or '–'}; commits: {', '.join(settings['commits']) or '–'}.  ",
+        f"Commands ({len(settings['commands'])}, the last 6): " + "; ".join(map(command, settings["commands"][-6:])),
+        "", "Every number is the **final** weights' held-out loss (stage 2 starts from stage 1's final weights). "
+        "Compare within a column only; bits per byte = loss / ln 2 / bytes per token. Path wall time is `fit`'s (a "
+        "stage-2 condition adds its stage 1's); runs that shared a GPU include that sharing.", "",
+    ]
+
+
 def write(study: Study, settings: dict, plots: bool = True) -> None:
     """``results.md`` in ``--out``, and the plots (with ``plots``; else the ones drawn last stay)."""
-    args, out = study.args, study.args.out
-    by_arm = paths(study)
+    args, by_arm = study.args, paths(study)
     plots = plot(study, by_arm) if plots else PLOTS
-    b = settings["budget"]
-    lr = study.chosen_lr_if_known()
-    commands = settings["commands"]
-    lines = [
-        "# Staged vs joint training: the seed's claims, measured in two arms", "",
-        f"Model `{args.size}`, seq_len {args.seq_len}, batch {args.batch_size} ({settings['tokens_per_step']:,} tokens "
-        f"per step); data `{repo_relative(Path(settings['data_dir']))}` (train tokens {settings['data_train_tokens']}; held-out "
-        f"bytes per token {settings['heldout_bytes_per_token']}); {args.val_windows} validation windows per domain, "
-        f"the same for every run; seeds {args.study_seeds}.  ",
-        f"Budget: stage 1 {b['stage1_steps']:,} steps ({b['stage1_tokens'] / 1e6:.2f}M tokens), stage 2 "
-        f"{b['stage2_steps']:,} ({b['stage2_tokens'] / 1e6:.2f}M), joint {b['joint_steps']:,} (their sum; code share "
-        f"of the staged path {b['code_share']:.3f}).  ",
-        f"**trained** arm: stage 1 and joint at LR {'(after the sweep)' if lr is None else f'{lr:g}'} (warmup "
-        f"{args.warmup_fraction:.0%} of each run), stage 2 at {args.stage2_lr:g} (staged, carry, replay) and the sweep "
-        f"{[float(f'{x:g}') for x in args.stage2_lrs]}, re-warmed.  ",
-        f"**seed** arm: stage 1 and joint at {SEED_RECIPE['stage1_lr']:g}, stage 2 at {SEED_RECIPE['staged_lr']:g} "
-        f"(staged) and {SEED_RECIPE['forgetting_lr']:g}, warmup {SEED_RECIPE['warmup_steps']} steps (at most half a run).  ",
-        f"Cards: {', '.join(settings['cards']) or '–'}; commits: {', '.join(settings['commits']) or '–'}.  ",
-        f"Commands ({len(commands)}): " + "; ".join(
-            f"`{c['command']}` ({c['date']}, {c.get('runs_finished', 0)} runs, {c.get('wall_time_s', 0):.0f} s, "
-            f"{c.get('tokens_trained', 0) / 1e6:.0f}M tokens"
-            + (f" = {c['tokens_trained'] / c['wall_time_s'] / 1e6:.2f}M tokens/s" if c.get("wall_time_s") else "") + ")"
-            for c in commands[-6:]), "",
-        "Every number is the **final** weights' held-out loss (stage 2 starts from stage 1's final weights). Compare "
-        "within a column only; bits per byte = loss / ln 2 / bytes per token. Path wall time is `fit`'s (a stage-2 "
-        "condition adds its stage 1's); runs that shared a GPU include that sharing.", "",
-        "## Stage 1: the LR sweep", "", *_sweep(study), "",
-    ]
-    conditions = {arm: [] for arm in ("trained", "seed")}
+    lines = _header(study, settings) + ["## Stage 1: the LR sweep", "", *_sweep(study), ""]
+    conditions: dict[str, list[str]] = {"trained": [], "seed": []}
     for run in sorted(chosen_runs(study), key=_order):
         if run.condition not in conditions[run.arm]:
             conditions[run.arm].append(run.condition)
-    lr_names = {arm: {x: lr_condition(arm, x, args) for x in (5e-6, 1e-5)} for arm in conditions}
-    for arm in ("trained", "seed"):
+    for arm in conditions:
         lines += [f"## Final held-out loss per condition, {arm} arm (mean ± std over seeds)", "",
                   *_table(by_arm.get(arm, {}), conditions[arm]), ""]
-    lines += ["## Stability gap of stage 2 (language held-out loss)", "", *_gap_table(by_arm, study.budget.tokens_per_step), ""]
-    lines += ["## The seed's claims", ""]
-    for arm in ("trained", "seed"):
+    lines += ["## Stability gap of stage 2 (language held-out loss)", "",
+              *_gap_table(by_arm, study.budget.tokens_per_step), "", "## The seed's claims", ""]
+    for arm in conditions:
+        lr_names = {x: lr_condition(arm, x, args) for x in (5e-6, 1e-5)}
         lines += [f"### {arm} arm", ""]
-        for claim, verdict, numbers in verdicts(by_arm.get(arm, {}), arm, lr_names[arm]):
-            lines.append(f"- {claim}: **{verdict}**. {numbers}.")
-        lines.append("")
-    lines += ["## Replay, the optimizer state and the stage-2 LR (trained arm)", ""]
-    for claim, verdict, numbers in other_findings(by_arm.get("trained", {})):
-        lines.append(f"- {claim}: **{verdict}**. {numbers}.")
-    lines += ["", RULES, "", "## Not run yet", "", *(_not_run(study) or ["- nothing: every run of the plan has a result"]),
-              "", "## Plots", "", *(f"![{p}]({p})" for p in plots)]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+        lines += [f"- {claim}: **{verdict}**. {numbers}." for claim, verdict, numbers in
+                  verdicts(by_arm.get(arm, {}), arm, lr_names)] + [""]
+    lines += ["## Replay and the optimizer state (trained arm; the stage-2 LRs: the staged_lr rows above and "
+              "forgetting_vs_lr.png)", ""]
+    lines += [f"- {claim}: **{verdict}**. {numbers}." for claim, verdict, numbers in
+              other_findings(by_arm.get("trained", {}))]
+    left = _not_run(study) or ["- nothing: every run of the plan has a result"]
+    lines += ["", RULES, "", "## Not run yet", "", *left, "", "## Plots", "", *(f"![{p}]({p})" for p in plots)]
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------- plots
@@ -448,7 +470,8 @@ def plot(study: Study, by_arm: dict[str, dict[str, dict[int, dict]]]) -> list[st
                     continue
                 p = [x for x in seeds.values() if d in x["losses"]]
                 if p:
-                    (tm, ts), (ym, ys) = mean_std([x["wall_time_s"] / 60 for x in p]), mean_std([x["losses"][d] for x in p])
+                    (tm, ts) = mean_std([x["wall_time_s"] / 60 for x in p])
+                    (ym, ys) = mean_std([x["losses"][d] for x in p])
                     ax.errorbar([tm], [ym], xerr=[ts], yerr=[ys], fmt=marker[arm], color=color[c], capsize=3,
                                 label=f"{arm}: {c}")
         ax.set(title=f"{d}: final held-out loss vs wall time", xlabel="wall time of the path (min)", ylabel="loss")
@@ -477,8 +500,9 @@ def plot(study: Study, by_arm: dict[str, dict[str, dict[int, dict]]]) -> list[st
     _sweep_plot(axes[0], trained, [(x, lr_condition("trained", x, args)) for x in sorted(args.stage2_lrs)],
                 "stage-2 peak LR", log=True, label="trained")
     seed = by_arm.get("seed", {})
-    _sweep_plot(axes[0], seed, [(x, lr_condition("seed", x, args)) for x in (SEED_RECIPE["staged_lr"], SEED_RECIPE["forgetting_lr"])],
-                "stage-2 peak LR", log=True, label="seed")
+    seed_lrs = (SEED_RECIPE["staged_lr"], SEED_RECIPE["forgetting_lr"])
+    _sweep_plot(axes[0], seed, [(x, lr_condition("seed", x, args)) for x in seed_lrs], "stage-2 peak LR", log=True,
+                label="seed")
     _save(fig, out / "forgetting_vs_lr.png")
     return PLOTS
 
@@ -496,12 +520,14 @@ def _sweep_plot(axes, by_condition: dict, points: list[tuple[float, str]], xlabe
             if values:
                 series[name].append((x, *mean_std(values)))
     tag = f"{label}: " if label else ""
-    for ax, names, ylabel in ((axes[0], ("rise", "gap"), "language loss − stage 1's"), (axes[1], ("code",), "code loss")):
+    labels = {"rise": "final rise", "gap": "peak rise (stability gap)", "code": "final"}
+    panels = ((axes[0], ("rise", "gap"), "language loss − stage 1's"), (axes[1], ("code",), "code loss"))
+    for ax, names, ylabel in panels:
         for name in names:
             if series[name]:
                 x, m, s = zip(*series[name])
                 ax.errorbar(x, m, yerr=s, marker="o", capsize=3, linestyle="--" if name == "gap" else "-",
-                            label=tag + {"rise": "final rise", "gap": "peak rise (stability gap)", "code": "final"}[name])
+                            label=tag + labels[name])
         ax.set(xlabel=xlabel, ylabel=ylabel, xscale="log" if log else "linear")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)

@@ -28,7 +28,8 @@ def test_dense_points_early_in_a_stage_match_validation(tmp_path, monkeypatch, c
     data = f"--data.init_args.data_dir={corpora}"
     main(["fit", "-c", stage("language"), "-c", TINY, data, "--trainer.max_steps=4", "--trainer.val_check_interval=4",
           "--model.init_args.lr=3e-3", "--trainer.callbacks=[]", *COMMON])
-    probe = {"class_path": "callbacks.StabilityGap", "init_args": {"every_n_steps": 2, "until": 0.5, "domains": ["language"]}}
+    probe = {"class_path": "callbacks.StabilityGap",
+             "init_args": {"every_n_steps": 2, "until": 0.5, "domains": ["language"]}}
     main(["fit", "-c", stage("code"), "-c", TINY, data, "--trainer.max_steps=8", "--trainer.val_check_interval=4",
           "--model.init_args.lr=3e-3", "--model.init_args.warmup_steps=1", f"--trainer.callbacks=[{json.dumps(probe)}]",
           *COMMON])
@@ -41,7 +42,8 @@ def test_dense_points_early_in_a_stage_match_validation(tmp_path, monkeypatch, c
     # step 0 holds the parent's weights: its final validation, on the same windows
     assert gap["language"]["start"] == pytest.approx(parent["losses"]["final"]["language"], abs=1e-5)
     # at step 4 the stage also validated: the same number
-    events = EventAccumulator(str(next(Path("runs/default/code").glob("events.out.tfevents.*"))), size_guidance={"scalars": 0})
+    events = next(Path("runs/default/code").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(events), size_guidance={"scalars": 0})
     events.Reload()
     val = {e.step: e.value for e in events.Scalars("val/language/loss")}
     assert points[2][2] == pytest.approx(val[4], abs=1e-5)
