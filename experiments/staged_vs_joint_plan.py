@@ -87,7 +87,8 @@ class Run:
     lr: float
     steps: int
     warmup: int
-    tier: int  # order of importance: 0 the stage-1 sweep, 1 staged vs joint, 2 claim 2, 3 carry / 5% replay, 4 rest
+    tier: int  # order: 0 the stage-1 sweep, 1 staged vs joint (and the seed arm's 1e-5), 2 claim 2, 3 carry and
+    # 5% replay, 4 the rest
     parent: Run | None = None
     mixture: dict[str, float] | None = None
     carry: bool = False
@@ -167,8 +168,9 @@ def plan_runs(args: argparse.Namespace, budget: Budget, chosen_lr: float | None)
             runs.append(parent)
             runs.append(stage2("seed", "staged", parent, SEED_RECIPE["staged_lr"], 1))
             runs.append(joint("seed", "joint", seed, SEED_RECIPE["stage1_lr"], JOINT_CODE_FRACTION, 1))
+            # tier 1 as well: its stage 1 has no other stage-2 run, so it never has to be trained again for it
             runs.append(stage2("seed", lr_condition("seed", SEED_RECIPE["forgetting_lr"], args), parent,
-                               SEED_RECIPE["forgetting_lr"], 2))
+                               SEED_RECIPE["forgetting_lr"], 1))
     return runs
 
 
@@ -297,7 +299,7 @@ class Study:
         self.args, self.budget, self.fingerprint = args, budget, fingerprint
         self.entries, self.commands = load_results(args.out)
         self.lock = threading.Condition()
-        self.in_flight: set[str] = set()
+        self.in_flight: dict[str, float] = {}  # key -> when it started (seconds into the study)
         self.tried: set[str] = set()  # keys run (or failed) by this command: never twice
         self.clock = time.perf_counter  # seconds; the time budget counts from the study's start
         self.start = self.clock()
@@ -397,14 +399,53 @@ class Study:
                 return "waits for its stage 1"
         return None
 
+    def time_scale(self) -> float:
+        """How long the finished runs took against :meth:`estimate_s`'s assumptions (1 before any has run)."""
+        runs = {r.key: r for r in self.runs}
+        measured = [(e["process_time_s"], self.estimate_s(runs[e["key"]], 1.0)) for e in self.entries
+                    if e.get("key") in runs and e.get("process_time_s")]
+        return sum(m for m, _ in measured) / sum(g for _, g in measured) if measured else 1.0
+
+    def estimate_s(self, run: Run, scale: float | None = None) -> float:
+        """Seconds ``run`` should take with every worker busy: ``--assume-start-s`` plus its tokens at its workers'
+        share of ``--assume-tokens-per-s``, times ``scale`` (default :meth:`time_scale`)."""
+        args = self.args
+        per_gpu = len(args.devices) / len(set(args.devices))
+        guess = args.assume_start_s + run.steps * self.budget.tokens_per_step / (args.assume_tokens_per_s / per_gpu)
+        return guess * (self.time_scale() if scale is None else scale)
+
+    def fits(self, run: Run) -> bool:
+        """Whether a stage 1 that only later stage-2 runs need can be trained, with those runs, before the time
+        budget ends: their estimated worker-seconds within what the workers have left after the work begun (runs in
+        flight, and the pending runs of stage 1s on disk or in flight). A stage 1 that cannot is not trained: its
+        stage-2 runs would be left for another command, which would have to train it again."""
+        if self.args.time_budget is None:
+            return True
+        now, scale = self.elapsed(), self.time_scale()
+        seconds = {r.key: self.estimate_s(r, scale) for r in self.runs}
+        left = len(self.args.devices) * (self.args.time_budget - now)
+        begun = sum(max(0.0, seconds.get(k, 0.0) - (now - t)) for k, t in self.in_flight.items())
+        for parent in self.runs:
+            if parent.stage == 1 and (parent.key in self.in_flight or self.available(parent)):
+                begun += sum(seconds[c.key] for c in self.children(parent) if c.key not in self.in_flight)
+        return seconds[run.key] + sum(seconds[c.key] for c in self.children(run)) <= left - begun
+
     def priority(self, run: Run) -> tuple:
         """Decisive runs (tiers 0-1) by tier and seed; then runs whose stage 1 is on disk, then other from-scratch
         runs, then stage 1s to train for the rest; each by tier and seed."""
-        tier = min([run.tier] + [c.tier for c in self.children(run)]) if run.stage == 1 else run.tier
+        tier = run.tier
+        if run.stage == 1:  # a stage 1 done before but needed again counts as its most urgent stage-2 run
+            tier = min(([] if self.done(run.key) else [run.tier]) + [c.tier for c in self.children(run)] or [tier])
         if tier <= 1:
             return (0, 0, tier, run.seed)
         group = 0 if run.parent else 2 if self.children(run) else 1
-        return (1, group, tier, run.seed)
+        return (1, group, run.seed, tier)
+
+    def ready(self, run: Run) -> bool:
+        """Whether ``run`` may start now: nothing blocks it and, for a stage 1 trained for later runs, it fits."""
+        if self.blocked(run) is not None:
+            return False
+        return not (self.priority(run)[:2] == (1, 2) and not self.fits(run))
 
     def todo(self) -> list[Run]:
         """Runs still to start in this command, most important first."""
@@ -420,18 +461,17 @@ class Study:
                         console.print(f"[yellow]time budget of {self.args.time_budget:g}s spent: no new run starts[/]")
                     self.stopped = True
                     return None
-                todo = self.todo()
-                ready = [r for r in todo if self.blocked(r) is None]
-                if ready:
-                    self.in_flight.add(ready[0].key)
-                    return ready[0]
+                ready = next((r for r in self.todo() if self.ready(r)), None)
+                if ready is not None:
+                    self.in_flight[ready.key] = self.elapsed()
+                    return ready
                 if not self.in_flight:
                     return None
                 self.lock.wait()
 
     def finish(self, run: Run, entry: dict) -> None:
         with self.lock:
-            self.in_flight.discard(run.key)
+            self.in_flight.pop(run.key, None)
             self.tried.add(run.key)
             earlier = self.ok(run.key)
             if earlier and entry["status"] == "ok":

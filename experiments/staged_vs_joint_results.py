@@ -266,18 +266,17 @@ def settings(study: Study, bytes_per_token: dict[str, float]) -> dict:
 
 
 def estimate(study: Study, runs: list) -> tuple[float, float]:
-    """(tokens, estimated seconds) of ``runs`` on the study's devices: every GPU trains ``--assume-tokens-per-s``
-    with all its workers together, and each run costs ``--assume-start-s`` of one worker."""
-    args = study.args
+    """(tokens, estimated seconds) of ``runs`` on the study's workers, all busy (``Study.estimate_s``)."""
+    scale = study.time_scale()
     tokens = sum(r.steps for r in runs) * study.budget.tokens_per_step
-    gpus = len(set(args.devices))
-    return tokens, tokens / (args.assume_tokens_per_s * gpus) + len(runs) * args.assume_start_s / len(args.devices)
+    return tokens, sum(study.estimate_s(r, scale) for r in runs) / len(study.args.devices)
 
 
 def plan_text(study: Study) -> str:
     """The runs of the study, what is done and what is left, with tokens and an estimated time."""
     args, b = study.args, study.budget
-    per_gpu = len(args.devices) / len(set(args.devices))
+    scale = study.time_scale()
+    seconds = {r.key: study.estimate_s(r, scale) for r in study.runs}
     lines = [f"staged vs joint: {args.size}, {b.tokens_per_step:,} tokens per step; stage 1 {b.stage1_steps} steps "
              f"({b.stage1_steps * b.tokens_per_step / 1e6:.2f}M tokens), stage 2 {b.stage2_steps} "
              f"({b.stage2_steps * b.tokens_per_step / 1e6:.2f}M), joint {b.joint_steps}; workers {args.devices}", "",
@@ -290,18 +289,19 @@ def plan_text(study: Study) -> str:
         why = study.blocked(run) if run in todo else None
         if why and "waits" not in why:
             status += f" (blocked: {why})"
-        seconds = args.assume_start_s + run.steps * b.tokens_per_step / (args.assume_tokens_per_s / per_gpu)
         lines.append(f"| {status} | {run.arm} | {run.condition} | {run.seed} | {lr_tag(run.lr)} | {run.steps} | "
-                     f"{run.steps * b.tokens_per_step / 1e6:.1f} | {seconds:.0f} |")
-    tokens, seconds = estimate(study, todo)
-    lines += ["", f"to run now: {len(todo)} runs, {tokens / 1e6:.0f}M tokens, ≈{seconds / 60:.1f} min on "
+                     f"{run.steps * b.tokens_per_step / 1e6:.1f} | {seconds[run.key]:.0f} |")
+    tokens, total = estimate(study, todo)
+    longest = max((seconds[r.key] for r in todo), default=0)
+    lines += ["", f"to run now: {len(todo)} runs, {tokens / 1e6:.0f}M tokens, ≈{total / 60:.1f} min on "
                   f"{args.devices} (assuming {args.assume_tokens_per_s / 1e6:.2f}M tokens/s per GPU, "
-                  f"{args.assume_start_s:.0f} s start-up per run)"]
+                  f"{args.assume_start_s:.0f} s start-up per run, scaled by the finished runs' times); the longest "
+                  f"run ≈{longest:.0f} s: a command may end that long after --time-budget"]
     if study.chosen_lr_if_known() is None and "trained" in args.arms:
         later = [r for r in plan_runs(args, b, args.stage1_lrs[0]) if r.arm == "trained" and not r.sweep]
-        tokens, seconds = estimate(study, later)
+        tokens, total = estimate(study, later)
         lines.append(f"after the sweep: the trained arm's {len(later)} other runs, {tokens / 1e6:.0f}M tokens, "
-                     f"≈{seconds / 60:.1f} min more")
+                     f"≈{total / 60:.1f} min more")
     return "\n".join(lines)
 
 
@@ -368,12 +368,12 @@ def _not_run(study: Study) -> list[str]:
     lines = []
     todo = set(id(r) for r in study.todo())
     for run in study.runs:
-        if study.done(run.key) or (run.condition == "stage1" and not run.sweep):
+        failed = [e for e in study.entries if e.get("key") == run.key and e.get("status") == "failed"]
+        if study.done(run.key) or (run.condition == "stage1" and not run.sweep and not failed):
             continue
         why = study.blocked(run) if id(run) in todo else None
-        failed = [e for e in study.entries if e.get("key") == run.key and e.get("status") == "failed"]
         last = ((failed[-1].get("stderr_tail") or "?").strip().splitlines() or ["?"])[-1] if failed else ""
-        note = f" (failed {len(failed)}×: `{last}`)" if failed else ""
+        note = f" (failed {len(failed)}×, last: `{last}`; its stderr.log is in its run directory)" if failed else ""
         lines.append(f"- {run.label}" + (f": {why}" if why and "waits" not in why else "") + note)
     if study.chosen_lr_if_known() is None:
         later = [r for r in plan_runs(study.args, study.budget, study.args.stage1_lrs[0])

@@ -100,10 +100,12 @@ def test_every_condition_of_both_arms_end_to_end(corpora, tmp_path, monkeypatch)
 
 
 # ------------------------------------------------------------------------------- the scheduler, with fake runs
-def fake_runs(monkeypatch, losses=None, fail=(), clock: list | None = None):
+def fake_runs(monkeypatch, losses=None, fail=(), diverge=(), clock: list | None = None):
     """Replace ``execute`` by a fake that records the runs it gets, writes a stage 1's best checkpoint (so its
-    children find it) and returns planted losses: ``losses[(arm, condition)]`` or 3.0 / 2.0."""
+    children find it) and returns planted losses, ``losses[(arm, condition, lr)]`` or 3.0 / 2.0; runs in ``fail``
+    fail, runs in ``diverge`` diverge. The plots are left out (the end-to-end test draws them)."""
     calls = []
+    monkeypatch.setattr(results, "plot", lambda study, by_arm: results.PLOTS)
 
     def fake(run, args, device, bytes_per_token):
         calls.append(run)
@@ -112,11 +114,13 @@ def fake_runs(monkeypatch, losses=None, fail=(), clock: list | None = None):
         entry = {"key": run.key, "arm": run.arm, "condition": run.condition, "seed": run.seed, "stage": run.stage,
                  "name": run.name, "lr": run.lr, "parent": run.parent and run.parent.name, "card": "cpu", "date": "d",
                  "parent_key": run.parent and run.parent.key, "command": study.command_of(run, args)}
-        if (run.arm, run.condition, run.lr) in fail:
+        if (run.arm, run.condition, run.lr) in diverge:
             return entry | {"status": "diverged", "stderr_tail": "non-finite loss or gradient"}
+        if (run.arm, run.condition, run.seed) in fail:
+            return entry | {"status": "failed", "stderr_tail": "Traceback...\nCUDA out of memory"}
         language, code = (losses or {}).get((run.arm, run.condition, run.lr), (3.0, 2.0))
         entry |= {"status": "ok", "losses": {"final": {"language": language, "code": code}, "curve": {}},
-                  "tokens": {"total": 10, "stage": 5, "trained": 5}, "wall_time_s": 1.0, "process_time_s": 1.0}
+                  "tokens": {"total": 10, "stage": 5, "trained": 5}, "wall_time_s": 0.3, "process_time_s": 0.3}
         if run.condition == "stage1":
             best = study.best_checkpoint(run, args)
             best.parent.mkdir(parents=True, exist_ok=True)
@@ -141,13 +145,14 @@ def test_the_sweep_and_the_decisive_conditions_with_all_seeds_run_first(corpora,
     study.main(one_worker(corpora, tmp_path))
     order = [(r.arm, r.condition, r.seed) for r in calls]
     assert order[:2] == [("trained", "stage1", 1)] * 2  # the sweep
-    decisive = {"staged", "joint", "joint_upsampled", "stage1"}
-    first = [o for o in order if o[1] not in decisive]
-    assert order.index(first[0]) == len([o for o in order if o[1] in decisive])  # every decisive run before the rest
-    seeds = [o[2] for o in order[2:order.index(first[0])]]
+    # decisive: staged vs the joint baselines, with the stage 1s they need; in the seed arm also its 1e-5 run, the
+    # only other stage-2 run of its stage 1
+    decisive = [o for o in order if o[1] in ("stage1", "staged", "joint", "joint_upsampled") or o[0] == "seed"]
+    assert order[:len(decisive)] == decisive
+    seeds = [o[2] for o in decisive[2:]]
     assert seeds == sorted(seeds)  # seed 1's decisive runs, then seed 2's
-    rest = [o[1] for o in order[order.index(first[0]):]]
-    assert rest == ["staged_lr1e-5"] * 4 + ["staged_carry"] * 2 + ["replay25"] * 2  # claim 2 (both arms), carry, rest
+    rest = [o[1:] for o in order[len(decisive):]]  # then seed by seed (one stage 1 at a time): claim 2, carry, rest
+    assert rest == [(c, seed) for seed in (1, 2) for c in ("staged_lr1e-5", "staged_carry", "replay25")]
     assert len(order) == len(set((r.key for r in calls)))  # every run once
 
 
@@ -200,9 +205,25 @@ def test_the_time_budget_stops_new_runs_and_results_say_what_is_left(corpora, tm
     assert len(runs) == 2
 
 
+def test_a_stage_1_is_trained_again_only_when_its_stage_2_runs_fit_in_the_time_budget(corpora, tmp_path, monkeypatch):
+    fake_runs(monkeypatch)
+    study.main(one_worker(corpora, tmp_path))  # everything, then a fresh machine that lacks the trained arm's rest
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    rest = ("staged_lr1e-5", "staged_carry", "replay25")
+    saved["runs"] = [e for e in saved["runs"] if not (e["arm"] == "trained" and e["condition"] in rest)]
+    (tmp_path / "out" / "results.json").write_text(json.dumps(saved))
+    shutil.rmtree(tmp_path / "work")
+    clock = [0.0]
+    monkeypatch.setattr(plan_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    calls = fake_runs(monkeypatch, clock=clock)  # every run takes 0.3 s, and so the estimates say (from results.json)
+    study.main(one_worker(corpora, tmp_path, "--time-budget", "1.3"))
+    # stage 1 of seed 1 and its 3 runs fill 1.2 of the 1.3 s; seed 2's would not fit: not trained for nothing
+    assert [(r.condition, r.seed) for r in calls] == [("stage1", 1)] + [(c, 1) for c in rest]
+
+
 def test_a_stage_1_that_misses_its_target_holds_the_trained_arm_back(corpora, tmp_path, monkeypatch):
     losses = {("trained", "stage1", 1e-3): (4.0, 6.0), ("trained", "stage1", 3e-3): (3.9, 6.0)}
-    calls = fake_runs(monkeypatch, losses=losses, fail={("trained", "stage1", 1e-3)})
+    calls = fake_runs(monkeypatch, losses=losses, diverge={("trained", "stage1", 1e-3)})
     args = one_worker(corpora, tmp_path)
     args[args.index("--stage1-target") + 1] = "3.6"
     study.main(args)
@@ -215,6 +236,21 @@ def test_a_stage_1_that_misses_its_target_holds_the_trained_arm_back(corpora, tm
     n = len(calls)
     study.main(args + ["--ignore-target"])
     assert {r.arm for r in calls[n:]} == {"trained"}  # diverged counts as done; the rest of the trained arm runs
+
+
+def test_a_failed_run_holds_back_its_stage_2_runs_and_a_rerun_retries_it(corpora, tmp_path, monkeypatch):
+    calls = fake_runs(monkeypatch, fail={("seed", "stage1", 2)})
+    study.main(one_worker(corpora, tmp_path))
+    assert ("seed", "stage1", 2) in [(r.arm, r.condition, r.seed) for r in calls]
+    assert not [r for r in calls if r.arm == "seed" and r.seed == 2 and r.parent]  # its stage-2 runs never start
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "- seed/staged/seed2: its stage 1 failed in this command" in md
+    assert "- seed/stage1/seed2 (lr 3e-05) (failed 1×, last: `CUDA out of memory`" in md
+    fake_runs(monkeypatch)  # the cause is gone
+    study.main(one_worker(corpora, tmp_path))
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert {(e["condition"], e["status"]) for e in runs if e["arm"] == "seed" and e["seed"] == 2} == {
+        ("stage1", "failed"), ("stage1", "ok"), ("staged", "ok"), ("staged_lr1e-5", "ok"), ("joint", "ok")}
 
 
 def test_subsets_and_the_plan(corpora, tmp_path, monkeypatch, capsys):
