@@ -24,11 +24,12 @@ worker per entry: ``--devices 0 0 0`` runs three at once on GPU 0). Runs hand on
 **final** weights; stage-2 runs also measure the language loss every ``--probe-every`` steps over the first
 ``--probe-until`` of the stage (``callbacks.StabilityGap``: the stability gap).
 
-Order: the stage-1 sweep first, then the decisive conditions (staged and the joint baselines, both arms) with all
-seeds, then claim 2's LRs, carry and 5% replay, then the rest; once those are done, runs whose stage 1 is already
-on disk go before runs that need one trained. ``--arms``, ``--conditions`` and ``--seeds`` run subsets;
-``--time-budget`` starts no run after that many seconds; ``--plan`` prints the runs, their tokens and an estimated
-GPU time, and runs nothing.
+Order: the stage-1 sweep first, then the decisive conditions with all seeds (staged and the joint baselines of
+both arms, and the seed arm's 1e-5 run, the only other run of its stage 1), then seed by seed the rest: claim
+2's LRs, carry and 5% replay, the other LRs and replays, runs whose stage 1 is on disk before runs that need one.
+``--arms``, ``--conditions`` and ``--seeds`` run subsets; ``--time-budget`` starts no run after that many seconds,
+and no stage 1 for later runs that would not finish with them in time; ``--plan`` prints the runs, their tokens
+and an estimated GPU time, and runs nothing.
 
 Resumable: ``results.json`` in ``--out`` holds one entry per finished run, keyed by its stage's command and its
 parent's key, rewritten after every run, so a re-run (also after a killed command, also on a fresh machine where
@@ -37,7 +38,8 @@ trained again when a stage-2 run still needs it; each stage-2 entry keeps its ow
 
     make prepare-gpu      # data/gpu: language 12.5M, code 10.5M train tokens, vocab 8192
     python -m experiments.staged_vs_joint --plan --devices 0 0 0 0
-    python -m experiments.staged_vs_joint --devices 0 0 0 0 --time-budget 420
+    python -m experiments.staged_vs_joint --devices 0 0 0 0 --time-budget 360   # in a 600-s command: the
+    # longest run (joint, ≈165 s with four workers) may start just before the budget ends
 
 Budget (defaults, ``small``, seq_len 512 × batch 32 = 16,384 tokens per step): stage 1 2,288 steps = 37.5M
 tokens (3 epochs of data/gpu's language, the seed's 3), stage 2 576 steps = 9.4M (a quarter of stage 1, as in
@@ -45,7 +47,9 @@ the seed: 10 epochs of a code corpus 7/93 the size of 3 epochs' language; here �
 2,864 steps = 46.9M. One seed of the trained arm: 37.5M + 9 stage-2 runs × 9.4M + 2 joints × 46.9M = 216M tokens,
 about 2.6 min of one H200 at 1.4M tokens/s (several workers together) plus ~30 s of start-up and compilation
 per run shared by the workers; the whole study (both arms, 3 seeds, the sweep) is ~1.07B tokens, ~13 min of
-training plus start-up: several sessions of 8-9 min (``--plan`` prints the estimate).
+training plus start-up. This scheduler, simulated at those assumed rates (not measured) with four workers,
+``--time-budget 360`` and a fresh machine for every command: 4 commands of 522, 415, 365 and 251 s (26 min), 6 stage
+1s trained a second time. ``--plan`` prints the estimate; once runs have finished, their times scale it.
 
 Writes ``--out``: ``results.json``, ``results.md`` (per-condition mean ± std, the sweep, the stability gap,
 verdicts per claim and arm by the rules it states, what has not run yet), ``quality_vs_time.png``,
