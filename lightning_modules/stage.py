@@ -234,9 +234,10 @@ def _start_from(model: Namespace, stage: Stage, fitting: bool, check: bool) -> l
         return []
     if fitting and "init_from" in model:
         model.init_from = str(parent)
-    if check and model.get("carry_optimizer"):
-        optimizer_state_source(parent)  # refused now, before anything is written, when there is none
+    carry = check and model.get("carry_optimizer")  # its source is checked now, before anything is written
     if is_hf_dir(parent):  # a transformers model: no lineage of ours (CausalLM.load_init_from checks it)
+        if carry:
+            optimizer_state_source(parent)  # refused: such a directory holds no optimizer state
         return None
     if not check:
         record = stage_record_for_checkpoint(parent) if parent.is_file() else None
@@ -258,6 +259,8 @@ def _start_from(model: Namespace, stage: Stage, fitting: bool, check: bool) -> l
             f"({where}): that stage did not finish. Resume it with --ckpt_path last, or start from the file as it "
             "is with --model.init_args.init_from"
         )
+    if carry:
+        optimizer_state_source(parent)
     return lineage_domains(record) if record else None
 
 

@@ -112,3 +112,14 @@ def test_carry_optimizer_needs_a_parent(corpora, tmp_path, monkeypatch, capsys):
               "--model.init_args.carry_optimizer=true", *STEPS])
     assert exc.value.code == 2 and "carry_optimizer needs init_from" in capsys.readouterr().err
     assert not Path("runs").exists()
+
+
+def test_a_transformers_parent_has_no_optimizer_state_to_carry(corpora, tmp_path, monkeypatch, capsys, make_llama):
+    monkeypatch.chdir(tmp_path)
+    hf = make_llama(tmp_path / "hf", vocab_size=320)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "-c", stage("code"), f"--data.init_args.data_dir={corpora}", f"--model.init_args.init_from={hf}",
+              "--model.init_args.size=null", "--model.init_args.carry_optimizer=true", *STEPS])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "is a transformers model directory, which holds no optimizer state" in err
+    assert not Path("runs").exists()
