@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.best_checkpoint import BestCheckpoint
 from callbacks.precision import precision_label
+from callbacks.throughput import device_peak_flops, flops_per_token, model_shape
 from datamodules.errors import StagewiseError, TokenizerMismatchError
 from datamodules.metric_names import STAGE_BOUNDARY, TRAIN_TOKENS_LOSS, val_losses, val_tokens_loss
 from datamodules.shards import atomic_path
@@ -78,6 +79,7 @@ class StageHandoff(L.Callback):
         self._wall_before = 0.0  # wall time of earlier runs of this stage (before a resume)
         self._t0: float | None = None
         self._last_train_log = -1
+        self._first_step: tuple[float, int] | None = None  # (time, tokens) after this run's first optimizer step
 
     @property
     def best_path(self) -> Path:
@@ -140,6 +142,10 @@ class StageHandoff(L.Callback):
     # ------------------------------------------------------------------------------------- curves
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if self._first_step is None and trainer.global_step > 0:  # compiled and stepped once: the clock of record
+            if torch.cuda.is_available() and pl_module.device.type == "cuda":
+                torch.cuda.synchronize(pl_module.device)
+            self._first_step = (time.perf_counter(), int(getattr(pl_module, "tokens_seen", 0)))
         every = self.log_every_n_steps or trainer.log_every_n_steps or 50
         step = trainer.global_step
         if not trainer.is_global_zero or step % every or step == self._last_train_log:
@@ -236,12 +242,35 @@ class StageHandoff(L.Callback):
             "losses": {"final": final, "best": best if best is not None else final},
             "best_step": best_step,
             "precision": precision_label(trainer),
+            "throughput": self.throughput(trainer, pl_module),
             "config": _resolved_config(trainer, pl_module),
             # token fractions of the training mixture (replay / joint), when the data module mixes domains
             "replay": getattr(trainer.datamodule, "mixture_fractions", None),
             # the checkpoint whose AdamW state the stage started from (CausalLM's carry_optimizer), else null
             "optimizer_from": getattr(pl_module, "optimizer_from", None),
+            # the text domains' validation window: the next stage validates on the same (see CorpusDataModule)
+            "val_seq_len": getattr(trainer.datamodule, "val_seq_len", None) or getattr(trainer.datamodule, "seq_len", None),
         }
+
+    def throughput(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict | None:
+        """End-to-end speed of this run of the stage: tokens trained after its first optimizer step (compilation
+        and warm-up left out) over the wall time from then to now (validation, tool evaluation and checkpoint
+        saving included), and the MFU that makes on the running device (None off a known GPU)."""
+        if self._first_step is None:
+            return None
+        seconds = time.perf_counter() - self._first_step[0]
+        tokens = int(getattr(pl_module, "tokens_seen", 0)) - self._first_step[1]
+        if seconds <= 0 or tokens <= 0:
+            return None
+        rate = tokens / seconds
+        peak = device_peak_flops(pl_module.device)
+        seq_len = getattr(trainer.datamodule, "seq_len", None)
+        mfu = None
+        if peak and seq_len:
+            flops = flops_per_token(*model_shape(pl_module), seq_len)
+            mfu = round(rate / trainer.world_size * flops / peak, 4)
+        return {"tokens_per_s": round(rate), "mfu": mfu, "tokens": tokens, "seconds": round(seconds, 2),
+                "devices": trainer.world_size, "seq_len": seq_len}
 
     def wall_time_s(self) -> float:
         """Seconds spent in fit for this stage, over every resume."""

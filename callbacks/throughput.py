@@ -13,6 +13,19 @@ H100_BF16_DENSE_FLOPS = 989e12
 """Peak dense bf16 tensor-core FLOP/s of one H100 SXM (the MFU denominator of the shared reference)."""
 
 
+# Dense bf16 tensor-core peaks (vendor datasheets), by a substring of the device name; the first match wins.
+BF16_PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12))
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of ``device`` from :data:`BF16_PEAK_FLOPS`; None on a CPU or an unknown GPU
+    (no MFU is given then)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_PEAK_FLOPS if key in name), None)
+
+
 def flops_per_token(n_params: int, n_layers: int, d_model: int, seq_len: int) -> int:
     """Training FLOPs per token: ``6·N + 12·L·d·T`` (forward + backward of the matmuls, N without the
     input embedding, plus attention's scores and weighted sum over ``seq_len`` positions)."""

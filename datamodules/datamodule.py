@@ -33,9 +33,11 @@ class TokenWindows(Dataset):
         split: ``train``, ``val`` or ``test``.
         seq_len: Tokens per training example.
         max_windows: Use only the first ``max_windows`` windows.
-        align_to_documents: Window ``i`` instead ends where document ``i`` ends (tool examples: every
-            window holds one whole assistant answer, left-truncated context before it; the very first
-            documents are left-padded with the pad token, masked out).
+        align_to_documents: Windows of whole documents instead (tool examples): consecutive documents are
+            packed while they fit in ``seq_len + 1`` tokens, and the window ends where the last of them ends,
+            so every assistant answer is trained on once, after its whole prompt. The tokens before the
+            group's first document (context from the document before it; pad tokens at the very start) are
+            masked out of the loss; a document longer than a window is cut from the left.
     """
 
     PAD_ID = 2  # the reserved <|pad|> (datamodules.tokenizer.SPECIAL_TOKENS)
@@ -47,7 +49,8 @@ class TokenWindows(Dataset):
         self.has_mask = self._data.mask is not None
         self.align = align_to_documents
         if self.align:
-            n = len(self._data.offsets) - 1
+            self._first, self._ends = pack_documents(np.asarray(self._data.offsets, np.int64), seq_len + 1)
+            n = len(self._ends)
         else:
             n = (len(self._data.tokens) - 1) // seq_len if len(self._data.tokens) > seq_len else 0
         self.num_windows = n if max_windows is None else min(n, max_windows)
@@ -64,7 +67,7 @@ class TokenWindows(Dataset):
         start = i * self.seq_len
         end = start + self.seq_len + 1
         if self.align:
-            end = int(self._data.offsets[i + 1])
+            end = int(self._ends[i])
             start = end - self.seq_len - 1
         pad = max(0, -start)
         tokens = self._data.tokens[max(0, start) : end].astype(np.int64)
@@ -72,8 +75,25 @@ class TokenWindows(Dataset):
         item = {"input_ids": window[:-1], "targets": window[1:]}
         if self.has_mask:
             mask = np.concatenate([np.zeros(pad, np.float32), self._data.mask[max(0, start) : end].astype(np.float32)])
+            if self.align:  # only this window's own documents count: the context before them was trained elsewhere
+                mask[: max(0, int(self._first[i]) - start)] = 0
             item["loss_mask"] = torch.from_numpy(mask[1:])
         return item
+
+
+def pack_documents(offsets: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy packing of consecutive documents (``offsets``: their starts, then the stream's end) into windows
+    of ``window`` tokens: each group is as many documents as fit, or one longer document alone. Returns each
+    group's first token and its end (the end of its last document)."""
+    firsts, ends = [], []
+    i, n = 0, len(offsets) - 1
+    while i < n:
+        j = int(np.searchsorted(offsets, offsets[i] + window, side="right")) - 1  # last document end that fits
+        j = max(j, i + 1)
+        firsts.append(offsets[i])
+        ends.append(offsets[j])
+        i = j
+    return np.asarray(firsts, np.int64), np.asarray(ends, np.int64)
 
 
 class WindowSampler(Sampler[int]):
@@ -179,8 +199,12 @@ class CorpusDataModule(L.LightningDataModule):
             always reads in the main process.
         seed: Seed of the training order: each epoch's order is fixed by (seed, epoch).
         val_max_windows: Validate on at most this many windows per domain (default: the whole held-out split).
-        align_tool_examples: For tool corpora, one window per example ending at its answer, instead of
-            packed windows (where an answer of ~50 tokens after ~2K tokens of schemas often falls in no window).
+        val_seq_len: Tokens per validation window of the text domains (default: ``seq_len``). Held-out losses
+            of a domain compare only at one window length: keep it the same in every stage of a lineage when
+            the stages train at different ``seq_len`` (tool corpora always validate on windows of ``seq_len``).
+        align_tool_examples: For tool corpora, windows of whole examples (packed while they fit, each ending
+            where an example ends: every answer trained on once, after its whole prompt), instead of plain
+            windows (where an answer of ~50 tokens after ~2K tokens of schemas often falls in no window).
     """
 
     def __init__(
@@ -193,6 +217,7 @@ class CorpusDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 1234,
         val_max_windows: int | None = None,
+        val_seq_len: int | None = None,
         align_tool_examples: bool = True,
     ):
         super().__init__()
@@ -204,7 +229,7 @@ class CorpusDataModule(L.LightningDataModule):
         self.val_domains = list(val_domains) if val_domains else [corpus]
         self.data_dir = Path(data_dir)
         self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
-        self.seed, self.val_max_windows = seed, val_max_windows
+        self.seed, self.val_max_windows, self.val_seq_len = seed, val_max_windows, val_seq_len
         self._manifests: dict[str, dict] | None = None
         self._vocab_size: int | None = None
 
@@ -213,7 +238,7 @@ class CorpusDataModule(L.LightningDataModule):
         TensorBoard's HPARAMS tab; the loader's position is saved separately by the fit loop."""
         return {"corpus": self.corpus, "val_domains": list(self.val_domains), "data_dir": str(self.data_dir),
                 "seq_len": self.seq_len, "batch_size": self.batch_size, "val_max_windows": self.val_max_windows,
-                "data_seed": self.seed}
+                "val_seq_len": self.val_seq_len, "data_seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         """Settings come from the config, not the checkpoint: nothing to restore."""
@@ -301,12 +326,13 @@ class CorpusDataModule(L.LightningDataModule):
     def _eval_loader(self, domain: str, split: str) -> DataLoader:
         """One domain's held-out windows, in order; a split without one window is refused (a stage that
         validates on nothing would train blind)."""
-        dataset = TokenWindows(self.data_dir / domain, split, self.seq_len, self.val_max_windows,
-                               align_to_documents=self._align(domain))
+        align = self._align(domain)
+        seq_len = self.seq_len if align or not self.val_seq_len else self.val_seq_len
+        dataset = TokenWindows(self.data_dir / domain, split, seq_len, self.val_max_windows, align_to_documents=align)
         if len(dataset) == 0:
             tokens = self.manifests()[domain].get("tokens", {}).get(split, 0)
             raise StagewiseError(
-                f"the '{domain}' {split} split holds {tokens} tokens, not one window of {self.seq_len + 1}: "
+                f"the '{domain}' {split} split holds {tokens} tokens, not one window of {seq_len + 1}: "
                 f"nothing to validate on. Raise that corpus's {split}_fraction (or min_heldout_documents) in "
                 "the data config and re-run `stagewise prepare`, or lower data.seq_len"
             )

@@ -181,6 +181,8 @@ class MixtureDataModule(CorpusDataModule):
             for d in domains:
                 if not (self.data_dir / d / "manifest.json").is_file():
                     known = sorted(p.parent.name for p in self.data_dir.glob("*/manifest.json"))
+                    if not known:  # nothing prepared here at all: say how to prepare it
+                        read_manifest(self.data_dir / d)
                     raise StagewiseError(
                         f"data.mixture names the domain '{d}', but {self.data_dir / d} holds no prepared corpus "
                         f"(prepared here: {known or 'none'}); fix the name or run `stagewise prepare` for it"
@@ -214,7 +216,7 @@ class MixtureDataModule(CorpusDataModule):
         fractions = self.mixture_fractions
         self.manifests()
         names = list(fractions)
-        datasets = [TokenWindows(self.data_dir / d, "train", self.seq_len) for d in names]
+        datasets = [TokenWindows(self.data_dir / d, "train", self.seq_len, align_to_documents=self._align(d)) for d in names]
         empty = [d for d, ds in zip(names, datasets) if len(ds) == 0]
         if empty:
             raise StagewiseError(f"the train split of {empty} holds no window of {self.seq_len + 1} tokens; lower "

@@ -44,8 +44,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "experiments" / "reference" / "throughput_reference.py"
 # size: (preset, seq_len, micro_batch, the reference's name for it)
-SIZES = {"base": ("base", 1024, 32, "124M"), "xl": ("xl", 2048, 8, "1B"), "smoke": ("base", 256, 4, None)}
+SIZES = {"base": ("base", 1024, 32, "124M"), "xl": ("xl", 2048, 8, "1B"), "smoke": ("base", 256, 4, None),
+         # the GPU pipeline's shapes (configs/pipelines/gpu.yaml, vocab 8192): its text stages and its tool stage
+         "small_text": ("small", 1024, 32, None), "small_tools": ("small", 4096, 8, None)}
 VOCAB = 32768
+SIZE_VOCAB = {"small_text": 8192, "small_tools": 8192}  # sizes measured at another vocabulary than VOCAB
+
+
+def vocab_of(size: str) -> int:
+    return SIZE_VOCAB.get(size, VOCAB)
 
 
 def model_config(size: str):
@@ -53,14 +60,14 @@ def model_config(size: str):
 
     preset, seq_len, _, _ = SIZES[size]
     overrides = {"n_layers": 2} if size == "smoke" else {}
-    return TransformerConfig.from_preset(preset, vocab_size=VOCAB, max_seq_len=max(seq_len, 2048), **overrides)
+    return TransformerConfig.from_preset(preset, vocab_size=vocab_of(size), max_seq_len=max(seq_len, 2048), **overrides)
 
 
-def random_windows(n: int, seq_len: int, seed: int = 0) -> list[dict]:
+def random_windows(n: int, seq_len: int, seed: int = 0, vocab: int = VOCAB) -> list[dict]:
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (n, seq_len + 1), generator=g)
+    ids = torch.randint(0, vocab, (n, seq_len + 1), generator=g)
     return [{"input_ids": w[:-1], "targets": w[1:]} for w in ids]
 
 
@@ -78,7 +85,7 @@ def row_stagewise(size: str, steps: int, warmup: int, devices: int, fp8: bool, f
     _, seq_len, batch, _ = SIZES[size]
     cfg = model_config(size)
     overrides = {k: getattr(cfg, k) for k in ("n_layers", "max_seq_len")}
-    model = CausalLM(size=SIZES[size][0], vocab_size=VOCAB, model_overrides=overrides, compile=True,
+    model = CausalLM(size=SIZES[size][0], vocab_size=vocab_of(size), model_overrides=overrides, compile=True,
                      warmup_steps=10, max_steps=1000)
     times: list[float] = []
 
@@ -106,7 +113,7 @@ def row_stagewise(size: str, steps: int, warmup: int, devices: int, fp8: bool, f
         use_distributed_sampler=devices > 1,
         **precision,
     )
-    windows = random_windows((warmup + steps + 2) * batch * devices, seq_len)
+    windows = random_windows((warmup + steps + 2) * batch * devices, seq_len, vocab=vocab_of(size))
     trainer.fit(model, DataLoader(windows, batch_size=batch, pin_memory=True, drop_last=True))
     dt = (times[1] - times[0]) / steps
     row = measured(size, dt, batch * seq_len * devices, devices)
@@ -190,7 +197,7 @@ def row_raw(size: str, steps: int, warmup: int, reference_model: bool = False, p
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                             lr=3e-4, betas=(0.9, 0.95), fused=True)
-    windows = random_windows(batch * 4, seq_len)
+    windows = random_windows(batch * 4, seq_len, vocab=vocab_of(size))
     batches = [{k: torch.stack([w[k] for w in windows[i * batch:(i + 1) * batch]]).cuda() for k in windows[0]}
                for i in range(4)]
 

@@ -137,6 +137,7 @@ def execute(run: Run, args: argparse.Namespace, device: str, bytes_per_token: di
         "wall_time_s": record["wall_time_s"],  # inside fit: training, validation and checkpoint saving
         "precision": record.get("precision"),
         "checkpoint_sha256": record["checkpoint"]["sha256"],
+        "mixture_trained": record.get("replay"),  # the fractions the data module resolved (stage.json's replay)
         "optimizer_from": record.get("optimizer_from"),
         "stability_gap": record.get("stability_gap"),
     }

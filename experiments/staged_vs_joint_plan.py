@@ -131,11 +131,11 @@ def plan_runs(args: argparse.Namespace, budget: Budget, chosen_lr: float | None)
 
     def stage2(arm: str, condition: str, parent: Run, lr: float, tier: int, replay: float = 0.0,
                carry: bool = False) -> Run:
-        configs = [_config("stages", "code.yaml")] + ([_config("stages", "code_replay.yaml")] if replay else [])
         warmup = warm(budget.stage2_steps) if arm == "trained" else seed_warm(budget.stage2_steps)
-        mixture = {"code": round(1 - replay, 6), "language": replay} if replay else None
-        return Run(arm, condition, parent.seed, condition, configs + [model], lr, budget.stage2_steps, warmup, tier,
-                   parent=parent, mixture=mixture, carry=carry, replay=replay)
+        # always explicit: code.yaml's own default is 25% language replay
+        mixture = {"code": round(1 - replay, 6), "language": replay} if replay else {"code": 1.0}
+        return Run(arm, condition, parent.seed, condition, [_config("stages", "code.yaml"), model], lr,
+                   budget.stage2_steps, warmup, tier, parent=parent, mixture=mixture, carry=carry, replay=replay)
 
     def joint(arm: str, condition: str, seed: int, lr: float, code: float, tier: int) -> Run:
         warmup = warm(budget.joint_steps) if arm == "trained" else seed_warm(budget.joint_steps)

@@ -115,16 +115,23 @@ def carry_optimizer_state(optimizer: torch.optim.Optimizer, source: str | Path) 
 
 
 def cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None
+    logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None, per_window: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token cross-entropy (float32) and the number of tokens it averages over; with a
-    ``loss_mask`` only positions where it is 1 count."""
+    ``loss_mask`` only positions where it is 1 count. ``per_window``: the mean over windows of each window's
+    own mean (windows with no position in the mask left out), so every window weighs the same however many of
+    its tokens count (a tool window's answer of ~50 tokens as much as a replayed text window's 1,024)."""
     losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
     if loss_mask is None:
         return losses.mean(), torch.tensor(losses.numel(), device=losses.device, dtype=torch.float32)
-    mask = loss_mask.flatten().to(losses.dtype)
+    mask = loss_mask.to(losses.dtype)
     n = mask.sum()
-    return (losses * mask).sum() / n.clamp(min=1), n
+    if per_window:
+        counts = mask.sum(dim=-1)
+        means = (losses.view_as(mask) * mask).sum(dim=-1) / counts.clamp(min=1)
+        has = (counts > 0).to(losses.dtype)
+        return (means * has).sum() / has.sum().clamp(min=1), n
+    return (losses * mask.flatten()).sum() / n.clamp(min=1), n
 
 
 def model_config(size: str | None, vocab_size: int, model_overrides: dict[str, Any] | None = None,
@@ -199,7 +206,13 @@ class CausalLM(L.LightningModule):
             (:func:`optimizer_state_source`); the LR schedule is still this stage's own (warmup included).
             ``stage.json`` records where they came from (``optimizer_from``). A resumed run takes its optimizer
             from its own ``last.ckpt`` as always.
-        compile: ``torch.compile`` the forward pass together with the loss (state-dict keys stay unchanged).
+        loss_weighting: How the training loss averages a batch with a loss mask: ``tokens`` (every counted
+            token alike) or ``windows`` (each window's mean, then the mean over windows: in a replay mixture
+            beside a tool corpus, the mixture's window fractions are then the loss's fractions, where by tokens
+            the replayed text, every token counted, would outweigh the tool answers many times over).
+            Validation is per domain and by tokens either way.
+        compile: ``torch.compile`` the forward pass together with the loss (state-dict keys stay unchanged);
+            ``None``: where the Trainer runs on CUDA (compilation costs ~30 s a process and pays on a GPU).
         fused_adamw: Use the fused AdamW kernel; ``None``: on CUDA unless fp16 loss scaling is on.
         max_bad_steps: A step whose loss or gradient norm is not finite is skipped (weights and optimizer
             state unchanged; it still counts for the LR schedule and ``max_steps``) and counted in
@@ -225,7 +238,8 @@ class CausalLM(L.LightningModule):
         max_steps: int | None = None,
         init_from: str | None = None,
         carry_optimizer: bool = False,
-        compile: bool = False,
+        loss_weighting: Literal["tokens", "windows"] = "tokens",
+        compile: bool | None = None,
         fused_adamw: bool | None = None,
         max_bad_steps: int = 10,
     ) -> None:
@@ -269,6 +283,14 @@ class CausalLM(L.LightningModule):
         return self._bad_steps_in_a_row
 
     @property
+    def compiles(self) -> bool:
+        """Whether the training and validation losses are compiled: ``compile``, or by default under a Trainer on
+        CUDA."""
+        if self.hparams.get("compile") is not None:
+            return bool(self.hparams.compile)
+        return self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+
+    @property
     def total_tokens(self) -> int:
         """Tokens trained on by this model's whole lineage: ``parent_tokens + tokens_seen``."""
         return self.parent_tokens + self.tokens_seen
@@ -292,7 +314,7 @@ class CausalLM(L.LightningModule):
         # Without a Trainer (``load_from_checkpoint``) the weights come from that checkpoint instead.
         if self.hparams.init_from and self._trainer is not None:
             self.load_init_from(self.hparams.init_from)
-        if self.hparams.compile:
+        if self.compiles:
             # Model and loss in one graph: the float32 logits are never materialised (one H100, base preset,
             # vocab 32768, B=32, T=1024, bf16: 407K tokens/s and 15.7 GB vs 328K and 25.2 GB with
             # ``self.model.compile()`` alone). Modules stay unwrapped, so state-dict keys are unchanged.
@@ -365,7 +387,7 @@ class CausalLM(L.LightningModule):
         """The training loss (override to change it): mean next-token cross-entropy in float32, over the
         positions where ``loss_mask`` is 1 when there is one. Validation always reports plain
         cross-entropy, so runs with different training losses stay comparable."""
-        return cross_entropy(logits, targets, loss_mask)[0]
+        return cross_entropy(logits, targets, loss_mask, per_window=self.hparams.get("loss_weighting") == "windows")[0]
 
     def training_loss(
         self, input_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None

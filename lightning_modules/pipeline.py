@@ -19,11 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -243,6 +244,7 @@ def pipeline(
     models_dir: str = "models",
     runs_dir: str = "runs",
     data_dir: str | None = None,
+    stage_args: list[str] | None = None,
     report: bool = True,
 ) -> dict[str, str]:
     """Prepare the data, run the stages in order and the baselines, then write the report.
@@ -258,7 +260,9 @@ def pipeline(
         runs_dir: Root of the TensorBoard runs.
         data_dir: Where the prepared data is: ``prepare`` writes there and every stage reads it. Default: the
             data config's ``data_dir`` (``data`` without a data config).
-        report: Write ``<runs_dir>/<experiment>/report.md`` and its plots at the end.
+        stage_args: Arguments added to every stage's and baseline's command after its own, e.g.
+            ``[--trainer.max_steps=20, --model.init_args.size=tiny]`` for a short run of a whole pipeline.
+        report: Write ``<runs_dir>/<experiment>/report.md``, its plots and the report card ``report.json``.
 
     Returns:
         What happened to each stage: ``trained``, ``resumed`` or ``skipped``.
@@ -267,10 +271,13 @@ def pipeline(
     where = Workspace(experiment, models_dir, runs_dir, data_dir or _data_dir_of(data))
     if data is not None:
         prepare_main(["-c", data, f"--data_dir={where.data_dir}"])
-    outcome = {spec.name: run_stage(spec, parent, where) for spec, parent in parents(stages, baselines or [])}
+    extra = list(stage_args or [])
+    outcome = {spec.name: run_stage(replace(spec, args=[*spec.args, *extra]), parent, where)
+               for spec, parent in parents(stages, baselines or [])}
     if report:
+        command = shlex.join(["stagewise", "pipeline", *sys.argv[2:]]) if sys.argv[1:2] == ["pipeline"] else None
         path = write_report(experiment, [s.name for s in stages], [b.name for b in baselines or []],
-                            models_dir=models_dir, runs_dir=runs_dir)
+                            models_dir=models_dir, runs_dir=runs_dir, data_dir=where.data_dir, command=command)
         print(path.read_text())  # plain: markdown brackets are not rich markup
         print(f"report: {path}")
     return outcome

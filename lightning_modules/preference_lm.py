@@ -117,7 +117,7 @@ class PreferenceLM(CausalLM):
                 reference = self.build_model()
             reference.load_state_dict(state)
             object.__setattr__(self, "reference", reference.requires_grad_(False).eval())
-        if self.hparams.compile:
+        if self.compiles:
             self.preference_outputs = torch.compile(self.preference_outputs)
 
     def _reference_model(self) -> nn.Module:

@@ -18,6 +18,7 @@ from datamodules.errors import StagewiseError
 from datamodules.metric_names import val_loss, val_tokens_loss
 from datamodules.stage_record import lineage_problems, read_stage_record
 from datamodules.preference import PREFERENCE
+from lightning_modules.report_card import card_markdown, report_card, write_report_card
 
 
 def read_scalars(run_dir: Path, prefix: str) -> dict[str, list[tuple[float, float, float]]]:
@@ -83,7 +84,7 @@ def _at_step(points: list[tuple[float, float, float]], step: float) -> float | N
     return before[-1][1] if before else None
 
 
-def _preference(records: dict[str, dict], experiment_dir: Path, models_dir: str | Path) -> list[str]:
+def _preference(records: dict[str, dict], experiment_dir: Path, experiment_models: Path) -> list[str]:
     """Stages trained on preference pairs: held-out pair metrics at the best checkpoint, tool scores before
     (the parent's) and after."""
     lines = []
@@ -94,7 +95,7 @@ def _preference(records: dict[str, dict], experiment_dir: Path, models_dir: str 
         at_best = {m: _at_step(series.get(f"val/{PREFERENCE}/{m}", []), r.get("best_step", math.inf))
                    for m in ("reward_accuracy", "reward_margin", "loss")}
         parent = (r.get("parent") or {}).get("stage")
-        before = (records.get(parent) or read_stage_record(models_dir, parent) or {}) if parent else {}
+        before = (records.get(parent) or read_stage_record(experiment_models, parent) or {}) if parent else {}
         lines.append(f"| {name} | {parent or '–'} | {_fmt(at_best['reward_accuracy'], 2)} | "
                      f"{_fmt(at_best['reward_margin'])} | {_fmt(at_best['loss'])} | "
                      f"{_tool_scores(before.get('tools'))} → {_tool_scores(r.get('tools'))} |")
@@ -201,9 +202,11 @@ def _lineage_lines(broken: dict[str, list[str]], names: list[str]) -> list[str]:
 
 
 def write_report(experiment: str, stages: list[str], baselines: list[str] | None = None,
-                 models_dir: str = "models", runs_dir: str = "runs") -> Path:
-    """Write ``<runs_dir>/<experiment>/report.md`` (+ PNG plots) and return its path; a broken lineage is
-    reported in it and on stderr."""
+                 models_dir: str = "models", runs_dir: str = "runs", data_dir: str | None = None,
+                 command: str | None = None) -> Path:
+    """Write ``<runs_dir>/<experiment>/report.md`` (+ PNG plots) and the report card ``report.json``
+    (:mod:`lightning_modules.report_card`) and return the markdown's path; a broken lineage is reported in it
+    and on stderr."""
     baselines = baselines or []
     experiment_models = Path(models_dir) / experiment
     records = {}
@@ -224,7 +227,10 @@ def write_report(experiment: str, stages: list[str], baselines: list[str] | None
     lines += _table(records, domains, broken)
     lines += _lineage_lines(broken, stages + baselines)
     lines += _forgetting(records)
-    lines += _preference(records, experiment_dir, models_dir)
+    lines += _preference(records, experiment_dir, experiment_models)
+    card = report_card(experiment, stages, baselines, models_dir, data_dir, command)
+    write_report_card(card, experiment_dir)
+    lines += ["", "## Report card (`report.json`)", "", *card_markdown(card)]
     plots = _plots(experiment_dir, stages, baselines, domains)
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     path = experiment_dir / "report.md"
@@ -235,8 +241,8 @@ def write_report(experiment: str, stages: list[str], baselines: list[str] | None
 
 
 def report(experiment: str, stages: list[str], baselines: list[str] | None = None,
-           models_dir: str = "models", runs_dir: str = "runs") -> None:
-    """Write and print the report of finished runs.
+           models_dir: str = "models", runs_dir: str = "runs", data_dir: str | None = None) -> None:
+    """Write and print the report of finished runs, and its report card ``runs/<experiment>/report.json``.
 
     Args:
         experiment: The experiment name (``runs/<experiment>/``).
@@ -244,8 +250,12 @@ def report(experiment: str, stages: list[str], baselines: list[str] | None = Non
         baselines: Runs compared with the staged path (e.g. ``joint``).
         models_dir: Root of the experiments' records (``<models_dir>/<experiment>/<stage>/stage.json``).
         runs_dir: Root of the TensorBoard runs.
+        data_dir: The prepared data (for bits per byte; default: the first stage's).
     """
-    path = write_report(experiment, stages, baselines, models_dir, runs_dir)
+    import shlex
+
+    command = shlex.join(["stagewise", "report", *sys.argv[2:]]) if sys.argv[1:2] == ["report"] else None
+    path = write_report(experiment, stages, baselines, models_dir, runs_dir, data_dir, command)
     print(path.read_text())
     print(f"report: {path}")
 

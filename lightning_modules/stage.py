@@ -198,8 +198,11 @@ def apply_stage(config: Namespace, stage: Stage, subcommand: str, resuming: bool
     """
     fitting = subcommand == "fit"
     _place_run(config.trainer, stage, subcommand)
-    lineage = _start_from(config.model.get("init_args") or config.model, stage, fitting, check=fitting and not resuming)
+    record = _start_from(config.model.get("init_args") or config.model, stage, fitting, check=fitting and not resuming)
+    lineage = None if record is None else lineage_domains(record)  # None: no record, the lineage is unknown
     data = config.data.get("init_args") or config.data
+    if "val_seq_len" in data and data.val_seq_len is None and (record or {}).get("val_seq_len"):
+        data.val_seq_len = record["val_seq_len"]  # held-out losses of a lineage compare at one window length
     if "corpus" in data:
         data.corpus = stage.domain
     trained = [stage.domain] + (list(data.mixture) if isinstance(data.get("mixture"), (dict, Namespace)) else [])
@@ -224,14 +227,13 @@ def _place_run(trainer: Namespace, stage: Stage, subcommand: str) -> None:
             logger.init_args.save_dir, logger.init_args.name, logger.init_args.version = log_to
 
 
-def _start_from(model: Namespace, stage: Stage, fitting: bool, check: bool) -> list[str] | None:
-    """Set ``init_from`` (an explicit one wins) and return the lineage's domains (from the parent's record): none
-    without a parent, None for a parent whose lineage is unknown (a checkpoint without a record, a transformers
-    model)."""
+def _start_from(model: Namespace, stage: Stage, fitting: bool, check: bool) -> dict | None:
+    """Set ``init_from`` (an explicit one wins) and return the parent's record: ``{}`` without a parent, None
+    for a parent whose lineage is unknown (a checkpoint without a record, a transformers model)."""
     explicit = model.get("init_from")
     parent = Path(explicit) if explicit else stage.parent_checkpoint()
     if parent is None:
-        return []
+        return {}
     if fitting and "init_from" in model:
         model.init_from = str(parent)
     carry = check and model.get("carry_optimizer")  # its source is checked now, before anything is written
@@ -240,8 +242,7 @@ def _start_from(model: Namespace, stage: Stage, fitting: bool, check: bool) -> l
             optimizer_state_source(parent)  # refused: such a directory holds no optimizer state
         return None
     if not check:
-        record = stage_record_for_checkpoint(parent) if parent.is_file() else None
-        return lineage_domains(record) if record else None
+        return (stage_record_for_checkpoint(parent) if parent.is_file() else None) or None
     from_stage = stage.parent_is_stage and not explicit
     if not parent.is_file():
         if from_stage:
@@ -261,7 +262,7 @@ def _start_from(model: Namespace, stage: Stage, fitting: bool, check: bool) -> l
         )
     if carry:
         optimizer_state_source(parent)
-    return lineage_domains(record) if record else None
+    return record or None
 
 
 def _name_callbacks(config: Namespace, stage: Stage) -> None:

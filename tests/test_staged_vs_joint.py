@@ -68,7 +68,11 @@ def test_every_condition_of_both_arms_end_to_end(corpora, tmp_path, monkeypatch)
     assert by[("trained", "stage1")]["name"] == f"language_lr{lr_tag(chosen)}" and by[("seed", "stage1")]["lr"] == 3e-5
     assert "lr=5e-06" in by[("seed", "staged")]["command"] and "lr=1e-05" in by[("seed", "staged_lr1e-5")]["command"]
     assert f"lr={chosen:g}" in by[("trained", "joint")]["command"] and "lr=3e-05" in by[("seed", "joint")]["command"]
-    assert by[("trained", "replay25")]["mixture"] == {"code": 0.75, "language": 0.25}
+    # replay as each condition states it, whatever code.yaml's default (25%): what the data module trained on
+    assert by[("trained", "replay25")]["mixture_trained"] == {"code": 0.75, "language": 0.25}
+    for arm, condition in [("trained", "staged"), ("trained", "staged_carry"), ("trained", "staged_lr1e-5"),
+                           ("seed", "staged"), ("seed", "staged_lr1e-5")]:
+        assert by[(arm, condition)]["mixture_trained"] == {"code": 1.0}
     assert by[("trained", "joint")]["mixture"] == {"language": 0.93, "code": 0.07}
     assert by[("trained", "joint_upsampled")]["mixture"] == {"language": 0.8, "code": 0.2}  # 2 of 10 steps are code
     carry, fresh = by[("trained", "staged_carry")], by[("trained", "staged")]

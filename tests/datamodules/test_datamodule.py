@@ -189,3 +189,23 @@ def test_aligned_tool_windows_end_with_each_examples_answer(tmp_path):
     # a long example is left-truncated: the window ends exactly at its answer
     assert second["targets"].tolist() == [205, 206, 207, 208] and second["loss_mask"].tolist() == [0, 0, 1, 1]
     assert third["targets"].tolist()[-2:] == [304, 305] and third["loss_mask"].sum() == 2
+
+
+def test_tool_windows_pack_whole_examples_and_train_each_answer_once(tmp_path):
+    """Short examples share a window (every answer after its whole prompt); context before a window's own
+    examples is never in its loss, so an answer in it is not trained twice."""
+    from datamodules.datamodule import TokenWindows
+
+    lengths = [2, 2, 3, 6, 2]  # example i: ids 100*(i+1) + k, answer = its last token (mask 1)
+    with ShardWriter(tmp_path / "tools", "train", "uint32", with_mask=True) as w:
+        for i, n in enumerate(lengths):
+            w.add(100 * (i + 1) + np.arange(n), (np.arange(n) == n - 1).astype(np.uint8))
+    windows = TokenWindows(tmp_path / "tools", "train", seq_len=6, align_to_documents=True)
+    assert len(windows) == 3  # [0, 1, 2] fit in 7 tokens; 3 alone (6 tokens; with 4 it would not fit); 4
+    packed = windows[0]
+    assert packed["input_ids"].tolist() == [100, 101, 200, 201, 300, 301]
+    assert packed["loss_mask"].tolist() == [1, 0, 1, 0, 0, 1]  # targets 101, 200, 201, 300, 301, 302
+    last = windows[2]  # the window ends at example 4's end; example 3's tail before it is context only
+    assert last["targets"].tolist() == [402, 403, 404, 405, 500, 501] and last["loss_mask"].tolist() == [0] * 5 + [1]
+    answers = sum(int(windows[i]["loss_mask"].sum()) for i in range(len(windows)))
+    assert answers == len(lengths)  # every answer exactly once

@@ -38,9 +38,13 @@ def windows(batches) -> list[tuple[str, int]]:
     return [(names[int(t) // 1_000_000], int(t) % 1_000_000 // SEQ) for b in batches for t in b["input_ids"][:, 0]]
 
 
-def loader(data_dir, mixture=None, corpus="code", rank=0, world=1, epoch=0, seed=7, batch_size=4, num_workers=0):
+def loader(data_dir, mixture=None, corpus="code", rank=0, world=1, epoch=0, seed=7, batch_size=4, num_workers=0,
+           align_tool_examples=False):
+    """The train loader of a mixture; the tool corpus here is one long document, read as plain windows unless
+    ``align_tool_examples``."""
     dm = MixtureDataModule(corpus=corpus, mixture=mixture or {"code": 0.95, "language": 0.05}, data_dir=str(data_dir),
-                           seq_len=SEQ, batch_size=batch_size, seed=seed, num_workers=num_workers)
+                           seq_len=SEQ, batch_size=batch_size, seed=seed, num_workers=num_workers,
+                           align_tool_examples=align_tool_examples)
     dm._rank_world = lambda: (rank, world)
     dl = dm.train_dataloader()
     dl.sampler.set_epoch(epoch)
@@ -171,7 +175,7 @@ def test_fit_resumes_mid_epoch_with_lightning(data_dir, tmp_path):
 
     def fit(ckpt_path=None):
         dm = MixtureDataModule(corpus="tools", mixture={"tools": 0.5, "language": 0.5}, data_dir=str(data_dir),
-                               seq_len=SEQ, batch_size=2, seed=3)
+                               seq_len=SEQ, batch_size=2, seed=3, align_tool_examples=False)
         model = Recorder()
         every_7 = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=7, save_top_k=-1)
         trainer = L.Trainer(max_steps=16, limit_val_batches=0, logger=False, enable_progress_bar=False,
@@ -184,3 +188,22 @@ def test_fit_resumes_mid_epoch_with_lightning(data_dir, tmp_path):
     assert whole[0][0] == 0 and whole[-1][0] == 1
     assert fit(ckpt_path=tmp_path / "step=7.ckpt") == whole[7:]
     assert fit(ckpt_path=tmp_path / "step=14.ckpt") == whole[14:]
+
+
+def test_tool_windows_in_a_mixture_are_whole_examples(tmp_path):
+    """Replay beside a tool corpus: the tool windows are packed whole examples, as in a tool stage alone."""
+    write_corpus(tmp_path, "language", 40)
+    with ShardWriter(tmp_path / "tools", "train", "uint32", with_mask=True) as w:
+        for i in range(12):  # 12 examples of 3 tokens, the answer their last: a window of 5 holds one
+            w.add(BASE["tools"] + 10 * i + np.arange(3), np.array([0, 0, 1], np.uint8))
+    for split in ("val", "test"):
+        with ShardWriter(tmp_path / "tools", split, "uint32", with_mask=True) as w:
+            w.add(BASE["tools"] + np.arange(3), np.array([0, 0, 1], np.uint8))
+    write_manifest(tmp_path / "tools", {"dtype": "uint32", "kind": "tools", "tokenizer_sha256": SHA,
+                                        "tokens": {"train": 36, "val": 3, "test": 3}})
+    batches = list(loader(tmp_path, {"tools": 0.5, "language": 0.5}, corpus="tools", batch_size=2,
+                          align_tool_examples=True))
+    tool_rows = [(t, m) for b in batches for t, m in zip(b["targets"], b["loss_mask"]) if t[-1] >= BASE["tools"]]
+    assert len(tool_rows) == 12
+    for targets, mask in tool_rows:  # each ends at its example's answer, the one token in its loss
+        assert int(targets[-1] - BASE["tools"]) % 10 == 2 and mask.tolist() == [0, 0, 0, 1]

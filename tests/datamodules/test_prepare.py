@@ -326,14 +326,15 @@ def test_a_corpus_pinned_to_the_first_corpus_tokenizer_continues_its_checkpoint(
     assert json.loads((pinned / "stagewise_tokenizer.json").read_text())["from_dir"] == str(root / "data" / "tokenizer")
     assert json.loads((root / "data_code" / "code" / "manifest.json").read_text())["tokenizer_from"] == str(
         root / "data" / "tokenizer")
-    main(stage_argv("code", "data_code", "--model.init_args.init_from", parent, "--data.init_args.val_domains", "[code]"))
+    main(stage_argv("code", "data_code", "--model.init_args.init_from", parent, "--data.init_args.val_domains", "[code]",
+                    "--data.init_args.mixture", "{code: 1.0}"))
     assert (root / "models" / "default" / "code_model_best.ckpt").exists()
 
     run_prepare(later_config("data_own"))  # no pin: a tokenizer of its own, which the checkpoint refuses
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         main(stage_argv("code", "data_own", "--model.init_args.init_from", parent, "--data.init_args.val_domains",
-                        "[code]", "--stage.name", "own", "--overwrite"))
+                        "[code]", "--data.init_args.mixture", "{code: 1.0}", "--stage.name", "own", "--overwrite"))
     assert exc.value.code == 2 and "tokenizer" in capsys.readouterr().err
 
 

@@ -313,3 +313,30 @@ def test_sliding_window_example(tmp_path, make_batch):
             seq = torch.cat([seq, windowed.model(seq)[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(out, seq)
     trainer(tmp_path, max_steps=2).fit(windowed, loader(make_batch))
+
+
+def test_per_window_loss_weighs_every_window_alike():
+    """``loss_weighting: windows``: a window with two counted tokens weighs as much as one with six."""
+    torch.manual_seed(0)
+    logits, targets = torch.randn(2, 6, 11), torch.randint(0, 11, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1]], dtype=torch.float32)
+    per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(2, 6)
+    window_means = [per_token[0].mean(), per_token[1, 4:].mean()]
+    loss, n = cross_entropy(logits, targets, mask, per_window=True)
+    assert loss.item() == pytest.approx(((window_means[0] + window_means[1]) / 2).item()) and n.item() == 8
+    assert cross_entropy(logits, targets, mask)[0].item() == pytest.approx((per_token * mask).sum().item() / 8)
+    empty = torch.tensor([[1, 1, 1, 1, 1, 1], [0] * 6], dtype=torch.float32)  # a window with nothing to learn: left out
+    assert cross_entropy(logits, targets, empty, per_window=True)[0].item() == pytest.approx(window_means[0].item())
+
+
+def test_compile_defaults_to_the_trainers_device():
+    """``compile: None`` compiles under a Trainer on CUDA only (on the CPU compilation costs more than it saves)."""
+    import lightning as L
+
+    from lightning_modules.causal_lm import CausalLM
+
+    module = CausalLM(size="tiny")
+    assert module.compiles is False  # no Trainer
+    module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    assert module.compiles is False
+    assert CausalLM(size="tiny", compile=True).compiles is True

@@ -1,0 +1,163 @@
+"""The GPU pipeline in one command, for a GPU machine that keeps nothing between runs.
+
+Unpacks the prepared data (``stagewise pack``), runs ``stagewise pipeline -c configs/pipelines/gpu.yaml``
+(the staged path and its baseline), scores the tool-calling stages on every held-out example of the seen
+and the unseen services (``stagewise evaluate``), writes the report card (``stagewise report``) and copies
+the results into ``experiments/results/gpu_pipeline_<date>/`` and, where ``$OUT`` is set, a tarball of them
+under ``$OUT`` after every step, so a command cut short by its time limit still returns what it finished.
+
+    python -m experiments.gpu_pipeline --pack packs/full/full.pack.json          # on the GPU machine
+    python -m experiments.gpu_pipeline --steps report                             # the card again, from the runs
+
+Every step is skipped when its output exists (the pipeline itself skips finished stages), so a second run
+in the same place continues where the first stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("unpack", "pipeline", "evaluate", "report")
+
+
+def run(cmd: list[str], log: Path, timeout: float | None, cwd: Path = ROOT) -> int:
+    """Run ``cmd`` in ``cwd``, its output to the console and ``log``; its exit status."""
+    print(f"$ {shlex.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    with open(log, "a") as out:
+        out.write(f"$ {shlex.join(cmd)}\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+        timer = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGTERM)) if timeout else None
+        if timer is not None:  # the whole process group: the pipeline and the stage it runs
+            timer.start()
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            out.write(line)
+        rc = proc.wait()
+        if timer is not None:
+            timer.cancel()
+        out.write(f"exit {rc} after {time.perf_counter() - start:.1f}s\n")
+    print(f"exit {rc} after {time.perf_counter() - start:.1f}s", flush=True)
+    return rc
+
+
+def stagewise(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lightning_modules", *args]
+
+
+def pipeline_config(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def collect(results: Path, experiment: str, models: Path, runs: Path, log: Path) -> None:
+    """Copy what a reader needs (report card, plots, stage records, evaluations, the log) into ``results``;
+    with ``$OUT``, a tarball of it there."""
+    results.mkdir(parents=True, exist_ok=True)
+    for name in ("report.md", "report.json", "loss_vs_tokens.png", "quality_vs_time.png"):
+        if (runs / experiment / name).is_file():
+            shutil.copy(runs / experiment / name, results / name)
+    for record in sorted((models / experiment).glob("*/stage.json")) + sorted((models / experiment).glob("*/eval.json")):
+        target = results / "records" / record.parent.name / record.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = json.loads(record.read_text())
+        data.pop("config", None) if record.name == "stage.json" else None  # the resolved config is long: in runs/
+        target.write_text(json.dumps(data, indent=1) + "\n")
+    shutil.copy(log, results / "log.txt")
+    if os.environ.get("OUT"):
+        with tarfile.open(Path(os.environ["OUT"]) / f"{results.name}.tar.gz", "w:gz") as tar:
+            tar.add(results, arcname=results.name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m experiments.gpu_pipeline", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/pipelines/gpu.yaml", help="the pipeline config")
+    p.add_argument("--pack", help="a `stagewise pack` index to unpack first (data travels in pieces)")
+    p.add_argument("--experiment", help="default: the config's `experiment`")
+    p.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
+    p.add_argument("--evaluate", nargs="+", default=["tools", "preference", "joint_tools"],
+                   help="stages whose tool calls are scored on every held-out example (those that exist)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest generated call (99%% of answers fit)")
+    p.add_argument("--timeout", type=float, default=560, help="seconds the pipeline step may take")
+    p.add_argument("--results", help="default: experiments/results/gpu_pipeline_<date>")
+    p.add_argument("--stage-args", type=json.loads, default=[],
+                   help='a JSON list added to every stage\'s arguments, e.g. \'["--trainer.max_steps=20"]\' (a smoke run)')
+    p.add_argument("--data-dir", help="default: the data config's `data_dir`")
+    p.add_argument("--workdir", type=Path, default=ROOT,
+                   help="where the commands run and data/, models/, runs/ live (relative paths of the configs too)")
+    args = p.parse_args(argv)
+
+    work = args.workdir.resolve()
+    config = pipeline_config(work / args.config)
+    experiment = args.experiment or config.get("experiment", "gpu")
+    data_dir = args.data_dir or (yaml.safe_load((work / config["data"]).read_text())["data_dir"] if config.get("data")
+                                 else "data")
+    models, runs = work / "models", work / "runs"
+    date = datetime.date.today().isoformat()
+    results = Path(args.results) if args.results else ROOT / "experiments" / "results" / f"gpu_pipeline_{date}"
+    log = runs / experiment / "gpu_pipeline.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", "-m", "experiments.gpu_pipeline", *(sys.argv[1:] if argv is None else argv)])
+
+    def step(cmd: list[str], timeout: float | None = None) -> int:
+        return run(cmd, log, timeout, work)
+
+    if "unpack" in args.steps and args.pack and not (work / data_dir / "tools" / "manifest.json").is_file():
+        step(stagewise("unpack", "--pack", args.pack, "--into", str(Path(data_dir).parent)))
+    if "pipeline" in args.steps:
+        cmd = stagewise("pipeline", "-c", args.config, "--experiment", experiment, "--data_dir", data_dir,
+                        "--report", "false")
+        if args.stage_args:
+            cmd += ["--stage_args", json.dumps(args.stage_args)]
+        if not config.get("data"):
+            cmd += ["--data", "null"]
+        step(cmd, args.timeout)
+        collect(results, experiment, models, runs, log)
+    if "evaluate" in args.steps:
+        for stage in args.evaluate:
+            ckpt = Path("models") / experiment / f"{stage}_model_best.ckpt"
+            out = Path("models") / experiment / stage / "eval.json"
+            if (work / ckpt).is_file() and not (work / out).is_file():
+                step(stagewise("evaluate", "--ckpt", str(ckpt), "--data_dir", data_dir, "--domains", "[tools]",
+                               "--max_new_tokens", str(args.max_new_tokens), "--out", str(out),
+                               "--precision", "bf16-mixed" if _cuda() else "32-true"))
+        collect(results, experiment, models, runs, log)
+    if "report" in args.steps:
+        names = [s["name"] for s in config["stages"]]
+        baselines = [b["name"] for b in config.get("baselines") or []]
+        done = [n for n in names if (models / experiment / n / "stage.json").is_file()]
+        done_b = [n for n in baselines if (models / experiment / n / "stage.json").is_file()]
+        if done:
+            step(stagewise("report", "--experiment", experiment, "--stages", json.dumps(done), "--baselines",
+                           json.dumps(done_b), "--data_dir", data_dir))
+            card = runs / experiment / "report.json"
+            if card.is_file():  # the card names the command that made every number in it
+                data = json.loads(card.read_text())
+                data["command"] = command
+                card.write_text(json.dumps(data, indent=2) + "\n")
+        collect(results, experiment, models, runs, log)
+    print(f"results: {results}")
+
+
+def _cuda() -> bool:
+    return shutil.which("nvidia-smi") is not None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Recipe comparisons beside the GPU pipeline: variants of its stages, run in the same experiment so they start
+from its checkpoints, a few workers at a time on one GPU, each scored as the pipeline's stages are.
+
+Variants (each one stage, ``name``: what changes against the pipeline's stage of the same kind):
+
+  code_noreplay   the code stage without its 25% language replay (parent: language)
+  tools_noreplay  the tool stage without its 15% + 15% language and code replay (parent: code)
+  joint_tools     the second baseline: language, code and tools mixed from scratch in the staged path's token
+                  shares, for the staged path's total tokens (tool windows of 4,096 tokens throughout)
+  preference      stage 4: `stagewise pairs` from the tool stage's own wrong calls, then DPO (parent: tools)
+
+    python -m experiments.recipe_comparisons --experiment gpu --workers 3
+    python -m experiments.recipe_comparisons --variants preference --workers 1
+
+Writes ``experiments/results/recipe_comparisons_<date>.{json,md}`` (and a copy under ``$OUT``): per variant
+its per-domain held-out losses, forgetting against each domain's own stage, tool scores on every held-out
+example of the seen and unseen services, beside the pipeline stage it replaces. Finished variants are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import datetime
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from lightning_modules.pipeline import StageSpec, Workspace, run_stage
+from lightning_modules.report_card import card_markdown, report_card
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINE = ROOT / "configs" / "pipelines" / "gpu.yaml"
+
+
+def variants(config: dict) -> dict[str, tuple[StageSpec, str | None, str]]:
+    """name -> (stage, its parent, the pipeline run it is compared with), from the pipeline's own lines."""
+    line = {s["name"]: s for s in config["stages"]}
+    spec = lambda name, base, extra, **kw: StageSpec(name, line[base]["configs"], [*line[base]["args"], *extra], **kw)  # noqa: E731
+    steps = {n: next(int(a.split("=")[1]) for a in line[n]["args"] if a.startswith("--trainer.max_steps=")) for n in line}
+    # the staged path's tokens by domain (replay included): the joint run's mixture and length
+    text, tools_batch = 32 * 1024, 8 * 4096
+    tokens = {"language": steps["language"] * text + 0.25 * steps["code"] * text + 0.15 * steps["tools"] * tools_batch,
+              "code": 0.75 * steps["code"] * text + 0.15 * steps["tools"] * tools_batch,
+              "tools": 0.70 * steps["tools"] * tools_batch}
+    total = sum(tokens.values())
+    mixture = "{" + ", ".join(f"{d}: {t / total:.3f}" for d, t in tokens.items()) + "}"
+    joint = StageSpec("joint_tools", ["configs/baselines/joint.yaml", *line["tools"]["configs"][1:]], [
+        f"--trainer.max_steps={round(total / tools_batch)}", "--trainer.val_check_interval=500",
+        "--model.init_args.lr=1.5e-3", "--model.init_args.warmup_steps=100", "--model.init_args.loss_weighting=windows",
+        "--data.init_args.seq_len=4096", "--data.init_args.batch_size=8", f"--data.init_args.mixture={mixture}",
+        "--best_checkpoint.monitor=val/tools/loss", "--trainer.callbacks+=callbacks.ToolCallEval"],
+        parent="none")
+    preference = StageSpec("preference", ["configs/stages/preference.yaml", *line["tools"]["configs"][1:]], [
+        "--trainer.max_steps=400", "--trainer.val_check_interval=100", "--model.init_args.lr=1e-5",
+        "--data.init_args.seq_len=4096",
+        "--data.init_args.batch_size=4"],
+        parent="tools", before=["pairs", "--parent", "{parent}", "--data_dir", "{data_dir}", "--limit", "4000",
+                                "--val_limit", "300", "--max_new_tokens", "256", "--batch_size", "64"])
+    return {
+        "code_noreplay": (spec("code_noreplay", "code", ["--data.init_args.mixture={code: 1.0}"]), "language", "code"),
+        "tools_noreplay": (spec("tools_noreplay", "tools", ["--data.init_args.mixture={tools: 1.0}"]), "code", "tools"),
+        "joint_tools": (joint, None, "joint"),
+        "preference": (preference, "tools", "tools"),
+    }
+
+
+def evaluate(where: Workspace, name: str, max_new_tokens: int, cuda: bool) -> None:
+    out = Path(where.models_dir) / where.experiment / name / "eval.json"
+    ckpt = Path(where.models_dir) / where.experiment / f"{name}_model_best.ckpt"
+    if out.is_file() or not ckpt.is_file():
+        return
+    subprocess.run([sys.executable, "-m", "lightning_modules", "evaluate", "--ckpt", str(ckpt), "--data_dir",
+                    where.data_dir, "--domains", "[tools]", "--max_new_tokens", str(max_new_tokens), "--out", str(out),
+                    "--precision", "bf16-mixed" if cuda else "32-true"], check=False)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m experiments.recipe_comparisons", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, default=PIPELINE, help="the pipeline whose stages the variants change")
+    p.add_argument("--experiment", help="default: the pipeline's")
+    p.add_argument("--variants", nargs="+", help="default: all")
+    p.add_argument("--workers", type=int, default=3, help="variants trained at once (one GPU shared)")
+    p.add_argument("--stage-args", type=json.loads, default=[], help="a JSON list added to every variant (smoke runs)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--data-dir", help="default: the pipeline's data config's data_dir")
+    p.add_argument("--out", type=Path, help="default: experiments/results/recipe_comparisons_<date>")
+    args = p.parse_args(argv)
+
+    config = yaml.safe_load(args.config.read_text())
+    data_dir = args.data_dir or yaml.safe_load((ROOT / config["data"]).read_text())["data_dir"]
+    where = Workspace(args.experiment or config.get("experiment", "gpu"), "models", "runs", data_dir)
+    table = variants(config)
+    chosen = args.variants or list(table)
+    cuda = shutil.which("nvidia-smi") is not None
+
+    def one(name: str) -> tuple[str, str]:
+        spec, parent, _ = table[name]
+        spec.args += args.stage_args
+        log_dir = Path(where.runs_dir) / where.experiment / name
+        try:
+            outcome = run_stage(spec, parent, where, log_to_files=True)
+        except Exception as err:  # noqa: BLE001  (one failed variant must not stop the others)
+            return name, f"failed: {err} (see {log_dir}/stderr.log)"
+        evaluate(where, name, args.max_new_tokens, cuda)
+        return name, outcome
+
+    with futures.ThreadPoolExecutor(args.workers) as pool:
+        outcomes = dict(pool.map(one, chosen))
+    staged = [s["name"] for s in config["stages"]]
+    done = [n for n in chosen if (Path(where.models_dir) / where.experiment / n / "stage.json").is_file()]
+    card = report_card(where.experiment, [n for n in staged if (Path(where.models_dir) / where.experiment / n /
+                                                                  "stage.json").is_file()],
+                       done, where.models_dir, data_dir)
+    command = shlex.join(["python", "-m", "experiments.recipe_comparisons", *(sys.argv[1:] if argv is None else argv)])
+    result = {"command": command, "outcomes": outcomes, "compared_with": {n: table[n][2] for n in chosen}, **card}
+    out = args.out or ROOT / "experiments" / "results" / f"recipe_comparisons_{datetime.date.today().isoformat()}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# Recipe comparisons beside `{where.experiment}`", "", f"Command: `{command}`", "",
+             "Each variant's row beside the pipeline's stages (the variants under 'baselines'): "
+             + ", ".join(f"`{n}` vs `{table[n][2]}`" for n in chosen) + ".", "", *card_markdown(card), "",
+             "Outcomes: " + ", ".join(f"{n}: {o}" for n, o in outcomes.items())]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    if os.environ.get("OUT"):
+        shutil.copytree(out, Path(os.environ["OUT"]) / out.name, dirs_exist_ok=True)
+    print("\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main()

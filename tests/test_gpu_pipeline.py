@@ -1,0 +1,41 @@
+"""The GPU pipeline's configs compose and run, shrunk to a tiny model on CPU, through the harness that runs
+them on a GPU machine (experiments/gpu_pipeline.py): every stage and the baseline train, the tool stages are
+evaluated, and the report card has the shape the README documents."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from experiments.gpu_pipeline import main as gpu_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--trainer.accelerator=cpu", "--model.init_args.size=tiny",
+        "--model.init_args.model_overrides={n_layers: 2, max_seq_len: 256}", "--trainer.max_steps=4",
+        "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2", "--data.init_args.seq_len=64",
+        "--data.init_args.val_seq_len=32", "--data.init_args.batch_size=2", "--data.init_args.val_max_windows=4"]
+
+
+@pytest.mark.slow
+def test_the_gpu_pipeline_runs_shrunk_and_writes_its_report_card(tmp_path, tool_data_dir):
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    shutil.copytree(tool_data_dir, tmp_path / "data")
+    config = yaml.safe_load((ROOT / "configs/pipelines/gpu.yaml").read_text())
+    assert Path(ROOT / config["data"]).is_file() and config["baselines"][0]["name"] == "joint"
+    del config["data"]  # the fixture's data, prepared already, stands in for data/full
+    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(config))
+    results = tmp_path / "results"
+    gpu_pipeline(["--config", "pipe.yaml", "--workdir", str(tmp_path), "--data-dir", "data", "--results",
+                  str(results), "--max-new-tokens", "8", "--stage-args", json.dumps(TINY)])
+    card = json.loads((results / "report.json").read_text())
+    assert set(card["stages"]) == {"language", "code", "tools"} and set(card["baselines"]) == {"joint"}
+    assert card["command"].startswith("python -m experiments.gpu_pipeline") and card["card"]
+    tools = card["stages"]["tools"]
+    assert set(tools["losses"]) == set(tools["bits_per_byte"]) == {"language", "code", "tools"}
+    val_examples = json.loads((tool_data_dir / "tools" / "manifest.json").read_text())["documents"]["val"]
+    assert set(tools["forgetting"]) == {"language", "code"} and tools["tools"]["seen"]["n"] == val_examples  # all
+    assert card["stages"]["code"]["forgetting"].keys() == {"language"} and tools["tokens_per_s"] > 0
+    assert tools["mfu"] is None  # no MFU on a CPU
+    assert (results / "records" / "tools" / "eval.json").is_file() and (results / "report.md").is_file()
