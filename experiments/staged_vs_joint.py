@@ -36,20 +36,19 @@ parent's key, rewritten after every run, so a re-run (also after a killed comman
 only ``results.json`` came along) skips what is done. A stage 1 whose checkpoint is gone (another machine) is
 trained again when a stage-2 run still needs it; each stage-2 entry keeps its own parent's losses.
 
-    make prepare-gpu      # data/gpu: language 12.5M, code 10.5M train tokens, vocab 8192
+    make prepare-full     # data/full: language 22.0M, code 38.7M train tokens, vocab 8192
     python -m experiments.staged_vs_joint --plan --devices 0 0 0 0
     python -m experiments.staged_vs_joint --devices 0 0 0 0 --time-budget 360   # in a 600-s command: the
-    # longest run (joint, ≈165 s with four workers) may start just before the budget ends
+    # longest run (joint) may start just before the budget ends; --plan prints its estimate
 
-Budget (defaults, ``small``, seq_len 512 × batch 32 = 16,384 tokens per step): stage 1 2,288 steps = 37.5M
-tokens (3 epochs of data/gpu's language, the seed's 3), stage 2 576 steps = 9.4M (a quarter of stage 1, as in
-the seed: 10 epochs of a code corpus 7/93 the size of 3 epochs' language; here ≈0.9 epoch of code), joint
-2,864 steps = 46.9M. One seed of the trained arm: 37.5M + 9 stage-2 runs × 9.4M + 2 joints × 46.9M = 216M tokens,
-about 2.6 min of one H200 at 1.4M tokens/s (several workers together) plus ~30 s of start-up and compilation
-per run shared by the workers; the whole study (both arms, 3 seeds, the sweep) is ~1.07B tokens, ~13 min of
-training plus start-up. This scheduler, simulated at those assumed rates (not measured) with four workers,
-``--time-budget 360`` and a fresh machine for every command: 4 commands of 522, 415, 365 and 251 s (26 min), 6 stage
-1s trained a second time. ``--plan`` prints the estimate; once runs have finished, their times scale it.
+Budget (defaults, ``small``, seq_len 1,024 × batch 32 = 32,768 tokens per step, the GPU pipeline's shape):
+stage 1 1,144 steps = 37.5M tokens (1.7 epochs of data/full's language; the seed trains 3), stage 2 288 steps =
+9.4M (a quarter of stage 1, as in the seed; ≈0.24 epoch of data/full's code), joint 1,432 steps = 46.9M. One
+seed of the trained arm: 37.5M + 9 stage-2 runs × 9.4M + 2 joints × 46.9M = 216M tokens; the whole study (both
+arms, 3 seeds, the sweep) ~1.07B tokens. At the one measured rate (770K tokens/s, one ``small`` process alone
+at this shape on an H200) that is ~23 min of training plus ~40 s of start-up and compilation per run; several
+workers on one GPU should be faster together (not measured). ``--plan`` prints the estimate; once runs have
+finished, their times scale it.
 
 Writes ``--out``: ``results.json``, ``results.md`` (per-condition mean ± std, the sweep, the stability gap,
 verdicts per claim and arm by the rules it states, what has not run yet), ``quality_vs_time.png``,
@@ -200,7 +199,7 @@ def check_data(data_dir: Path) -> None:
     if missing or not (data_dir / "tokenizer" / "tokenizer.json").is_file():
         raise SystemExit(
             f"staged_vs_joint: no prepared {', '.join(missing) or 'tokenizer'} in {data_dir}; prepare the study's data "
-            "first: `make prepare-gpu` (data/gpu), or `stagewise unpack` a pack of it; or pass --data-dir to a "
+            "first: `make prepare-full` (data/full), or `stagewise unpack` a pack of it; or pass --data-dir to a "
             "directory prepared with language and code corpora")
 
 
@@ -231,7 +230,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="language replay fractions of stage 2 (0 is `staged`)")
     p.add_argument("--warmup-fraction", type=float, default=0.05,
                    help="the trained arm's LR warmup, of each run's steps")
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seq-len", type=int, default=1024, help="training and held-out windows (the GPU pipeline's)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per optimizer step")
     p.add_argument("--val-points", type=int, default=8, help="validations per run, evenly spaced, the last at its end")
     p.add_argument("--val-windows", type=int, default=128, help="held-out windows of seq_len per domain")
@@ -244,11 +243,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds after which no new run starts (running ones finish, results are written)")
     p.add_argument("--plan", action="store_true",
                    help="print the runs, their tokens and the estimated time; run nothing")
-    p.add_argument("--assume-tokens-per-s", type=float, default=1.4e6,
-                   help="--plan: training tokens/s of one GPU with all its workers together")
-    p.add_argument("--assume-start-s", type=float, default=30.0,
-                   help="--plan: seconds of start-up and compilation per run")
-    p.add_argument("--data-dir", type=Path, default=ROOT / "data" / "gpu", help="prepared by `make prepare-gpu`")
+    p.add_argument("--assume-tokens-per-s", type=float, default=7.7e5,
+                   help="--plan: training tokens/s of one GPU with all its workers together (default: measured for "
+                        "one `small` process alone at seq 1024 x batch 32 on an H200; several together: not measured)")
+    p.add_argument("--assume-start-s", type=float, default=40.0,
+                   help="--plan: seconds of start-up and compilation per run (that process: ~28 s of its fit outside "
+                        "steady training, plus the process's start)")
+    p.add_argument("--data-dir", type=Path, default=ROOT / "data" / "full",
+                   help="prepared by `make prepare-full` (configs/data/full.yaml)")
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "staged_vs_joint",
                    help="results.json, results.md and the plots")
     p.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "staged_vs_joint",

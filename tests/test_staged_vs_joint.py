@@ -270,14 +270,14 @@ def test_subsets_and_the_plan(corpora, tmp_path, monkeypatch, capsys):
 
 
 def test_missing_data_says_how_to_prepare(tmp_path):
-    with pytest.raises(SystemExit, match="make prepare-gpu"):
+    with pytest.raises(SystemExit, match="make prepare-full"):
         study.main(["--data-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")])
 
 
 def test_budget_of_the_defaults():
     budget = plan_budget(study.parse_args([]))
-    assert budget.tokens_per_step == 16384
-    assert (budget.stage1_steps, budget.stage2_steps, budget.joint_steps) == (2288, 576, 2864)  # 37.5M, 9.4M, 46.9M
+    assert budget.tokens_per_step == 32768
+    assert (budget.stage1_steps, budget.stage2_steps, budget.joint_steps) == (1144, 288, 1432)  # 37.5M, 9.4M, 46.9M
     assert round(budget.code_share, 3) == 0.201
 
 
