@@ -74,14 +74,15 @@ from datamodules.errors import StagewiseError
 from datamodules.metric_names import domain_of_val_loss
 from datamodules.stage_record import read_stage_record, write_json_atomic
 from experiments import staged_vs_joint_results as report
-from experiments.benchmark_prepare import commit as git_commit
 from experiments.benchmark_throughput import card
 from experiments.staged_vs_joint_plan import (
     ARMS, DOMAINS, ROOT, Run, Study, best_checkpoint, command_of, conditions_of, console, data_fingerprint,
     plan_budget, run_dir, stage_spec, workspace,
 )
+from lightning_modules import report_card
 from lightning_modules.pipeline import run_stage
 from lightning_modules.report import read_scalars
+from lightning_modules.report_card import bits_per_byte, current_commit
 
 FILES = ["results.json", "results.md", "quality_vs_time.png", "loss_vs_tokens.png", "forgetting_vs_replay.png",
          "forgetting_vs_lr.png"]  # what --out holds and $OUT gets a copy of
@@ -93,13 +94,6 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def commit() -> str:
-    """The checked-out commit (``+dirty`` when tracked files differ); ``$STAGEWISE_COMMIT`` where there is no git
-    checkout (a copied working tree)."""
-    sha = git_commit()
-    return sha if sha and sha != "unknown" else os.environ.get("STAGEWISE_COMMIT") or "unknown"
-
-
 def execute(run: Run, args: argparse.Namespace, device: str, bytes_per_token: dict[str, float]) -> dict:
     """Run one stage on ``device`` through the pipeline's ``run_stage`` and return its entry (``status`` ok,
     diverged or failed)."""
@@ -108,7 +102,8 @@ def execute(run: Run, args: argparse.Namespace, device: str, bytes_per_token: di
              "name": run.name, "experiment": run.experiment, "lr": run.lr, "warmup_steps": run.warmup,
              "steps": run.steps, "mixture": run.mixture, "replay": run.replay, "carry_optimizer": run.carry,
              "parent": run.parent.name if run.parent else None, "parent_key": run.parent.key if run.parent else None,
-             "device": device, "card": "cpu" if device == "cpu" else card(device), "commit": commit(),
+             "device": device, "card": "cpu" if device == "cpu" else card(device),
+             "commit": current_commit() or "unknown",
              "command": command_of(run, args), "date": _now()}
     start = time.perf_counter()
     try:
@@ -129,7 +124,7 @@ def execute(run: Run, args: argparse.Namespace, device: str, bytes_per_token: di
     entry |= {
         "status": "ok",
         "losses": {"final": final, "curve": curves},
-        "bpb": {"final": {d: bits_per_byte(loss, bytes_per_token[d]) for d, loss in final.items()
+        "bpb": {"final": {d: round(bits_per_byte(loss, bytes_per_token[d]), 4) for d, loss in final.items()
                           if d in bytes_per_token}},
         "tokens": record["tokens"],
         "optimizer_steps": record["optimizer_steps"],
@@ -147,26 +142,14 @@ def execute(run: Run, args: argparse.Namespace, device: str, bytes_per_token: di
     return entry
 
 
-def bits_per_byte(loss: float, bytes_per_token: float) -> float:
-    """Nats per token -> bits per byte of text."""
-    return round(loss / math.log(2) / bytes_per_token, 4)
-
-
 def heldout_bytes_per_token(args: argparse.Namespace) -> dict[str, float]:
-    """UTF-8 bytes per target token of the validation windows every run scores (the first ``--val-windows``
-    windows of ``seq_len`` of each domain's val split; special tokens count no bytes)."""
-    from datamodules.shards import open_split
+    """UTF-8 bytes per token of the validation windows every run scores (the first ``--val-windows`` windows of
+    ``seq_len`` of each domain's val split)."""
     from datamodules.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.data_dir / "tokenizer")
-    out = {}
-    for domain in DOMAINS:
-        tokens = open_split(args.data_dir / domain, "val").tokens
-        n = min(args.val_windows, (len(tokens) - 1) // args.seq_len)
-        ids = tokens[1: n * args.seq_len + 1].tolist()  # the targets: window i predicts tokens i*T+1 .. i*T+T
-        text = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        out[domain] = len(text.encode()) / max(1, len(ids))
-    return out
+    span = args.val_windows * args.seq_len + 1
+    return {d: report_card.bytes_per_token(args.data_dir / d, tok, max_tokens=span) for d in DOMAINS}
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -290,8 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
     study = Study(args, budget, data_fingerprint(args.data_dir))
     bytes_per_token = heldout_bytes_per_token(args)
     print(report.plan_text(study))
-    study.commands.append(this := {"command": command, "date": _now(), "devices": args.devices, "commit": commit(),
-                                   "runs_finished": 0, "tokens_trained": 0})
+    study.commands.append(this := {"command": command, "date": _now(), "devices": args.devices,
+                                   "commit": current_commit() or "unknown", "runs_finished": 0, "tokens_trained": 0})
     summary_lock, first, plotted = threading.Lock(), len(study.entries), [-math.inf]
 
     def summarize(final: bool = False) -> None:
