@@ -80,6 +80,7 @@ class StageHandoff(L.Callback):
         self._t0: float | None = None
         self._last_train_log = -1
         self._first_step: tuple[float, int] | None = None  # (time, tokens) after this run's first optimizer step
+        self._peak_flops: float | None = None  # of the device trained on (at fit end the module is back on the CPU)
 
     @property
     def best_path(self) -> Path:
@@ -146,6 +147,7 @@ class StageHandoff(L.Callback):
             if torch.cuda.is_available() and pl_module.device.type == "cuda":
                 torch.cuda.synchronize(pl_module.device)
             self._first_step = (time.perf_counter(), int(getattr(pl_module, "tokens_seen", 0)))
+            self._peak_flops = device_peak_flops(pl_module.device)
         every = self.log_every_n_steps or trainer.log_every_n_steps or 50
         step = trainer.global_step
         if not trainer.is_global_zero or step % every or step == self._last_train_log:
@@ -263,7 +265,7 @@ class StageHandoff(L.Callback):
         if seconds <= 0 or tokens <= 0:
             return None
         rate = tokens / seconds
-        peak = device_peak_flops(pl_module.device)
+        peak = self._peak_flops
         seq_len = getattr(trainer.datamodule, "seq_len", None)
         mfu = None
         if peak and seq_len:

@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             if (work / ckpt).is_file() and not (work / out).is_file():
                 step(stagewise("evaluate", "--ckpt", str(ckpt), "--data_dir", data_dir, "--domains", "[tools]",
                                "--max_new_tokens", str(args.max_new_tokens), "--out", str(out),
+                               "--decode_batch_size", "64" if _cuda() else "16",
                                "--precision", "bf16-mixed" if _cuda() else "32-true"))
         collect(results, experiment, models, runs, log)
     if "report" in args.steps:

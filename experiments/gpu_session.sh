@@ -15,9 +15,11 @@ date=$(date -u +%F)
 step() { echo "== $(date -u +%T) $*" | tee -a "$RESULTS/steps.txt"; "$@"; echo "== $(date -u +%T) exit $?" | tee -a "$RESULTS/steps.txt"; }
 
 nvidia-smi --query-gpu=name,memory.total,memory.used,utilization.gpu --format=csv | tee "$RESULTS/card.txt"
-step timeout -k 20 600 python3 -m experiments.gpu_pipeline --pack .gpu/packs/full/full.pack.json --timeout 520 \
+step timeout -k 20 760 python3 -m experiments.gpu_pipeline --pack .gpu/packs/full/full.pack.json --timeout 580 \
   --results "$RESULTS/gpu_pipeline_$date"
 step timeout -k 20 300 python3 -m experiments.benchmark_throughput --sizes small_text small_tools --rows stagewise \
   --tag gpu_pipeline
-step timeout -k 20 900 python3 -m experiments.recipe_comparisons --workers 4 --out "$RESULTS/recipe_comparisons_$date"
+# the comparisons that decide the recipe first (code replay, the tool stage's LR), then stage 4, then tool replay
+step timeout -k 20 900 python3 -m experiments.recipe_comparisons --variants code_noreplay tools_lr1e4 preference \
+  tools_noreplay joint_tools --workers 3 --out "$RESULTS/recipe_comparisons_$date"
 touch "$RESULTS/DONE"

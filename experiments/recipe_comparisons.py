@@ -5,6 +5,7 @@ Variants (each one stage, ``name``: what changes against the pipeline's stage of
 
   code_noreplay   the code stage without its 25% language replay (parent: language)
   tools_noreplay  the tool stage without its 15% + 15% language and code replay (parent: code)
+  tools_lr1e4     the tool stage at a third of its learning rate (1e-4 instead of 3e-4; parent: code)
   joint_tools     the second baseline: language, code and tools mixed from scratch in the staged path's token
                   shares, for the staged path's total tokens (tool windows of 4,096 tokens throughout)
   preference      stage 4: `stagewise pairs` from the tool stage's own wrong calls, then DPO (parent: tools)
@@ -66,6 +67,7 @@ def variants(config: dict) -> dict[str, tuple[StageSpec, str | None, str]]:
     return {
         "code_noreplay": (spec("code_noreplay", "code", ["--data.init_args.mixture={code: 1.0}"]), "language", "code"),
         "tools_noreplay": (spec("tools_noreplay", "tools", ["--data.init_args.mixture={tools: 1.0}"]), "code", "tools"),
+        "tools_lr1e4": (spec("tools_lr1e4", "tools", ["--model.init_args.lr=1e-4"]), "code", "tools"),
         "joint_tools": (joint, None, "joint"),
         "preference": (preference, "tools", "tools"),
     }
@@ -78,7 +80,8 @@ def evaluate(where: Workspace, name: str, max_new_tokens: int, cuda: bool) -> No
         return
     subprocess.run([sys.executable, "-m", "lightning_modules", "evaluate", "--ckpt", str(ckpt), "--data_dir",
                     where.data_dir, "--domains", "[tools]", "--max_new_tokens", str(max_new_tokens), "--out", str(out),
-                    "--precision", "bf16-mixed" if cuda else "32-true"], check=False)
+                    "--decode_batch_size", "64" if cuda else "16", "--precision", "bf16-mixed" if cuda else "32-true"],
+                   check=False)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -111,22 +114,35 @@ def main(argv: list[str] | None = None) -> dict:
         evaluate(where, name, args.max_new_tokens, cuda)
         return name, outcome
 
+    out = args.out or ROOT / "experiments" / "results" / f"recipe_comparisons_{datetime.date.today().isoformat()}"
+    command = shlex.join(["python", "-m", "experiments.recipe_comparisons", *(sys.argv[1:] if argv is None else argv)])
+    outcomes: dict[str, str] = {}
+    result: dict = {}
     with futures.ThreadPoolExecutor(args.workers) as pool:
-        outcomes = dict(pool.map(one, chosen))
+        for job in futures.as_completed([pool.submit(one, name) for name in chosen]):
+            name, outcome = job.result()
+            outcomes[name] = outcome
+            result = write_results(out, where, config, table, chosen, outcomes, command)  # after every variant
+    return result
+
+
+def write_results(out: Path, where: Workspace, config: dict, table: dict, chosen: list[str], outcomes: dict,
+                  command: str) -> dict:
+    """results.json + results.md under ``out`` (and a copy under ``$OUT``) from the variants finished so far."""
     staged = [s["name"] for s in config["stages"]]
-    done = [n for n in chosen if (Path(where.models_dir) / where.experiment / n / "stage.json").is_file()]
+    done = [n for n in chosen if n in outcomes and (Path(where.models_dir) / where.experiment / n / "stage.json").is_file()]
     card = report_card(where.experiment, [n for n in staged if (Path(where.models_dir) / where.experiment / n /
                                                                   "stage.json").is_file()],
-                       done, where.models_dir, data_dir)
-    command = shlex.join(["python", "-m", "experiments.recipe_comparisons", *(sys.argv[1:] if argv is None else argv)])
+                       done, where.models_dir, where.data_dir)
     result = {"command": command, "outcomes": outcomes, "compared_with": {n: table[n][2] for n in chosen}, **card}
-    out = args.out or ROOT / "experiments" / "results" / f"recipe_comparisons_{datetime.date.today().isoformat()}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    pending = [n for n in chosen if n not in outcomes]
     lines = [f"# Recipe comparisons beside `{where.experiment}`", "", f"Command: `{command}`", "",
              "Each variant's row beside the pipeline's stages (the variants under 'baselines'): "
              + ", ".join(f"`{n}` vs `{table[n][2]}`" for n in chosen) + ".", "", *card_markdown(card), "",
-             "Outcomes: " + ", ".join(f"{n}: {o}" for n, o in outcomes.items())]
+             "Outcomes: " + ", ".join(f"{n}: {o}" for n, o in outcomes.items())
+             + (f". Not finished: {', '.join(pending)}" if pending else "")]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     if os.environ.get("OUT"):
         shutil.copytree(out, Path(os.environ["OUT"]) / out.name, dirs_exist_ok=True)

@@ -140,6 +140,7 @@ def report_card(experiment: str, stages: list[str], baselines: list[str], models
             read_manifest(data_dir / d)
             bpt[d] = bytes_per_token(data_dir / d, tokenizer)
     own: dict[str, float] = {}  # each domain's loss at the end of the stage that trained it
+    own_after: dict[str, dict[str, float]] = {}  # `own` as it stood after each stage (a variant's parent)
     card = {"experiment": experiment, "card": machine_card(), "commit": current_commit(), "command": command,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "data_dir": str(data_dir), "bytes_per_token": bpt, "stages": {}, "baselines": {}}
@@ -149,8 +150,10 @@ def report_card(experiment: str, stages: list[str], baselines: list[str], models
         domain = entry["domain"]
         if domain in entry["losses"] and domain not in own:
             own[domain] = entry["losses"][domain]
-    for name in baselines:
-        card["baselines"][name] = _entry(name, records[name], experiment_models, {}, bpt)
+        own_after[name] = dict(own)
+    for name in baselines:  # from scratch: no forgetting; a variant of a stage: against its parent's lineage
+        parent = (records[name].get("parent") or {}).get("stage")
+        card["baselines"][name] = _entry(name, records[name], experiment_models, own_after.get(parent, {}), bpt)
     return card
 
 

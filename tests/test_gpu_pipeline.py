@@ -39,3 +39,29 @@ def test_the_gpu_pipeline_runs_shrunk_and_writes_its_report_card(tmp_path, tool_
     assert card["stages"]["code"]["forgetting"].keys() == {"language"} and tools["tokens_per_s"] > 0
     assert tools["mfu"] is None  # no MFU on a CPU
     assert (results / "records" / "tools" / "eval.json").is_file() and (results / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_recipe_comparisons_run_shrunk_beside_the_pipeline(tmp_path, tool_data_dir, monkeypatch):
+    """Two variants (a text stage without replay, the preference stage with its pairs) start from the shrunk
+    pipeline's checkpoints in its experiment, two at a time, and land beside its stages in one table."""
+    from experiments.recipe_comparisons import main as recipe_comparisons
+
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    shutil.copytree(tool_data_dir, tmp_path / "data")
+    config = yaml.safe_load((ROOT / "configs/pipelines/gpu.yaml").read_text())
+    del config["data"], config["baselines"]
+    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(config))
+    gpu_pipeline(["--config", "pipe.yaml", "--workdir", str(tmp_path), "--data-dir", "data", "--results",
+                  str(tmp_path / "results"), "--max-new-tokens", "8", "--steps", "pipeline",
+                  "--stage-args", json.dumps(TINY)])
+    monkeypatch.chdir(tmp_path)
+    result = recipe_comparisons(["--config", "pipe.yaml", "--variants", "code_noreplay", "preference", "--workers", "2",
+                                 "--data-dir", "data", "--max-new-tokens", "8", "--out", str(tmp_path / "rc"),
+                                 "--stage-args", json.dumps(TINY)])
+    assert set(result["outcomes"]) == {"code_noreplay", "preference"}, result["outcomes"]
+    assert not any(o.startswith("failed") for o in result["outcomes"].values()), result["outcomes"]
+    assert set(result["baselines"]) == {"code_noreplay", "preference"}
+    assert result["baselines"]["code_noreplay"]["forgetting"].keys() == {"language"}
+    assert result["baselines"]["preference"]["tools"]["seen"]["n"] > 0
+    assert (tmp_path / "rc" / "results.md").read_text().count("code_noreplay") >= 2
