@@ -45,10 +45,11 @@ Budget (defaults, ``small``, seq_len 1,024 × batch 32 = 32,768 tokens per step,
 stage 1 1,144 steps = 37.5M tokens (1.7 epochs of data/full's language; the seed trains 3), stage 2 288 steps =
 9.4M (a quarter of stage 1, as in the seed; ≈0.24 epoch of data/full's code), joint 1,432 steps = 46.9M. One
 seed of the trained arm: 37.5M + 9 stage-2 runs × 9.4M + 2 joints × 46.9M = 216M tokens; the whole study (both
-arms, 3 seeds, the sweep) ~1.07B tokens. At the one measured rate (770K tokens/s, one ``small`` process alone
-at this shape on an H200) that is ~23 min of training plus ~40 s of start-up and compilation per run; several
-workers on one GPU should be faster together (not measured). ``--plan`` prints the estimate; once runs have
-finished, their times scale it.
+arms, 3 seeds, the sweep) ~1.07B tokens. At the one measured rate (770K tokens/s: the GPU pipeline's language
+stage, ``small`` at this shape, one process alone on an H200, 39.3M tokens to a held-out language loss of 3.14
+at LR 1.5e-3; ``experiments/results/gpu_pipeline_2026-12-01_run1/records/language/stage.json``) that is ~23 min
+of training plus ~40 s of start-up and compilation per run; several workers on one GPU should be faster together
+(not measured). ``--plan`` prints the estimate; once runs have finished, their times scale it.
 
 Writes ``--out``: ``results.json``, ``results.md`` (per-condition mean ± std, the sweep, the stability gap,
 verdicts per claim and arm by the rules it states, what has not run yet), ``quality_vs_time.png``,
@@ -228,7 +229,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="print the runs, their tokens and the estimated time; run nothing")
     p.add_argument("--assume-tokens-per-s", type=float, default=7.7e5,
                    help="--plan: training tokens/s of one GPU with all its workers together (default: measured for "
-                        "one `small` process alone at seq 1024 x batch 32 on an H200; several together: not measured)")
+                        "one `small` process alone at seq 1024 x batch 32 on an H200, experiments/results/"
+                        "gpu_pipeline_2026-12-01_run1; several together: not measured)")
     p.add_argument("--assume-start-s", type=float, default=40.0,
                    help="--plan: seconds of start-up and compilation per run (that process: ~28 s of its fit outside "
                         "steady training, plus the process's start)")
