@@ -48,7 +48,8 @@ class StageHandoff(L.Callback):
       ``<models_dir>/<stage>/hf`` (transformers format), and writes ``<models_dir>/<stage>/stage.json``:
       stage, experiment, domain and the lineage's domains, checkpoint and parent (path, sha256), tokenizer
       and chat template sha256, tokens and optimizer steps (of the best checkpoint, in this stage and in
-      the lineage; and trained in all), wall time, final and best per-domain losses, precision, config.
+      the lineage; and trained in all), wall time, final and best per-domain losses, precision, config,
+      and where the optimizer state came from (``optimizer_from``: null for a fresh optimizer).
 
     Its state (per-validation losses, wall time so far, parent) is saved in checkpoints, so a resumed stage
     records the same numbers as an uninterrupted one.
@@ -250,6 +251,8 @@ class StageHandoff(L.Callback):
             "config": _resolved_config(trainer, pl_module),
             # token fractions of the training mixture (replay / joint), when the data module mixes domains
             "replay": getattr(trainer.datamodule, "mixture_fractions", None),
+            # the checkpoint whose AdamW state the stage started from (CausalLM's carry_optimizer), else null
+            "optimizer_from": getattr(pl_module, "optimizer_from", None),
             # the text domains' validation window: the next stage validates on the same (see CorpusDataModule)
             "val_seq_len": getattr(trainer.datamodule, "val_seq_len", None) or getattr(trainer.datamodule, "seq_len", None),
         }

@@ -63,17 +63,25 @@ def current_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def bytes_per_token(corpus_dir: str | Path, tokenizer, split: str = "val") -> float | None:
+def bits_per_byte(loss: float, bytes_per_token: float) -> float:
+    """A held-out loss in nats per token as bits per byte of text (comparable across tokenizers)."""
+    return loss / math.log(2) / bytes_per_token
+
+
+def bytes_per_token(corpus_dir: str | Path, tokenizer, split: str = "val",
+                    max_tokens: int | None = None) -> float | None:
     """UTF-8 bytes per token of a split, over the tokens its loss counts: every token of a text corpus, the
-    masked (answer) tokens of a tool corpus; decoded run by run with ``tokenizer``. None for an empty split."""
+    masked (answer) tokens of a tool corpus; decoded run by run with ``tokenizer``. ``max_tokens``: only the
+    split's first that many (the windows a validation capped by ``val_max_windows`` scores). None for an empty
+    split."""
     import numpy as np
 
     data = open_split(corpus_dir, split)
-    tokens = np.asarray(data.tokens)
+    tokens = np.asarray(data.tokens)[:max_tokens]
     if data.mask is None:
         runs = [tokens]
     else:
-        mask = np.asarray(data.mask).astype(bool)
+        mask = np.asarray(data.mask)[:max_tokens].astype(bool)
         edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
         runs = [tokens[a:b] for a, b in zip(edges[::2], edges[1::2])]
     n = sum(len(r) for r in runs)
@@ -104,7 +112,7 @@ def _entry(name: str, record: dict, models_dir: Path, own_stage_losses: dict[str
     throughput = record.get("throughput") or {}
     entry = {
         "losses": losses,
-        "bits_per_byte": {d: loss / math.log(2) / bpt[d] for d, loss in losses.items() if bpt.get(d)},
+        "bits_per_byte": {d: bits_per_byte(loss, bpt[d]) for d, loss in losses.items() if bpt.get(d)},
         "forgetting": {d: losses[d] / base - 1 for d, base in own_stage_losses.items() if d in losses},
         "tools": _tools(models_dir, name, record),
         "tokens": (record.get("tokens") or {}).get("stage"),
