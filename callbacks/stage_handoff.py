@@ -48,7 +48,8 @@ class StageHandoff(L.Callback):
       ``<models_dir>/<stage>/hf`` (transformers format), and writes ``<models_dir>/<stage>/stage.json``:
       stage, experiment, domain and the lineage's domains, checkpoint and parent (path, sha256), tokenizer
       and chat template sha256, tokens and optimizer steps (of the best checkpoint, in this stage and in
-      the lineage; and trained in all), wall time, final and best per-domain losses, precision, config.
+      the lineage; and trained in all), wall time, final and best per-domain losses, precision, config,
+      and where the optimizer state came from (``optimizer_from``: null for a fresh optimizer).
 
     Its state (per-validation losses, wall time so far, parent) is saved in checkpoints, so a resumed stage
     records the same numbers as an uninterrupted one.
@@ -80,6 +81,7 @@ class StageHandoff(L.Callback):
         self._last_train_log = -1
         self._first_step: tuple[float, int] | None = None  # (time, tokens) after this run's first optimizer step
         self._peak_flops: float | None = None  # of the device trained on (at fit end the module is back on the CPU)
+        self._device: str | None = None  # its name ("NVIDIA H200", "cpu")
 
     @property
     def best_path(self) -> Path:
@@ -147,6 +149,8 @@ class StageHandoff(L.Callback):
                 torch.cuda.synchronize(pl_module.device)
             self._first_step = (time.perf_counter(), int(getattr(pl_module, "tokens_seen", 0)))
             self._peak_flops = device_peak_flops(pl_module.device, precision_label(trainer))
+            self._device = (torch.cuda.get_device_name(pl_module.device) if pl_module.device.type == "cuda"
+                            else pl_module.device.type)
         every = self.log_every_n_steps or trainer.log_every_n_steps or 50
         step = trainer.global_step
         if not trainer.is_global_zero or step % every or step == self._last_train_log:
@@ -251,6 +255,8 @@ class StageHandoff(L.Callback):
             "config": _resolved_config(trainer, pl_module, log_dir),
             # token fractions of the training mixture (replay / joint), when the data module mixes domains
             "replay": getattr(trainer.datamodule, "mixture_fractions", None),
+            # the checkpoint whose AdamW state the stage started from (CausalLM's carry_optimizer), else null
+            "optimizer_from": getattr(pl_module, "optimizer_from", None),
             # the text domains' validation window: the next stage validates on the same (see CorpusDataModule)
             "val_seq_len": getattr(trainer.datamodule, "val_seq_len", None) or getattr(trainer.datamodule, "seq_len", None),
         }
@@ -277,7 +283,7 @@ class StageHandoff(L.Callback):
             flops = flops_per_token(*model_shape(pl_module), seq_len)
             mfu = round(rate / trainer.world_size * flops / peak, 4)
         return {"tokens_per_s": round(rate), "mfu": mfu, "tokens": tokens, "seconds": round(seconds, 2),
-                "devices": trainer.world_size, "seq_len": seq_len}
+                "devices": trainer.world_size, "device": self._device, "seq_len": seq_len}
 
     def wall_time_s(self) -> float:
         """Seconds spent in fit for this stage, over every resume."""

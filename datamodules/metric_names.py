@@ -69,6 +69,17 @@ def val_losses(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def stability_loss(domain: str) -> str:
+    """Held-out loss of ``domain`` measured densely early in a stage (``callbacks.StabilityGap``), by optimizer
+    step: ``stability/<domain>/loss``."""
+    return f"stability/{domain}/loss"
+
+
+def stability_tokens_loss(domain: str) -> str:
+    """The same against the lineage's total tokens: ``stability_tokens/<domain>/loss``."""
+    return f"stability_tokens/{domain}/loss"
+
+
 def forgetting(domain: str) -> str:
     """Relative rise of an earlier domain's held-out loss over its baseline: ``forgetting/<domain>``."""
     return f"forgetting/{domain}"

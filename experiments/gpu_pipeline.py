@@ -92,8 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--experiment", help="default: the config's `experiment`")
     p.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
     p.add_argument("--evaluate", nargs="+", default=["tools", "preference", "joint_tools"],
-                   help="stages whose tool calls are scored on every held-out example (those that exist)")
+                   help="stages whose tool calls are scored on held-out examples (those that exist)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest generated call (99%% of answers fit)")
+    p.add_argument("--eval-limit", type=int, default=400,
+                   help="held-out tool examples scored per group, seen and unseen (0: all; full data: 524 and 948)")
     p.add_argument("--timeout", type=float, default=560, help="seconds the pipeline step may take")
     p.add_argument("--results", help="default: experiments/results/gpu_pipeline_<date>")
     p.add_argument("--stage-args", type=json.loads, default=[],
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
                 step(stagewise("evaluate", "--ckpt", str(ckpt), "--data_dir", data_dir, "--domains", "[tools]",
                                "--max_new_tokens", str(args.max_new_tokens), "--out", str(out),
                                "--decode_batch_size", "64" if _cuda() else "16",
+                               *(["--limit", str(args.eval_limit)] if args.eval_limit else []),
                                "--precision", "bf16-mixed" if _cuda() else "32-true"))
         collect(results, experiment, models, runs, log)
     if "report" in args.steps:

@@ -73,14 +73,15 @@ def variants(config: dict) -> dict[str, tuple[StageSpec, str | None, str]]:
     }
 
 
-def evaluate(where: Workspace, name: str, max_new_tokens: int, cuda: bool) -> None:
+def evaluate(where: Workspace, name: str, max_new_tokens: int, cuda: bool, limit: int) -> None:
     out = Path(where.models_dir) / where.experiment / name / "eval.json"
     ckpt = Path(where.models_dir) / where.experiment / f"{name}_model_best.ckpt"
     if out.is_file() or not ckpt.is_file():
         return
     subprocess.run([sys.executable, "-m", "lightning_modules", "evaluate", "--ckpt", str(ckpt), "--data_dir",
                     where.data_dir, "--domains", "[tools]", "--max_new_tokens", str(max_new_tokens), "--out", str(out),
-                    "--decode_batch_size", "64" if cuda else "16", "--precision", "bf16-mixed" if cuda else "32-true"],
+                    "--decode_batch_size", "64" if cuda else "16", "--precision", "bf16-mixed" if cuda else "32-true",
+                    *(["--limit", str(limit)] if limit else [])],
                    check=False)
 
 
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int, default=3, help="variants trained at once (one GPU shared)")
     p.add_argument("--stage-args", type=json.loads, default=[], help="a JSON list added to every variant (smoke runs)")
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--eval-limit", type=int, default=400, help="held-out tool examples scored per group (0: all)")
     p.add_argument("--data-dir", help="default: the pipeline's data config's data_dir")
     p.add_argument("--out", type=Path, help="default: experiments/results/recipe_comparisons_<date>")
     args = p.parse_args(argv)
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
             outcome = run_stage(spec, parent, where, log_to_files=True)
         except Exception as err:  # noqa: BLE001  (one failed variant must not stop the others)
             return name, f"failed: {err} (see {log_dir}/stderr.log)"
-        evaluate(where, name, args.max_new_tokens, cuda)
+        evaluate(where, name, args.max_new_tokens, cuda, args.eval_limit)
         return name, outcome
 
     out = args.out or ROOT / "experiments" / "results" / f"recipe_comparisons_{datetime.date.today().isoformat()}"

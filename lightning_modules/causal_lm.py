@@ -22,7 +22,7 @@ from datamodules.errors import StagewiseError, TokenizerMismatchError
 from datamodules.metric_names import (
     TRAIN_GRAD_NORM, TRAIN_LOSS, TRAIN_LR, TRAIN_SKIPPED_STEPS, TRAIN_TOKENS, test_metric, val_loss, val_ppl,
 )
-from datamodules.stage_record import read_checkpoint
+from datamodules.stage_record import read_checkpoint, stage_record_for_checkpoint
 from lightning_modules.decoding import generate
 from lightning_modules.hf_llama import (
     FIXED, FREE, config_fields, is_hf_dir, load_hf_state, our_state_dict, read_hf_config,
@@ -49,6 +49,69 @@ def lr_factor(
             return 1.0
         return 1 - (1 - min_ratio) * min(1.0, (step - decay_start) / max(1, total - decay_start))
     raise StagewiseError(f"unknown schedule '{schedule}'; choose one of: cosine, constant, wsd")
+
+
+def optimizer_state_source(init_from: str | Path) -> Path:
+    """The ``last.ckpt`` whose AdamW state a stage started from ``init_from`` carries over (``carry_optimizer``).
+
+    It is the parent's full training state at the end of its training: the path its ``stage.json`` records
+    under ``last_checkpoint``, else ``<runs_dir>/<experiment>/<stage>/checkpoints/last.ckpt`` of the stage
+    that record describes (its config's ``stage:`` section; relative paths are relative to the working
+    directory, as the stage wrote them). A parent without a record, or whose ``last.ckpt`` is gone, is refused.
+    """
+    init_from = Path(init_from)
+    if is_hf_dir(init_from):
+        raise StagewiseError(
+            f"carry_optimizer: init_from {init_from} is a transformers model directory, which holds no optimizer "
+            "state; start with a fresh optimizer (--model.init_args.carry_optimizer false)")
+    record = stage_record_for_checkpoint(init_from) if init_from.is_file() else None
+    if record is None:
+        raise StagewiseError(
+            f"carry_optimizer: init_from {init_from} has no stage record (<models_dir>/<experiment>/<stage>/stage.json), "
+            "so where its optimizer state was saved is unknown; start from a stage trained with `stagewise fit`, "
+            "or with a fresh optimizer (--model.init_args.carry_optimizer false)")
+    if record.get("last_checkpoint"):
+        candidates = [Path(record["last_checkpoint"])]
+    else:
+        stage = (record.get("config") or {}).get("stage") or {}
+        name = stage.get("name") or record.get("stage")
+        experiment = stage.get("experiment") or record.get("experiment") or "default"
+        candidates = [Path(stage.get("runs_dir") or "runs") / experiment / name / "checkpoints" / "last.ckpt"] if name else []
+    for path in candidates:
+        if path.is_file():
+            return path
+    where = ", ".join(map(str, candidates)) or "(the record names no stage)"
+    raise StagewiseError(
+        f"carry_optimizer: the optimizer state of init_from {init_from} is not there: no {where}. It is the "
+        "parent's last.ckpt, removed with its run directory; re-run the parent stage, or start with a fresh "
+        "optimizer (--model.init_args.carry_optimizer false)")
+
+
+def carry_optimizer_state(optimizer: torch.optim.Optimizer, source: str | Path) -> dict[str, Any]:
+    """Load the AdamW moments and step counts of checkpoint ``source`` (its first optimizer) into ``optimizer``,
+    keeping ``optimizer``'s own hyperparameters (LR, betas, weight decay): the schedule stays the new stage's.
+    Parameters pair up in order, group by group; a checkpoint of another model shape is refused. Returns what
+    ``stage.json`` records as ``optimizer_from``: the path and the optimizer step of that state."""
+    hint = "re-run the parent stage, or start with a fresh optimizer (--model.init_args.carry_optimizer false)"
+    ckpt = read_checkpoint(source, hint, prefix="carry_optimizer: ")
+    saved = (ckpt.get("optimizer_states") or [None])[0]
+    if not saved:
+        raise StagewiseError(f"carry_optimizer: {source} holds no optimizer state (a weights-only checkpoint); {hint}")
+    ours = optimizer.state_dict()["param_groups"]
+    sizes = [len(g["params"]) for g in saved["param_groups"]], [len(g["params"]) for g in ours]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in saved["param_groups"] for i in group["params"]]
+    shapes = [tuple(saved["state"][i]["exp_avg"].shape) if "exp_avg" in saved["state"].get(i, {}) else tuple(p.shape)
+              for p, i in zip(params, ids)]
+    if sizes[0] != sizes[1] or shapes != [tuple(p.shape) for p in params]:
+        raise StagewiseError(
+            f"carry_optimizer: the optimizer state in {source} belongs to another model shape (parameter groups "
+            f"of {sizes[0]} tensors there, {sizes[1]} here, or other tensor shapes); {hint}")
+    # The saved parameter ids with our groups' settings: torch maps ids to our parameters in order and keeps
+    # the settings given here, so no LR, weight decay or scheduler `initial_lr` of the parent's comes along.
+    groups = [{**group, "params": theirs["params"]} for group, theirs in zip(ours, saved["param_groups"])]
+    optimizer.load_state_dict({"state": saved["state"], "param_groups": groups})
+    return {"path": str(source), "optimizer_step": ckpt.get("global_step")}
 
 
 def cross_entropy(
@@ -156,6 +219,11 @@ class CausalLM(L.LightningModule):
             ``LlamaForCausalLM`` directory (``config.json`` + safetensors, e.g. a ``stagewise export``). For a
             directory, the data's tokenizer must be that model's (``tokenizer.from_model`` in the data config);
             embedding and output rows for ids the model lacks start as the mean of its rows.
+        carry_optimizer: Start the AdamW moments (and step counts) from the parent's, not from zero: with
+            ``init_from`` a stage's checkpoint, they come from that stage's ``last.ckpt``
+            (:func:`optimizer_state_source`); the LR schedule is still this stage's own (warmup included).
+            ``stage.json`` records where they came from (``optimizer_from``). A resumed run takes its optimizer
+            from its own ``last.ckpt`` as always.
         loss_weighting: How the training loss averages a batch with a loss mask: ``tokens`` (every counted
             token alike) or ``windows`` (each window's mean, then the mean over windows: in a replay mixture
             beside a tool corpus, the mixture's window fractions are then the loss's fractions, where by tokens
@@ -187,6 +255,7 @@ class CausalLM(L.LightningModule):
         min_lr_ratio: float = 0.1,
         max_steps: int | None = None,
         init_from: str | None = None,
+        carry_optimizer: bool = False,
         loss_weighting: Literal["tokens", "windows"] = "tokens",
         compile: bool | None = None,
         fused_adamw: bool | None = None,
@@ -198,6 +267,9 @@ class CausalLM(L.LightningModule):
             raise StagewiseError(
                 f"unknown architecture '{architecture}'; choose one of: {', '.join(ARCHITECTURES)}"
             )
+        if carry_optimizer and not init_from:
+            raise StagewiseError("carry_optimizer needs init_from (the parent whose optimizer state is carried over); "
+                                 "set --model.init_args.init_from or --stage.parent, or leave carry_optimizer false")
         # Build the config now so a bad size or override fails when the CLI parses, not mid-setup.
         self.config = model_config(size, vocab_size, model_overrides, init_from)
         if is_hf_dir(init_from):  # the shape in the hyperparameters, so a checkpoint rebuilds without that directory
@@ -213,6 +285,8 @@ class CausalLM(L.LightningModule):
         self._bad_counts: torch.Tensor | None = None  # on-device [skipped, in a row, steps] since the last host read
         self._last_checked_step = 0  # the optimizer step of the newest on-device verdict
         self._step_loss: torch.Tensor | None = None
+        self.optimizer_from: dict[str, Any] | None = None  # where carry_optimizer took the moments from
+        self._init_from_step: int | None = None  # the optimizer step of init_from's weights
 
     @property
     def skipped_steps(self) -> int:
@@ -307,6 +381,7 @@ class CausalLM(L.LightningModule):
         meta = any(p.is_meta for p in self.model.parameters())  # sharded strategies build on meta
         self.model.load_state_dict(state, strict=True, assign=meta)
         lineage = ckpt.get("stagewise", {})
+        self._init_from_step = ckpt.get("global_step")
         self.parent_tokens = lineage.get("parent_tokens", 0) + lineage.get("tokens_seen", 0)
         self.parent_optimizer_steps = lineage.get("parent_optimizer_steps", 0) + lineage.get("optimizer_steps", 0)
 
@@ -545,6 +620,12 @@ class CausalLM(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.build_optimizer()
+        if self.hparams.get("carry_optimizer") and self._trainer is not None and self.trainer.ckpt_path is None:
+            self.optimizer_from = carry_optimizer_state(optimizer, optimizer_state_source(self.hparams.init_from))
+            step = self.optimizer_from["optimizer_step"]
+            if self._init_from_step is not None and step != self._init_from_step:
+                rank_zero_warn(f"carry_optimizer: the moments come from optimizer step {step} of the parent, its "
+                               f"weights (init_from) from step {self._init_from_step}")
         total, hp = self.schedule_steps(), self.hparams
         if hp.warmup_steps >= total:
             rank_zero_warn(f"warmup_steps ({hp.warmup_steps}) is not below the {total} optimizer steps of this run: the "
@@ -567,8 +648,10 @@ class CausalLM(L.LightningModule):
             "skipped_steps": self.skipped_steps,
             "bad_steps_in_a_row": self.bad_steps_in_a_row,
         }
+        checkpoint["optimizer_from"] = self.optimizer_from  # a resumed run still records where its moments began
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.optimizer_from = checkpoint.get("optimizer_from")
         for key, value in checkpoint.get("stagewise", {}).items():
             # the non-finite step counts are read-only properties over private fields
             setattr(self, f"_{key}" if key in ("skipped_steps", "bad_steps_in_a_row") else key, value)

@@ -135,6 +135,8 @@ def _plots(experiment_dir: Path, stages: list[str], baselines: list[str], domain
     import matplotlib.pyplot as plt
 
     runs = {name: read_scalars(experiment_dir / name, "val") for name in stages + baselines}
+    if not any(series for run in runs.values() for series in run.values()):
+        return []  # no TensorBoard curves here (a report written from the records alone): no empty plots
     color = {name: f"C{i}" for i, name in enumerate(stages + baselines)}  # one colour per run in every panel
     files = []
     # 1. Per-domain held-out loss against total tokens, the stages as one curve with boundaries.
@@ -175,12 +177,13 @@ def _plots(experiment_dir: Path, stages: list[str], baselines: list[str], domain
     return files
 
 
-def lineage(records: dict[str, dict]) -> dict[str, list[str]]:
+def lineage(records: dict[str, dict], files: bool = True) -> dict[str, list[str]]:
     """Per run, every way its lineage is broken: its checkpoint or its parent's is not the file its record
-    names (replaced or retrained since), or its parent's record in this report describes other weights."""
+    names (replaced or retrained since; only with ``files``), or its parent's record in this report describes
+    other weights."""
     out = {}
     for name, r in records.items():
-        problems = lineage_problems(r)
+        problems = lineage_problems(r) if files else []
         parent = r.get("parent") or {}
         theirs = (records.get(parent.get("stage")) or {}).get("checkpoint") or {}
         if theirs.get("sha256") and parent.get("sha256") and theirs["sha256"] != parent["sha256"]:
@@ -191,9 +194,11 @@ def lineage(records: dict[str, dict]) -> dict[str, list[str]]:
     return out
 
 
-def _lineage_lines(broken: dict[str, list[str]], names: list[str]) -> list[str]:
+def _lineage_lines(broken: dict[str, list[str]], names: list[str], files: bool = True) -> list[str]:
     if not broken:
-        return ["", "Lineage: checked; every run's checkpoint and parent match their records (sha256)."]
+        return ["", "Lineage: checked; every run's checkpoint and parent match their records (sha256)." if files else
+                "Lineage: checked on the records alone (none of their checkpoints is here): every run's parent is "
+                "the checkpoint its parent's record describes (sha256)."]
     lines = ["", "## Lineage: broken", "",
              "These rows do not describe one chain of checkpoints; re-run the stages named below (`--overwrite`):", ""]
     for name in names:
@@ -203,7 +208,7 @@ def _lineage_lines(broken: dict[str, list[str]], names: list[str]) -> list[str]:
 
 def write_report(experiment: str, stages: list[str], baselines: list[str] | None = None,
                  models_dir: str = "models", runs_dir: str = "runs", data_dir: str | None = None,
-                 command: str | None = None) -> Path:
+                 command: str | None = None, card: str | None = None) -> Path:
     """Write ``<runs_dir>/<experiment>/report.md`` (+ PNG plots) and the report card ``report.json``
     (:mod:`lightning_modules.report_card`) and return the markdown's path; a broken lineage is reported in it
     and on stderr."""
@@ -216,7 +221,9 @@ def write_report(experiment: str, stages: list[str], baselines: list[str] | None
             raise StagewiseError(f"no record for stage '{name}' in {experiment_models / name / 'stage.json'}; "
                                  "run the stage first")
         records[name] = record
-    broken = lineage(records)
+    # a report written from records alone (copied back from a GPU machine): the chain is checked on their hashes
+    files = any(Path((r.get("checkpoint") or {}).get("path", "")).is_file() for r in records.values())
+    broken = lineage(records, files)
     domains: list[str] = []
     for r in records.values():  # the held-out pairs have their own section, not a loss column
         domains += [d for d in r.get("losses", {}).get("final", {}) if d not in domains and d != PREFERENCE]
@@ -225,14 +232,15 @@ def write_report(experiment: str, stages: list[str], baselines: list[str] | None
     lines = [f"# {experiment}: staged path {' → '.join(stages)}" + (f" vs {', '.join(baselines)}" if baselines else ""),
              "", "Final held-out loss per domain (lower is better; compare within a column only).", ""]
     lines += _table(records, domains, broken)
-    lines += _lineage_lines(broken, stages + baselines)
+    lines += _lineage_lines(broken, stages + baselines, files)
     lines += _forgetting(records)
     lines += _preference(records, experiment_dir, experiment_models)
-    card = report_card(experiment, stages, baselines, models_dir, data_dir, command)
-    write_report_card(card, experiment_dir)
-    lines += ["", "## Report card (`report.json`)", "", *card_markdown(card)]
+    report = report_card(experiment, stages, baselines, models_dir, data_dir, command, card)
+    write_report_card(report, experiment_dir)
+    lines += ["", "## Report card (`report.json`)", "", *card_markdown(report)]
     plots = _plots(experiment_dir, stages, baselines, domains)
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     path = experiment_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     for name, problems in broken.items():
@@ -241,7 +249,8 @@ def write_report(experiment: str, stages: list[str], baselines: list[str] | None
 
 
 def report(experiment: str, stages: list[str], baselines: list[str] | None = None,
-           models_dir: str = "models", runs_dir: str = "runs", data_dir: str | None = None) -> None:
+           models_dir: str = "models", runs_dir: str = "runs", data_dir: str | None = None,
+           card: str | None = None) -> None:
     """Write and print the report of finished runs, and its report card ``runs/<experiment>/report.json``.
 
     Args:
@@ -251,11 +260,13 @@ def report(experiment: str, stages: list[str], baselines: list[str] | None = Non
         models_dir: Root of the experiments' records (``<models_dir>/<experiment>/<stage>/stage.json``).
         runs_dir: Root of the TensorBoard runs.
         data_dir: The prepared data (for bits per byte; default: the first stage's).
+        card: The machine the runs trained on, for a report written elsewhere from their records (default: the
+            device the records name, else this machine).
     """
     import shlex
 
     command = shlex.join(["stagewise", "report", *sys.argv[2:]]) if sys.argv[1:2] == ["report"] else None
-    path = write_report(experiment, stages, baselines, models_dir, runs_dir, data_dir, command)
+    path = write_report(experiment, stages, baselines, models_dir, runs_dir, data_dir, command, card)
     print(path.read_text())
     print(f"report: {path}")
 

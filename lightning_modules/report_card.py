@@ -43,6 +43,15 @@ def machine_card() -> str:
     return f"{len(names)}x {names[0]}" if names else "cpu"
 
 
+def records_card(records) -> str | None:
+    """``2x NVIDIA H200`` when the records that name their device all name the same one and count (None else)."""
+    named = {(t["devices"], t["device"]) for t in (r.get("throughput") or {} for r in records) if t.get("device")}
+    if len(named) != 1:
+        return None
+    devices, device = named.pop()
+    return f"{devices}x {device}"
+
+
 def current_commit() -> str | None:
     """``$STAGEWISE_COMMIT`` (a copy of the code without its git history names it so), else ``git rev-parse``."""
     if os.environ.get("STAGEWISE_COMMIT"):
@@ -54,17 +63,25 @@ def current_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def bytes_per_token(corpus_dir: str | Path, tokenizer, split: str = "val") -> float | None:
+def bits_per_byte(loss: float, bytes_per_token: float) -> float:
+    """A held-out loss in nats per token as bits per byte of text (comparable across tokenizers)."""
+    return loss / math.log(2) / bytes_per_token
+
+
+def bytes_per_token(corpus_dir: str | Path, tokenizer, split: str = "val",
+                    max_tokens: int | None = None) -> float | None:
     """UTF-8 bytes per token of a split, over the tokens its loss counts: every token of a text corpus, the
-    masked (answer) tokens of a tool corpus; decoded run by run with ``tokenizer``. None for an empty split."""
+    masked (answer) tokens of a tool corpus; decoded run by run with ``tokenizer``. ``max_tokens``: only the
+    split's first that many (the windows a validation capped by ``val_max_windows`` scores). None for an empty
+    split."""
     import numpy as np
 
     data = open_split(corpus_dir, split)
-    tokens = np.asarray(data.tokens)
+    tokens = np.asarray(data.tokens)[:max_tokens]
     if data.mask is None:
         runs = [tokens]
     else:
-        mask = np.asarray(data.mask).astype(bool)
+        mask = np.asarray(data.mask)[:max_tokens].astype(bool)
         edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
         runs = [tokens[a:b] for a, b in zip(edges[::2], edges[1::2])]
     n = sum(len(r) for r in runs)
@@ -95,7 +112,7 @@ def _entry(name: str, record: dict, models_dir: Path, own_stage_losses: dict[str
     throughput = record.get("throughput") or {}
     entry = {
         "losses": losses,
-        "bits_per_byte": {d: loss / math.log(2) / bpt[d] for d, loss in losses.items() if bpt.get(d)},
+        "bits_per_byte": {d: bits_per_byte(loss, bpt[d]) for d, loss in losses.items() if bpt.get(d)},
         "forgetting": {d: losses[d] / base - 1 for d, base in own_stage_losses.items() if d in losses},
         "tools": _tools(models_dir, name, record),
         "tokens": (record.get("tokens") or {}).get("stage"),
@@ -113,9 +130,10 @@ def _entry(name: str, record: dict, models_dir: Path, own_stage_losses: dict[str
 
 
 def report_card(experiment: str, stages: list[str], baselines: list[str], models_dir: str | Path = "models",
-                data_dir: str | Path | None = None, command: str | None = None) -> dict:
+                data_dir: str | Path | None = None, command: str | None = None, card: str | None = None) -> dict:
     """The report card of an experiment's finished stages and baselines (module docstring). ``data_dir``
-    (default: the first stage's) gives the held-out splits' bytes per token for bits per byte."""
+    (default: the first stage's) gives the held-out splits' bytes per token for bits per byte; ``card`` the
+    machine the runs trained on (default: the one their records name, else this one)."""
     from datamodules.tokenizer import load_tokenizer
 
     experiment_models = Path(models_dir) / experiment
@@ -133,7 +151,8 @@ def report_card(experiment: str, stages: list[str], baselines: list[str], models
             bpt[d] = bytes_per_token(data_dir / d, tokenizer)
     own: dict[str, float] = {}  # each domain's loss at the end of the stage that trained it
     own_after: dict[str, dict[str, float]] = {}  # `own` as it stood after each stage (a variant's parent)
-    card = {"experiment": experiment, "card": machine_card(), "commit": current_commit(), "command": command,
+    card = {"experiment": experiment, "card": card or records_card(records.values()) or machine_card(),
+            "commit": current_commit(), "command": command,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "data_dir": str(data_dir), "bytes_per_token": bpt, "stages": {}, "baselines": {}}
     for name in stages:

@@ -11,7 +11,8 @@ A stage config states its ``stage:`` section (name, domain, parent) and how it d
   ``models_dir`` and ``experiment`` init arguments (the best checkpoint's monitor is ``val/<domain>/loss``);
 - the data's ``corpus`` (the domain) and ``val_domains`` (every domain of the lineage so far, read from the
   parent's ``stage.json``, then this stage's);
-- ``model.init_from``: the parent's best checkpoint, checked against its record.
+- ``model.init_from``: the parent's best checkpoint, checked against its record (and, with
+  ``model.carry_optimizer``, that the parent's ``last.ckpt`` is there to carry its optimizer state from).
 
 Precedence: an explicit ``--model.init_args.init_from`` beats ``stage.parent``; explicit
 ``data.val_domains`` and ``forgetting.domains`` beat the lineage's; the other derived values always
@@ -36,6 +37,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from callbacks import BestCheckpoint, ForgettingMonitor, StageHandoff
 from datamodules.errors import StagewiseError
 from datamodules.stage_record import BEST_SUFFIX, checked_record, lineage_domains, stage_record_for_checkpoint
+from lightning_modules.causal_lm import optimizer_state_source
 from lightning_modules.hf_llama import is_hf_dir
 
 # What every stage shares, applied before its -c files (``configs/base.yaml`` of the checkout).
@@ -234,7 +236,10 @@ def _start_from(model: Namespace, stage: Stage, fitting: bool, check: bool) -> d
         return {}
     if fitting and "init_from" in model:
         model.init_from = str(parent)
+    carry = check and model.get("carry_optimizer")  # its source is checked now, before anything is written
     if is_hf_dir(parent):  # a transformers model: no lineage of ours (CausalLM.load_init_from checks it)
+        if carry:
+            optimizer_state_source(parent)  # refused: such a directory holds no optimizer state
         return None
     if not check:
         return (stage_record_for_checkpoint(parent) if parent.is_file() else None) or None
@@ -255,6 +260,8 @@ def _start_from(model: Namespace, stage: Stage, fitting: bool, check: bool) -> d
             f"({where}): that stage did not finish. Resume it with --ckpt_path last, or start from the file as it "
             "is with --model.init_args.init_from"
         )
+    if carry:
+        optimizer_state_source(parent)
     return record or None
 
 

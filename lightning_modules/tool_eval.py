@@ -152,7 +152,9 @@ def load_heldout_examples(data_dir: str | Path = "data", split: str = "val", lim
 
     Returns:
         Dicts with ``prompt_ids`` (list[int]), ``tool_calls`` (the turn's [{"name", "arguments"}...]) and
-        ``answer`` (the expected turn's text), in shard order, at most ``limit`` of them.
+        ``answer`` (the expected turn's text), in shard order; with ``limit``, that many spread evenly over the
+        split (shards hold the sources and services one after another: the first ``limit`` would be a few
+        services of one source).
     """
     from datamodules.shards import open_split, read_manifest
     from datamodules.tokenizer import load_tokenizer
@@ -168,8 +170,6 @@ def load_heldout_examples(data_dir: str | Path = "data", split: str = "val", lim
     call_open = tok.convert_tokens_to_ids(CALL_OPEN)
     examples = []
     for start, end in zip(data.offsets[:-1], data.offsets[1:]):
-        if limit is not None and len(examples) >= limit:
-            break
         ids, mask = data.tokens[start:end], data.mask[start:end].astype(bool)
         # assistant turns: runs of 1s in the mask, [begin, end) each; the last one that holds a call is scored
         edges = np.flatnonzero(np.diff(np.concatenate([[False], mask, [False]]).astype(np.int8)))
@@ -183,6 +183,8 @@ def load_heldout_examples(data_dir: str | Path = "data", split: str = "val", lim
             raise StagewiseError(f"{corpus_dir}/{split}: document at offset {int(start)} has no parseable call "
                                  f"in its answer ({answer[:80]!r}); re-run `stagewise prepare`")
         examples.append({"prompt_ids": ids[:first].tolist(), "tool_calls": calls, "answer": answer})
+    if limit is not None and limit < len(examples):
+        examples = [examples[i * len(examples) // limit] for i in range(limit)]
     return examples
 
 

@@ -336,7 +336,11 @@ class Transformer(nn.Module):
         """An empty KV cache for ``batch`` sequences of up to ``max_len`` (default ``max_seq_len``) tokens."""
         max_len = min(max_len or self.config.max_seq_len, self.config.max_seq_len)
         p = self.lm_head.weight
-        return KVCache(self.config, batch, max_len, p.dtype, p.device)
+        # under autocast, keys and values come out of the projections in its dtype: keep them so (a float32
+        # cache would be cast back on every decoding step, all of it, in every layer)
+        kind = p.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else p.dtype
+        return KVCache(self.config, batch, max_len, dtype, p.device)
 
     def num_parameters(self, non_embedding: bool = True) -> int:
         """Number of parameters. ``non_embedding`` leaves out the input embedding table but counts the

@@ -77,6 +77,20 @@ def test_kv_cache_decoding_equals_full_recompute():
     assert cache.pos == 7
 
 
+def test_kv_cache_under_autocast_keeps_the_autocast_dtype():
+    """Keys and values leave the projections in bf16 under autocast: a float32 cache would be cast back,
+    whole, on every decoding step. The cached decode matches the full bf16 forward."""
+    model = tiny()
+    ids = torch.randint(0, 64, (2, 7))
+    assert model.make_cache(2, 16).layers[0].k.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = model.make_cache(2, 16)
+        assert cache.layers[0].k.dtype == torch.bfloat16
+        stepped = torch.cat([model(ids[:, :6], cache), model(ids[:, 6:], cache)], dim=1)
+        full = model(ids)
+    torch.testing.assert_close(stepped.float(), full.float(), atol=0.1, rtol=0.05)
+
+
 def test_left_padded_batch_gives_each_row_its_unpadded_logits():
     model = tiny()
     ids = torch.randint(0, 64, (2, 9))
