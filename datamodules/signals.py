@@ -68,18 +68,29 @@ def _restore(handlers: dict[int, Any]) -> None:
         signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
+_NOT_INHERITED: set[Callable[[int, Any], None]] = {_record}  # handlers a forked child resets (_defaults_in_child)
+
+
+def _defaults_in_child() -> None:
+    """Right after a fork: a child (a worker pool's) does not keep the handler of :func:`stopping_on_signals`, so
+    a stop signal ends it at once, as it ends any process, and its pool's owner reports the stop. A Python
+    handler runs only between bytecodes: a worker that ``Pool.terminate`` signalled just before it blocked on its
+    task queue would wait there for ever (a prepare hung so, at the end of a pool)."""
+    for s in STOP_SIGNALS:
+        if signal.getsignal(s) in _NOT_INHERITED:
+            signal.signal(s, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_defaults_in_child)
+
+
 @contextmanager
 def stopping_on_signals() -> Iterator[None]:
     """Within: SIGTERM and SIGINT raise :class:`Stopped` (once: later ones are only recorded, so stopping is
-    never interrupted itself). In processes forked meanwhile (worker pools) the signals keep their default
-    effect: a worker ends quietly and its pool's owner reports the stop. The previous handlers come back at exit."""
-    owner = os.getpid()
+    never interrupted itself). Processes forked meanwhile (worker pools) keep the signals' default effect. The
+    previous handlers come back at exit."""
 
     def stop(signum: int, frame: Any) -> None:
-        if os.getpid() != owner:  # a forked worker: end as the signal would have ended it
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
         first = not _received
         _record(signum)
         if first:
@@ -87,11 +98,13 @@ def stopping_on_signals() -> Iterator[None]:
             raise Stopped(signum)
 
     _received.clear()
+    _NOT_INHERITED.add(stop)
     before = _install(stop)
     try:
         yield
     finally:
         _restore(before)
+        _NOT_INHERITED.discard(stop)
 
 
 def defer_signals(on_signal: Callable[[int], None] | None = None) -> dict[int, Any]:

@@ -332,6 +332,23 @@ def assert_stopped(result: tuple[int, str, float], command: str, signum: int) ->
     assert "Traceback" not in err, err[-3000:]
 
 
+def test_a_process_forked_while_stopping_on_signals_keeps_no_handler():
+    """A pool worker ends on a stop signal as any process does, even blocked in C: with the command's Python
+    handler, a worker that Pool.terminate signalled just before it blocked on its task queue waited there for
+    ever, and so did the prepare that owned it."""
+    from datamodules.signals import STOP_SIGNALS, stopping_on_signals
+
+    with stopping_on_signals():
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(write, bytes([all(signal.getsignal(s) == signal.SIG_DFL for s in STOP_SIGNALS)]))
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert os.read(read, 1) == b"\x01"
+        assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL  # the command itself keeps its handler
+
+
 def files(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): sha(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
