@@ -45,7 +45,7 @@ class ToolCallEval(L.Callback):
 
     Args:
         data_dir: Where ``stagewise prepare`` wrote the shards and tokenizer, when the data module has no ``data_dir``.
-        num_examples: Held-out examples scored at each evaluation, per group (the first ones of each split).
+        num_examples: Held-out examples scored at each evaluation, per group (spread evenly over each split: shards hold sources and services one after another).
         max_new_tokens: Longest answer generated per example.
         every_n_validations: Evaluate at every n-th validation (generation costs more than a loss).
         stage: The stage whose ``stage.json`` gets the ``tools`` section.
