@@ -229,6 +229,19 @@ def test_validate_never_writes_into_the_training_run(tmp_path, monkeypatch, corp
     assert any(p.endswith("config.yaml") for p in new)
 
 
+def test_test_scores_the_test_split_with_the_stages_best_checkpoint(tmp_path, monkeypatch, capsys, corpus):
+    """Was "No `test_step()` method defined": `stagewise test --ckpt_path best` scores each domain's test split
+    with the stage's best weights, logged beside the training run, which it leaves as it was."""
+    monkeypatch.chdir(tmp_path)
+    assert fit(tmp_path, corpus) == 0
+    before = {p: sha(p) for p in tmp_path.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    main(["test", "-c", "config.yaml", "--ckpt_path", "best"])
+    assert "test/language/loss" in capsys.readouterr().out
+    assert {p: sha(p) for p in before} == before
+    assert list((tmp_path / "runs/resume/language.test/version_0").glob("events.out.tfevents.*"))
+
+
 def test_disk_full_during_fit_exits_2_and_keeps_the_earlier_last_checkpoint(tmp_path, monkeypatch, capsys, corpus):
     monkeypatch.chdir(tmp_path)
     write = AtomicCheckpointIO.write_temp
