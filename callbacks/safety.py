@@ -1,17 +1,18 @@
-"""Safety nets for long runs: checkpoints written atomically, a ``last.ckpt`` to resume from, and
-preemption checks that do not stall the GPU.
+"""Safety nets for long runs: checkpoints written atomically, a ``last.ckpt`` to resume from, and a clean
+stop on SIGTERM / SIGINT that does not stall the GPU.
 
 ``stagewise fit`` installs all three by default (see ``lightning_modules/cli.py``): every checkpoint goes
 through :class:`AtomicCheckpointIO`, :class:`LastCheckpoint` keeps
 ``runs/<experiment>/<version>/checkpoints/last.ckpt`` for ``--ckpt_path last``, and :class:`PreemptionCheck`
-checks for SIGTERM across ranks every N steps. Non-finite steps are skipped by ``CausalLM`` itself
-(``max_bad_steps``).
+stops the fit at the next batch after a signal (across ranks, checked every N steps) once ``last.ckpt`` is
+saved. Non-finite steps are skipped by ``CausalLM`` itself (``max_bad_steps``).
 """
 
 from __future__ import annotations
 
 import errno
 import itertools
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,11 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.errors import StagewiseError
 from datamodules.shards import atomic_path
+from datamodules.signals import defer_signals, restore_signals
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -60,9 +63,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class LastCheckpoint(ModelCheckpoint):
     """Keeps ``last.ckpt``, the full training state ``stagewise fit ... --ckpt_path last`` resumes from.
 
-    When it saves: every ``every_n_train_steps`` optimizer steps, after every validation, and at the end of
-    training. A save due on a step that is followed by validation waits until that validation has run, so a
-    resumed run neither repeats nor skips it. Nothing is saved while ``CausalLM`` is skipping non-finite steps
+    When it saves: every ``every_n_train_steps`` optimizer steps, after every validation, at the end of
+    training, and when the fit is stopped by a signal (:class:`PreemptionCheck`: ``trainer.received_sigterm``
+    is set at a batch's end). A save due on a step that is followed by validation waits until that
+    validation has run, so a resumed run neither repeats nor skips it. Nothing is saved while ``CausalLM`` is skipping non-finite steps
     (``bad_steps_in_a_row > 0``): the last checkpoint stays the last good one. ``last.ckpt`` is overwritten in
     place (atomically, see :class:`AtomicCheckpointIO`); a killed run loses at most ``every_n_train_steps``
     steps.
@@ -86,7 +90,12 @@ class LastCheckpoint(ModelCheckpoint):
                            batch_idx: int) -> None:
         # The step test first: reading the bad-step streak may wait for the GPU, so only when a save is due.
         due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
-        if not due or _validation_follows(trainer) or _bad_streak(pl_module):
+        stopping = trainer.received_sigterm
+        if not (due or stopping) or _validation_follows(trainer) or _bad_streak(pl_module):
+            return
+        if stopping:
+            if not self._should_skip_saving_checkpoint(trainer):
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
@@ -115,38 +124,92 @@ def _validation_follows(trainer: L.Trainer) -> bool:
 
 
 class PreemptionCheck(L.Callback):
-    """Checks for a SIGTERM (preemption, ``scancel``) across ranks every ``every_n_steps`` training batches
-    instead of before every batch.
+    """Stops a fit cleanly on SIGTERM (preemption, ``scancel``, ``timeout``) or SIGINT (Ctrl-C): the batch in
+    progress finishes, and the validation right after it if one is due; ``last.ckpt`` is saved
+    (:class:`LastCheckpoint`); then the fit ends with Lightning's ``SIGTERMException`` and ``stagewise`` prints
+    one line and exits 143 (SIGTERM) or 130 (SIGINT). ``--ckpt_path last`` continues exactly, as after any
+    save (``tests/test_resume.py``). A checkpoint being written when the signal comes is finished first.
 
-    Lightning 2.6 broadcasts rank 0's SIGTERM flag before each training batch of a multi-process run and
-    reads it back with ``.item()``: on GPUs a host sync per step, which leaves the GPU idle while the CPU
-    prepares the next step. Measured for ``base`` DDP on 2 H200s: 938K tokens/s with N = 20 against 915K
-    with the check every step (+2.4%; ``experiments/results/throughput_summary.md``). With this callback the
-    check runs on batches 0, N, 2N, … of each fit on every rank (ranks count the same batches, so they still
-    meet in the broadcast); a
-    SIGTERM still stops all ranks together, at most N−1 batches later. Single-process runs never broadcast,
-    so nothing changes there. Lightning-AI/pytorch-lightning#21640 proposes the same as a Trainer argument.
+    When it acts:
 
-    ``stagewise fit`` installs it (``--preemption_check.every_n_steps``, 1 = Lightning's every step).
+    - ``on_train_start`` (after Lightning has set its own handlers): SIGTERM and SIGINT now only record the
+      signal (``datamodules.signals.defer_signals``). Lightning's SIGTERM handler would stop in the middle of
+      a validation (which a resumed run then skips) and Python's SIGINT raises wherever the step is. Rank 0
+      passes the signal on to the processes Lightning's DDP launcher started. Lightning puts its handlers
+      back when the fit ends.
+    - ``on_train_batch_end``: the ranks agree whether any was signalled: in one process after every batch (a
+      flag on the host, no sync), across processes on batches 0, N, 2N, … of each fit (an all-reduce).
+      Signalled: the fit stops after this batch (``trainer.received_sigterm``, which ``LastCheckpoint`` saves
+      on and Lightning's loop stops on), or after the validation that follows it (``on_validation_end``).
+
+    Across processes, Lightning 2.6 broadcasts rank 0's SIGTERM flag before each training batch and reads it
+    back with ``.item()``: on GPUs a host sync per step, which leaves the GPU idle while the CPU prepares the
+    next step. Measured for ``base`` DDP on 2 H200s: 938K tokens/s with N = 20 against 915K with the check
+    every step (+2.4%; ``experiments/results/throughput_summary.md``). This check replaces that one; a signal
+    still stops all ranks together, at most N−1 batches later. Lightning-AI/pytorch-lightning#21640 proposes
+    the same as a Trainer argument.
+
+    ``stagewise fit`` installs it (``--preemption_check.every_n_steps``, 1 = check every step).
 
     Args:
-        every_n_steps: Training batches between two checks.
+        every_n_steps: Training batches between two checks across processes.
     """
 
     def __init__(self, every_n_steps: int = 20) -> None:
         if every_n_steps < 1:
             raise StagewiseError(f"preemption_check.every_n_steps must be at least 1, got {every_n_steps}")
         self.every_n_steps = every_n_steps
+        self._signum: int | None = None  # the first signal this fit received
+        self._batches = itertools.count()
+        self._after_validation = False
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loop = trainer.fit_loop.epoch_loop
-        check = getattr(type(loop), "_broadcast_sigterm_tensor", None)  # Lightning 2.6 internals
-        if check is None or self.every_n_steps == 1:
+        if hasattr(type(loop), "_broadcast_sigterm_tensor"):  # Lightning 2.6 internals: replaced by this check
+            loop._broadcast_sigterm_tensor = lambda: None  # on the instance: the class's method stays
+        self._batches, self._signum, self._after_validation = itertools.count(), None, False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        launcher = trainer.strategy.launcher
+
+        def on_signal(signum: int) -> None:
+            if self._signum is None:
+                self._signum = signum
+                if launcher is not None and trainer.is_global_zero:
+                    launcher.kill(signum)  # the ranks Lightning started (a no-op for those it did not)
+
+        defer_signals(on_signal)  # Lightning's teardown puts back the handlers it found
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.received_sigterm or not self._agree(trainer):
             return
-        batches = itertools.count()
+        rank_zero_info(f"{signal.Signals(self._signum or signal.SIGTERM).name}: stopping after step "
+                       f"{trainer.global_step}, once last.ckpt is saved")
+        if _validation_follows(trainer):
+            self._after_validation = True
+        else:
+            _stop(trainer)
 
-        def sparse_check() -> None:
-            if next(batches) % self.every_n_steps == 0:
-                check(loop)
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._after_validation:
+            _stop(trainer)
 
-        loop._broadcast_sigterm_tensor = sparse_check  # on the instance: each fit wraps the class's method
+    def _agree(self, trainer: L.Trainer) -> bool:
+        """Whether the fit stops after this batch: this process was signalled (one process), or, on the checked
+        batches, any rank was."""
+        if trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return self._signum is not None
+        return next(self._batches) % self.every_n_steps == 0 and self._any_rank_signalled(trainer)
+
+    def _any_rank_signalled(self, trainer: L.Trainer) -> bool:
+        """Collective: whether any rank has received a signal (an all-reduce, read back on the host)."""
+        flag = torch.tensor([float(self._signum is not None)], device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _stop(trainer: L.Trainer) -> None:
+    """Make the fit stop at the end of this batch, as Lightning does on a SIGTERM (its loop raises
+    ``SIGTERMException`` there); ``LastCheckpoint`` saves first."""
+    trainer._signal_connector.received_sigterm = True  # Lightning 2.6 keeps the flag privately

@@ -148,7 +148,7 @@ class StageHandoff(L.Callback):
             if torch.cuda.is_available() and pl_module.device.type == "cuda":
                 torch.cuda.synchronize(pl_module.device)
             self._first_step = (time.perf_counter(), int(getattr(pl_module, "tokens_seen", 0)))
-            self._peak_flops = device_peak_flops(pl_module.device)
+            self._peak_flops = device_peak_flops(pl_module.device, precision_label(trainer))
             self._device = (torch.cuda.get_device_name(pl_module.device) if pl_module.device.type == "cuda"
                             else pl_module.device.type)
         every = self.log_every_n_steps or trainer.log_every_n_steps or 50
@@ -191,13 +191,15 @@ class StageHandoff(L.Callback):
                            f"saving the final weights as {self.best_path}")
             trainer.save_checkpoint(self.best_path)  # collective under sharded strategies: every rank calls it
             best = self.best_path
+        # Collective in Lightning 2.6 (a broadcast under DDP): every rank reads it before rank 1 returns.
+        log_dir = trainer.log_dir
         if not trainer.is_global_zero:
             return
         if best.resolve() != self.best_path.resolve():
             _copy_atomic(best, self.best_path)
         if self.export_hf:
             self._export(trainer)
-        record = update_stage_record(self.models_dir, self.stage, self.record(trainer, pl_module))
+        record = update_stage_record(self.models_dir, self.stage, self.record(trainer, pl_module, log_dir))
         rank_zero_info(f"StageHandoff: {self.best_path} + {Path(self.models_dir) / self.stage / 'stage.json'} "
                        f"({record['tokens']['total']:,} tokens in the lineage)")
 
@@ -205,12 +207,14 @@ class StageHandoff(L.Callback):
         tokenizer_dir = getattr(trainer.datamodule, "tokenizer_dir", None)
         export_hf(str(self.best_path), str(Path(self.models_dir) / self.stage / "hf"), tokenizer_dir=tokenizer_dir)
 
-    def record(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
-        """The keys of ``stage.json`` this callback owns.
+    def record(self, trainer: L.Trainer, pl_module: L.LightningModule, log_dir: str | None = None) -> dict:
+        """The keys of ``stage.json`` this callback owns (``log_dir``: the run's, where LightningCLI saved
+        ``config.yaml``; read on every rank before, as reading ``trainer.log_dir`` is collective).
 
         ``tokens`` and ``optimizer_steps`` describe the best checkpoint (``stage``: in this stage, ``total``:
         in its whole lineage; the next stage counts on from ``total``); ``trained`` is what this stage
-        trained in all, up to its last step.
+        trained in all, up to its last step. ``last_checkpoint`` is the path of the stage's ``last.ckpt`` (its
+        full training state, optimizer included), absent when the run keeps none.
         """
         trained_tokens = int(getattr(pl_module, "tokens_seen", 0))
         trained_steps = int(getattr(pl_module, "optimizer_steps", trainer.global_step))
@@ -231,7 +235,7 @@ class StageHandoff(L.Callback):
                            "recording the final losses as its losses")
         domain = getattr(trainer.datamodule, "corpus", None)
         trained = [domain] + list(getattr(trainer.datamodule, "mixture_fractions", None) or {}) if domain else []
-        return {
+        record = {
             "stage": self.stage,
             "experiment": self.experiment or _experiment_name(trainer),
             "domain": domain,
@@ -248,7 +252,7 @@ class StageHandoff(L.Callback):
             "best_step": best_step,
             "precision": precision_label(trainer),
             "throughput": self.throughput(trainer, pl_module),
-            "config": _resolved_config(trainer, pl_module),
+            "config": _resolved_config(trainer, pl_module, log_dir),
             # token fractions of the training mixture (replay / joint), when the data module mixes domains
             "replay": getattr(trainer.datamodule, "mixture_fractions", None),
             # the checkpoint whose AdamW state the stage started from (CausalLM's carry_optimizer), else null
@@ -256,6 +260,10 @@ class StageHandoff(L.Callback):
             # the text domains' validation window: the next stage validates on the same (see CorpusDataModule)
             "val_seq_len": getattr(trainer.datamodule, "val_seq_len", None) or getattr(trainer.datamodule, "seq_len", None),
         }
+        last = _last_checkpoint(trainer)
+        if last is not None:
+            record["last_checkpoint"] = str(last)
+        return record
 
     def throughput(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict | None:
         """End-to-end speed of this run of the stage: tokens trained after its first optimizer step (compilation
@@ -322,12 +330,20 @@ def _experiment_name(trainer: L.Trainer) -> str | None:
     return trainer.logger.name if trainer.logger is not None else None
 
 
-def _resolved_config(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
-    """The LightningCLI config saved in the log dir (complete and runnable), else the hyperparameters."""
+def _last_checkpoint(trainer: L.Trainer) -> Path | None:
+    """The ``last.ckpt`` a checkpoint callback with ``save_last`` wrote in this run, if one did."""
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.last_model_path and Path(cb.last_model_path).is_file():
+            return Path(cb.last_model_path)
+    return None
+
+
+def _resolved_config(trainer: L.Trainer, pl_module: L.LightningModule, log_dir: str | None) -> dict:
+    """The LightningCLI config saved in ``log_dir`` (complete and runnable), else the hyperparameters."""
     import yaml
 
-    if trainer.log_dir:
-        path = Path(trainer.log_dir) / "config.yaml"
+    if log_dir:
+        path = Path(log_dir) / "config.yaml"
         if path.exists():
             return yaml.safe_load(path.read_text()) or {}
     config = {"model": {"class_path": type(pl_module).__qualname__, "init_args": dict(pl_module.hparams)}}

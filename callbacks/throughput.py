@@ -8,22 +8,41 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn as nn
+from lightning.pytorch.utilities import rank_zero_warn
 
-H100_BF16_DENSE_FLOPS = 989e12
+from callbacks.precision import precision_label
+
+# Peak dense (no sparsity) tensor-core FLOP/s of one accelerator, (bf16/fp16, fp8), from the vendors' data
+# sheets; the first entry whose key is in the lower-cased device name wins, so longer names come first.
+PEAK_FLOPS: dict[str, tuple[float, float | None]] = {
+    "h100 nvl": (835e12, 1671e12),
+    "h100 pcie": (756e12, 1513e12),
+    "h200 nvl": (835e12, 1671e12),
+    "gh200": (989e12, 1979e12),
+    "h100": (989e12, 1979e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    "h200": (989e12, 1979e12),
+    "b200": (2250e12, 4500e12),
+    "a100": (312e12, None),
+    "l40s": (362e12, 733e12),
+    "l4": (121e12, 242e12),
+    "a10": (125e12, None),
+    "mi300x": (1307e12, 2615e12),
+}
+H100_BF16_DENSE_FLOPS = PEAK_FLOPS["h100"][0]
 """Peak dense bf16 tensor-core FLOP/s of one H100 SXM (the MFU denominator of the shared reference)."""
 
 
-# Dense bf16 tensor-core peaks (vendor datasheets), by a substring of the device name; the first match wins.
-BF16_PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12))
-
-
-def device_peak_flops(device: torch.device) -> float | None:
-    """Peak dense bf16 FLOP/s of ``device`` from :data:`BF16_PEAK_FLOPS`; None on a CPU or an unknown GPU
-    (no MFU is given then)."""
+def device_peak_flops(device: torch.device, precision: str = "bf16-mixed") -> float | None:
+    """The peak dense FLOP/s of ``device`` from :data:`PEAK_FLOPS` for a run in ``precision``
+    (:func:`~callbacks.precision.precision_label`): the fp8 rate for ``fp8-mixed``, else the bf16 one; None on a
+    CPU or a GPU not in the table (no MFU is given then). The one lookup of ``Throughput`` and ``StageHandoff``."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in BF16_PEAK_FLOPS if key in name), None)
+    name = torch.cuda.get_device_name(device).lower()
+    peaks = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    if peaks is None:
+        return None
+    return peaks[1] if precision == "fp8-mixed" and peaks[1] is not None else peaks[0]
 
 
 def flops_per_token(n_params: int, n_layers: int, d_model: int, seq_len: int) -> int:
@@ -48,24 +67,29 @@ def model_shape(pl_module: L.LightningModule) -> tuple[int, int, int]:
 
 
 class Throughput(L.Callback):
-    """Logs ``throughput/tokens_per_s`` (all ranks), ``throughput/mfu`` (per GPU, against ``peak_flops``),
+    """Logs ``throughput/tokens_per_s`` (all ranks), ``throughput/mfu`` (per GPU, against the device's peak),
     ``throughput/step_time_s`` and ``throughput/peak_memory_gb`` (GiB, this rank) every
     ``log_every_n_steps`` training batches.
 
     Timing uses host clocks at batch boundaries and synchronizes with the GPU only at the end of each
     window of ``log_every_n_steps`` batches and when a validation pauses the clock (validation time is not
     counted), so training steps run without host syncs. The first window includes
-    ``torch.compile``'s compilation. MFU = tokens/s per GPU × (6·N + 12·L·d·T) / ``peak_flops``, N the
-    parameters without the input embedding, T the batch's sequence length.
+    ``torch.compile``'s compilation. MFU = tokens/s per GPU × (6·N + 12·L·d·T) / peak FLOP/s, N the
+    parameters without the input embedding, T the batch's sequence length; the peak is the running GPU's
+    dense bf16 rate (fp8 under ``Float8MixedPrecision``) from :data:`PEAK_FLOPS`. No MFU is logged on a CPU
+    or on a GPU the table lacks (a warning names it) unless ``peak_flops`` is given.
 
     Args:
-        log_every_n_steps: Training batches per measurement window.
-        peak_flops: Peak FLOP/s of one accelerator; the default is the H100 SXM's dense bf16 rate
-            (989e12). Use about 1979e12 for dense FP8 on an H100, 312e12 for an A100's bf16.
+        log_every_n_steps: Training batches per measurement window; default: the Trainer's
+            ``log_every_n_steps``.
+        peak_flops: Peak FLOP/s of one accelerator, instead of the table's for the running device (e.g.
+            312e12 for an A100's bf16).
     """
 
-    def __init__(self, log_every_n_steps: int = 50, peak_flops: float = H100_BF16_DENSE_FLOPS) -> None:
+    def __init__(self, log_every_n_steps: int | None = None, peak_flops: float | None = None) -> None:
         self.log_every_n_steps, self.peak_flops = log_every_n_steps, peak_flops
+        self._every = log_every_n_steps or 50  # the window in use (the Trainer's once training starts)
+        self._peak: float | None = peak_flops
         self.metrics: dict[str, float] = {}  # the last window's values
         self._shape: tuple[int, int, int] | None = None
         self._t0: float | None = None  # start of the running stretch of the window; None while paused
@@ -75,6 +99,11 @@ class Throughput(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._shape = model_shape(pl_module)
+        self._every = max(1, self.log_every_n_steps or trainer.log_every_n_steps)
+        self._peak = self.peak_flops or device_peak_flops(pl_module.device, precision_label(trainer))
+        if self._peak is None and pl_module.device.type == "cuda":
+            rank_zero_warn(f"Throughput: no peak FLOP/s known for {torch.cuda.get_device_name(pl_module.device)}, "
+                           "so no throughput/mfu; give it as Throughput(peak_flops=...)")
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
         self._t0, self._batches, self._tokens, self._elapsed = None, 0, 0, 0.0
@@ -98,7 +127,7 @@ class Throughput(L.Callback):
         self._seq_len = ids.shape[1]
         self._tokens += ids.numel() * trainer.world_size  # shapes are host-side: no sync
         self._batches += 1
-        if self._batches < self.log_every_n_steps:
+        if self._batches < self._every:
             return
         self._sync(pl_module)
         elapsed = self._elapsed + time.perf_counter() - self._t0
@@ -112,9 +141,10 @@ class Throughput(L.Callback):
         """The metrics of one window: ``tokens`` trained by all ranks in ``batches`` batches over ``elapsed`` s."""
         n, n_layers, d_model = self._shape
         tokens_per_s = tokens / elapsed
-        mfu = tokens_per_s / world_size * flops_per_token(n, n_layers, d_model, self._seq_len) / self.peak_flops
-        metrics = {"throughput/tokens_per_s": tokens_per_s, "throughput/mfu": mfu,
-                   "throughput/step_time_s": elapsed / batches}
+        metrics = {"throughput/tokens_per_s": tokens_per_s, "throughput/step_time_s": elapsed / batches}
+        if self._peak:
+            flops = flops_per_token(n, n_layers, d_model, self._seq_len)
+            metrics["throughput/mfu"] = tokens_per_s / world_size * flops / self._peak
         if device.type == "cuda":
             metrics["throughput/peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         return metrics

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks.every_n import EveryNValidations
-from datamodules.metric_names import tool_samples, tool_score
+from datamodules.metric_names import test_metric, tool_samples, tool_score
 from datamodules.stage_record import update_stage_record
 from lightning_modules.decoding import decoding_model
 from lightning_modules.tool_eval import evaluate_tool_calls, heldout_groups, load_heldout_examples
@@ -38,6 +38,8 @@ class ToolCallEval(L.Callback):
     - ``on_fit_end`` (rank 0): writes ``tools`` into ``<models_dir>/<stage>/stage.json``: the seen scores of
       the validation with the best monitored loss (the best checkpoint's) and each group's under ``seen`` /
       ``unseen``, ``final`` (the last validation's) and ``history`` (every evaluation's step, tokens and scores).
+    - ``on_test_epoch_end`` (``stagewise test``): scores the *seen* group from the ``test`` split (all of it,
+      or ``test_examples``) and the *unseen* group, logged as ``test/tools/<group>/<score>`` with the test losses.
 
     Generation runs on rank 0 only; under FSDP from the gathered full weights (``decoding.decoding_model``).
 
@@ -55,12 +57,14 @@ class ToolCallEval(L.Callback):
         max_prompt_tokens: Keep only the last this many tokens of each request (its text and the last tool
             schemas); default: the data module's ``seq_len`` less ``max_new_tokens``, i.e. about what the
             model sees in training (decoding time grows with the prompt).
+        test_examples: Examples scored per group by ``stagewise test`` (default: every one of the test split
+            and of the unseen split).
     """
 
     def __init__(self, data_dir: str = "data", num_examples: int = 100, max_new_tokens: int = 128,
                  every_n_validations: int = 1, stage: str = "tools", models_dir: str = "models",
                  split: str = "val", monitor: str | None = None, batch_size: int = 16,
-                 max_prompt_tokens: int | None = None) -> None:
+                 max_prompt_tokens: int | None = None, test_examples: int | None = None) -> None:
         self.data_dir = data_dir
         self.num_examples = num_examples
         self.max_new_tokens = max_new_tokens
@@ -71,39 +75,47 @@ class ToolCallEval(L.Callback):
         self.monitor = monitor
         self.batch_size = batch_size
         self.max_prompt_tokens = max_prompt_tokens
+        self.test_examples = test_examples
         self.history: list[dict[str, Any]] = []
         self._examples: dict[str, list[dict]] | None = None
         self._tokenizer = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            self._load(trainer)
+            self._examples = self._load(trainer, self.split, self.num_examples)
 
-    def _load(self, trainer: L.Trainer) -> None:
+    def _load(self, trainer: L.Trainer, split: str, limit: int | None) -> dict[str, list[dict]]:
+        """The held-out examples of each group, the seen group from ``split``."""
         from datamodules.tokenizer import load_tokenizer
 
-        if self._examples is None:
-            data_dir = getattr(trainer.datamodule, "data_dir", None) or self.data_dir  # the run's data first
+        data_dir = getattr(trainer.datamodule, "data_dir", None) or self.data_dir  # the run's data first
+        if self._tokenizer is None:
             tok_dir = getattr(trainer.datamodule, "tokenizer_dir", None) or Path(data_dir) / "tokenizer"
             self._tokenizer = load_tokenizer(tok_dir)
-            self._examples = {
-                group: load_heldout_examples(data_dir, split, self.num_examples, tokenizer=self._tokenizer)
-                for group, split in heldout_groups(data_dir, self.split).items()
-            }
+        return {group: load_heldout_examples(data_dir, group_split, limit, tokenizer=self._tokenizer)
+                for group, group_split in heldout_groups(data_dir, split).items()}
+
+    def _score(self, trainer: L.Trainer, pl_module: L.LightningModule, examples: dict[str, list[dict]] | None
+               ) -> tuple[dict[str, dict], dict[str, dict]]:
+        """Rank 0 decodes and scores each group (``examples`` are read there; None on the other ranks); returns
+        the scores every rank receives and rank 0's full results (with samples)."""
+        results: dict[str, dict] = {}
+        model = decoding_model(trainer, pl_module)  # every rank: collective under FSDP; None off rank 0
+        if model is not None:
+            with trainer.precision_plugin.forward_context():
+                for group, group_examples in examples.items():
+                    results[group] = evaluate_tool_calls(model, self._tokenizer, group_examples, self.max_new_tokens,
+                                                         batch_size=self.batch_size,
+                                                         max_prompt_tokens=self._prompt_tokens(trainer))
+        scores = trainer.strategy.broadcast({g: {k: r[k] for k in SCORES} for g, r in results.items()}, src=0)
+        return scores, results
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._every.due(trainer):
             return
-        results: dict[str, dict] = {}
-        model = decoding_model(trainer, pl_module)  # every rank: collective under FSDP; None off rank 0
-        if model is not None:
-            self._load(trainer)
-            with trainer.precision_plugin.forward_context():
-                for group, examples in self._examples.items():
-                    results[group] = evaluate_tool_calls(model, self._tokenizer, examples, self.max_new_tokens,
-                                                         batch_size=self.batch_size,
-                                                         max_prompt_tokens=self._prompt_tokens(trainer))
-        scores = trainer.strategy.broadcast({g: {k: r[k] for k in SCORES} for g, r in results.items()}, src=0)
+        if trainer.is_global_zero and self._examples is None:
+            self._examples = self._load(trainer, self.split, self.num_examples)
+        scores, results = self._score(trainer, pl_module, self._examples)
         monitor = self._monitor(trainer)
         entry = {"step": trainer.global_step, "tokens": int(getattr(pl_module, "total_tokens", trainer.global_step)),
                  **scores}
@@ -119,6 +131,13 @@ class ToolCallEval(L.Callback):
                 for group, result in results.items():
                     logger.experiment.add_text(tool_samples(group), _samples_markdown(result),
                                                global_step=trainer.global_step)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        examples = self._load(trainer, "test", self.test_examples) if trainer.is_global_zero else None
+        scores, _ = self._score(trainer, pl_module, examples)
+        for group, values in scores.items():
+            for key, value in values.items():
+                pl_module.log(test_metric(tool_score(key, group)), float(value))
 
     def _prompt_tokens(self, trainer: L.Trainer) -> int | None:
         seq_len = getattr(trainer.datamodule, "seq_len", None)

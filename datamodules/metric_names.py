@@ -33,6 +33,18 @@ def val_ppl(domain: str) -> str:
     return f"val/{domain}/ppl"
 
 
+def val_domain(name: str) -> str | None:
+    """The domain of a held-out metric ``val/<domain>/<what>``; None for any other name."""
+    parts = name.split("/")
+    return parts[1] if len(parts) == 3 and parts[0] == "val" else None
+
+
+def test_metric(name: str) -> str:
+    """The name of a held-out metric measured on the test split instead of the val split (``stagewise test``):
+    ``val/<domain>/loss`` -> ``test/<domain>/loss``, ``tools/seen/call_accuracy`` -> ``test/tools/seen/call_accuracy``."""
+    return "test/" + name.removeprefix(VAL_PREFIX)
+
+
 def val_tokens_loss(domain: str) -> str:
     """Held-out loss of ``domain`` against the lineage's total tokens: ``val_tokens/<domain>/loss``."""
     return f"val_tokens/{domain}/loss"

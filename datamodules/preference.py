@@ -192,6 +192,12 @@ class PreferenceDataModule(CorpusDataModule):
         return ResumableDataLoader(dataset, sampler, self.batch_size, collate_fn=collate_pairs,
                                    **self._loader_kwargs(self.num_workers))
 
+    def test_dataloader(self) -> list[DataLoader]:
+        """Each corpus's test split, as in the other stages (``stagewise pairs`` holds pairs out for validation
+        only, so ``preference`` is not tested)."""
+        self.manifests()
+        return [self._eval_loader(domain, "test") for domain in self.corpus_domains]
+
     def _eval_loader(self, domain: str, split: str) -> DataLoader:
         if domain != PREFERENCE:
             return super()._eval_loader(domain, split)

@@ -44,7 +44,7 @@ from rich.table import Table
 import numpy as np
 
 from datamodules.errors import MissingSourceError, StagewiseError
-from datamodules.shards import ShardWriter, atomic_path, stage_manifest
+from datamodules.shards import ShardWriter, atomic_path, replace_dir, stage_manifest
 from datamodules.sources import Document, Source, SourceStats, ordered_map
 from datamodules.tokenizer import (
     CHAT_TEMPLATE,
@@ -363,12 +363,7 @@ def _stage_tokenizer(cfg: TokenizerConfig, root: Path, plan: str, splits, finger
 
 
 def _publish_tokenizer(tmp: Path, out: Path) -> None:
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
 
 
 # --- step 3: shards ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,6 +242,34 @@ def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
         raise
     if durable:
         _fsync_dir(path.parent)
+
+
+def replace_dir(tmp: str | Path, path: str | Path) -> None:
+    """Put directory ``tmp`` in the place of ``path``: the old one is moved aside first (``<path>.old``) and then
+    removed, so ``path`` is always one whole directory, the old or the new."""
+    tmp, path = Path(tmp), Path(path)
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A temporary directory beside ``path`` to fill; on success it replaces ``path`` whole (:func:`replace_dir`),
+    on any error (a signal included) it is removed and ``path`` stays as it was."""
+    path = Path(path).absolute()  # "." has no name to put a temporary one beside
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import lightning as L
 import torch
@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric
 
 from datamodules.errors import StagewiseError, TokenizerMismatchError
 from datamodules.metric_names import (
-    TRAIN_GRAD_NORM, TRAIN_LOSS, TRAIN_LR, TRAIN_SKIPPED_STEPS, TRAIN_TOKENS, val_loss, val_ppl,
+    TRAIN_GRAD_NORM, TRAIN_LOSS, TRAIN_LR, TRAIN_SKIPPED_STEPS, TRAIN_TOKENS, test_metric, val_loss, val_ppl,
 )
 from datamodules.stage_record import read_checkpoint, stage_record_for_checkpoint
 from lightning_modules.decoding import generate
@@ -132,6 +132,24 @@ def cross_entropy(
         has = (counts > 0).to(losses.dtype)
         return (means * has).sum() / has.sum().clamp(min=1), n
     return (losses * mask.flatten()).sum() / n.clamp(min=1), n
+
+
+def shape_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
+    """How the tensors of ``state`` (a checkpoint's) differ from ``expected`` (this model's) in names or shapes,
+    in words; None when they agree."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        return f"this model's tensors {missing[:3]} are not in it, and its tensors {unexpected[:3]} are not in this model"
+    for name, tensor in expected.items():
+        if state[name].shape != tensor.shape:
+            return f"tensor '{name}' is {tuple(state[name].shape)} there but {tuple(tensor.shape)} here"
+    return None
+
+
+def trained_shape(hparams: dict[str, Any]) -> str:
+    """The model settings a checkpoint's ``hyper_parameters`` were trained with, in words."""
+    return (f"size '{hparams.get('size')}', architecture '{hparams.get('architecture')}' and model_overrides "
+            f"{hparams.get('model_overrides') or {}}")
 
 
 def model_config(size: str | None, vocab_size: int, model_overrides: dict[str, Any] | None = None,
@@ -353,23 +371,13 @@ class CausalLM(L.LightningModule):
                 f"{ours[:12]}…; prepare the data with the tokenizer of the first stage"
             )
         state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-        expected = self.model.state_dict()
-        hp = ckpt.get("hyper_parameters") or {}
-        fix = (f"it was trained with size '{hp.get('size')}', architecture '{hp.get('architecture')}' and "
-               f"model_overrides {hp.get('model_overrides') or {}}: start this stage with the same ones "
-               "(--model.init_args.size / .model_overrides), or from a checkpoint of this model's shape")
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
+        problem = shape_mismatch(self.model.state_dict(), state)
+        if problem:
             raise StagewiseError(
-                f"init_from: {path} has another model shape: this model's tensors {missing[:3]} are not in it, "
-                f"and its tensors {unexpected[:3]} are not in this model; {fix}"
+                f"init_from: {path} has another model shape: {problem}; it was trained with "
+                f"{trained_shape(ckpt.get('hyper_parameters') or {})}: start this stage with the same ones "
+                "(--model.init_args.size / .model_overrides), or from a checkpoint of this model's shape"
             )
-        for name, tensor in expected.items():
-            if state[name].shape != tensor.shape:
-                raise StagewiseError(
-                    f"init_from: {path} has another model shape: tensor '{name}' is {tuple(state[name].shape)} "
-                    f"there but {tuple(tensor.shape)} here; {fix}"
-                )
         meta = any(p.is_meta for p in self.model.parameters())  # sharded strategies build on meta
         self.model.load_state_dict(state, strict=True, assign=meta)
         lineage = ckpt.get("stagewise", {})
@@ -549,16 +557,29 @@ class CausalLM(L.LightningModule):
         self.val_metrics[domain].update(loss, weight=n_tokens)  # token-weighted over the epoch
 
     def on_validation_epoch_end(self) -> None:
+        self._log_heldout_losses()
+        # The x of these points: optimizer steps taken, the step every callback logs this validation at
+        # (Lightning would use its count of batches that stepped, one less inside a fit's validation).
+        self.log("step", float(self.trainer.global_step), add_dataloader_idx=False)
+
+    def _log_heldout_losses(self, rename: Callable[[str], str] = str) -> None:
+        """Log each domain's token-weighted held-out loss and perplexity of the epoch (``val/<domain>/...``,
+        or what ``rename`` makes of those names)."""
         for domain, metric in self.val_metrics.items():
             if metric.update_count == 0:
                 continue
             loss = metric.compute()  # reduced across ranks by torchmetrics
             metric.reset()
-            self.log(val_loss(domain), loss, add_dataloader_idx=False)
-            self.log(val_ppl(domain), torch.exp(loss), add_dataloader_idx=False)
-        # The x of these points: optimizer steps taken, the step every callback logs this validation at
-        # (Lightning would use its count of batches that stepped, one less inside a fit's validation).
-        self.log("step", float(self.trainer.global_step), add_dataloader_idx=False)
+            self.log(rename(val_loss(domain)), loss, add_dataloader_idx=False)
+            self.log(rename(val_ppl(domain)), torch.exp(loss), add_dataloader_idx=False)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """A test split's batch, scored as validation scores its val split (``stagewise test``)."""
+        self.validation_step(batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        """``test/<domain>/loss`` and ``test/<domain>/ppl`` of every domain tested."""
+        self._log_heldout_losses(test_metric)
 
     def _domain(self, dataloader_idx: int) -> str:
         domains = getattr(getattr(self._trainer, "datamodule", None), "val_domains", None) or []
@@ -606,6 +627,10 @@ class CausalLM(L.LightningModule):
                 rank_zero_warn(f"carry_optimizer: the moments come from optimizer step {step} of the parent, its "
                                f"weights (init_from) from step {self._init_from_step}")
         total, hp = self.schedule_steps(), self.hparams
+        if hp.warmup_steps >= total:
+            rank_zero_warn(f"warmup_steps ({hp.warmup_steps}) is not below the {total} optimizer steps of this run: the "
+                           f"LR never leaves its warm-up (it ends at {lr_factor(total - 1, total, hp.warmup_steps, hp.schedule):.0%} "
+                           "of model.lr). Lower --model.init_args.warmup_steps or raise --trainer.max_steps")
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: lr_factor(step, total, hp.warmup_steps, hp.schedule, hp.min_lr_ratio, hp.decay_fraction),

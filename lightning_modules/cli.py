@@ -1,25 +1,28 @@
 """The `stagewise` command.
 
-``stagewise fit|validate|test|predict`` is a LightningCLI: ``configs/base.yaml`` first (without being
+``stagewise fit|validate|test`` is a LightningCLI: ``configs/base.yaml`` first (without being
 named), then the ``-c`` YAML files in order, then any init argument from the command line
 (``--model.init_args.lr 1e-4``); ``--print_config`` prints a complete runnable config. Each run is a stage
 (the ``stage:`` section, :mod:`lightning_modules.stage`), from which its files, callbacks, data domains
 and starting weights follow. The other subcommands (``prepare``, ``export``, ``pipeline``...) are
 jsonargparse commands in the same style. A problem the user can fix (``StagewiseError``) prints one
-message and exits with status 2, without a traceback. Class paths may name modules of the working
-directory (``--model experiments.examples.label_smoothing.LabelSmoothingLM``, ``--model mymodule.MyLM``),
-from the console script as from ``python -m lightning_modules``.
+message and exits with status 2, without a traceback; SIGTERM and SIGINT stop any command with one line
+and status 143 / 130 (``datamodules.signals``). Class paths may name modules of the working directory
+(``--model experiments.examples.label_smoothing.LabelSmoothingLM``, ``--model mymodule.MyLM``), from the
+console script as from ``python -m lightning_modules``.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import sys
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+import torch
 from jsonargparse import ActionYesNo
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
@@ -32,10 +35,23 @@ from callbacks.precision import resolve_precision
 from callbacks.safety import AtomicCheckpointIO, LastCheckpoint, PreemptionCheck
 from datamodules.datamodule import CorpusDataModule
 from datamodules.errors import StagewiseError, argument_error
-from lightning_modules.causal_lm import CausalLM
+from datamodules.signals import Stopped, received, stopping_on_signals
+from datamodules.stage_record import read_checkpoint
+from lightning_modules.causal_lm import CausalLM, shape_mismatch, trained_shape
 from lightning_modules.stage import BASE_CONFIG, SECTIONS, Stage, apply_stage
 
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
+# Lightning's `predict` needs a predict set, which a language-model stage has none of; what it would do here
+# (continue prompts) is `stagewise generate`, with the checkpoint's tokenizer and chat template.
+NO_PREDICT = ("`stagewise predict` has nothing to predict: a stage has no predict set. Continue prompts with "
+              "`stagewise generate --ckpt <checkpoint> --prompt ...` (the checkpoint's tokenizer and chat template); "
+              "score the held-out splits with `stagewise test` (test split) or `stagewise evaluate`")
+# The one line after a stop by a signal, per command: what is left and what to do.
+AFTER_STOP = {
+    "fit": "a run that had trained a step kept its last.ckpt: continue it with the same command and --ckpt_path last",
+    "pipeline": "run the pipeline again: finished stages are skipped and the stopped one resumes from its last.ckpt",
+    "prepare": "files being written were left as they were: run it again",
+}
 
 # name -> (module, function, one-line help). Each function parses its own arguments.
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -85,11 +101,35 @@ class StagewiseCLI(LightningCLI):
         action._typehint = Optional[Union[action._typehint, Literal["auto"]]]
         action.default = "auto"
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then point ``--ckpt_path last`` (and ``best`` of ``validate``/``test``) at this stage's file,
+        so Lightning reads the model's hyperparameters from it as from any checkpoint path: a run resumes, or is
+        scored, with the shape it was trained with."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else None
+        if config is None or config.get("ckpt_path") not in ("last", "best"):
+            return
+        if config.ckpt_path == "best" and subcommand != "fit":
+            best = Stage(**config.stage).outputs.best_checkpoint
+            if best.is_file():
+                config.ckpt_path = str(best)
+            return
+        dirpath = config.get("last_checkpoint.dirpath")
+        directory = Path(dirpath) if dirpath else Stage(**config.stage).outputs.run_dir / "checkpoints"
+        lasts = sorted(directory.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if config.ckpt_path == "last" and lasts:
+            config.ckpt_path = str(lasts[-1])
+
     def before_instantiate_classes(self) -> None:
         """Apply the stage to the config; give a data module that takes a ``parent`` (the preference pairs')
         the model's ``init_from``; resolve ``trainer.precision: auto`` to bf16-mixed / 16-mixed / 32-true."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         self.stage = Stage(**config.stage)
+        if self.subcommand in ("validate", "test") and not config.get("ckpt_path"):
+            raise StagewiseError(
+                f"`stagewise {self.subcommand}` scores a trained checkpoint: pass --ckpt_path <file.ckpt>, or "
+                f"--ckpt_path best for this stage's best ({self.stage.outputs.best_checkpoint})")
         apply_stage(config, self.stage, self.subcommand or "fit", resuming=bool(config.get("ckpt_path")))
         _link_parent(config)
         trainer = config.trainer
@@ -107,15 +147,52 @@ class StagewiseCLI(LightningCLI):
         return super().instantiate_trainer(plugins=plugins, **kwargs)
 
     def before_fit(self) -> None:
-        """Check ``--ckpt_path`` points at a checkpoint, or that this fit replaces no earlier run of its stage
-        (with ``--overwrite``: move that run aside first), before anything is written."""
+        """Check ``--ckpt_path`` points at a checkpoint this model can resume, or that this fit replaces no
+        earlier run of its stage (with ``--overwrite``: move that run aside first), before anything is written."""
+        self._run_before = _Before(self.stage.outputs.run_dir)
         if self.trainer.global_rank != 0:  # ranks started by the DDP launcher: rank 0 checked already
             return
         config = self.config[self.subcommand]
         if config.get("ckpt_path"):
             _check_resume_path(self.trainer, str(config.ckpt_path))
+            _check_resumable(self.model, str(config.ckpt_path))
         else:
             _check_not_overwriting(self.trainer, self.stage, bool(config.get("overwrite")))
+
+    def fit(self, **kwargs: Any) -> None:
+        """``trainer.fit``. A fit that fails or is stopped before its first optimizer step leaves nothing in its
+        run directory (nothing of it could be resumed): no config, no empty TensorBoard run."""
+        try:
+            self.trainer.fit(**kwargs)
+        except BaseException:
+            if self.trainer.global_step == 0 and self.trainer.is_global_zero:
+                self._run_before.remove_new()
+            raise
+
+
+class _Before:
+    """What a run directory held before a fit (and which of it and its parents existed), so that what the fit
+    added can be taken away again."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.contents = _contents(run_dir)
+        self.created = [d for d in (run_dir, run_dir.parent, run_dir.parent.parent) if not d.exists()]
+
+    def remove_new(self) -> None:
+        """Remove what appeared in the run directory since, then the directories created since, if empty."""
+        for path in sorted(_contents(self.run_dir) - self.contents, key=lambda p: len(p.parts), reverse=True):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        for folder in self.created:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def _contents(directory: Path) -> set[Path]:
+    return set(directory.rglob("*")) if directory.is_dir() else set()
 
 
 def _link_parent(config) -> None:
@@ -162,6 +239,31 @@ def _check_resume_path(trainer: Trainer, ckpt_path: str) -> None:
     elif ckpt_path not in ("best", "hpc", "registry") and "://" not in ckpt_path and not Path(ckpt_path).is_file():
         raise StagewiseError(f"--ckpt_path {ckpt_path}: no such checkpoint; pass an existing .ckpt, `last`, or start "
                              "without --ckpt_path")
+
+
+def _check_resumable(module: Any, ckpt_path: str) -> None:
+    """Refuse a checkpoint this fit cannot continue: one without the training state (a weights-only best
+    checkpoint), or one whose model has another shape than this config's."""
+    if not Path(ckpt_path).is_file():  # hpc, registry, a URL: Lightning resolves them
+        return
+    ckpt = read_checkpoint(ckpt_path, "resume from the run's last.ckpt (--ckpt_path last)", prefix="--ckpt_path: ")
+    if not ckpt.get("optimizer_states"):
+        raise StagewiseError(
+            f"--ckpt_path {ckpt_path} holds weights only (a stage's best checkpoint), not the training state a fit "
+            "resumes from: continue the run from its last.ckpt (--ckpt_path last), or start a new stage from these "
+            "weights with --model.init_args.init_from")
+    if not isinstance(module, CausalLM):
+        return
+    with torch.device("meta"):
+        expected = {f"model.{k}": v for k, v in module.build_model().state_dict().items()}
+    problem = shape_mismatch(expected, {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
+    if problem:
+        hparams = ckpt.get("hyper_parameters")
+        trained = f"The run was trained with {trained_shape(hparams)}: resume" if hparams else "Resume"
+        raise StagewiseError(
+            f"--ckpt_path {ckpt_path} has another model shape than this config gives: {problem}. {trained} it with "
+            "the same model settings (the run's config.yaml has them all: stagewise fit -c <run dir>/config.yaml "
+            "--ckpt_path last)")
 
 
 def _check_not_overwriting(trainer: Trainer, stage: Stage, overwrite: bool) -> None:
@@ -230,6 +332,7 @@ def _usage() -> str:
     lines = ["usage: stagewise <command> [-h] ...", "", "commands:"]
     for name in LIGHTNING_SUBCOMMANDS:
         lines.append(f"  {name:<12} Lightning {name} (LightningCLI: -c stage.yaml -c model.yaml, --print_config)")
+    lines.append(f"  {'predict':<12} none: see `stagewise generate` (prompts) and `stagewise test` (held-out scores)")
     for name, (_, _, help_) in COMMANDS.items():
         lines.append(f"  {name:<12} {help_}")
     return "\n".join(lines)
@@ -252,7 +355,31 @@ def main(argv: list[str] | None = None) -> None:
         print(_usage())
         raise SystemExit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
+    with stopping_on_signals():
+        try:
+            _run(command, rest, from_sys)
+        except Stopped as stop:
+            _report_stop(command, stop.signum)
+        except SystemExit:  # Lightning's SIGTERMException, after a fit stopped at a safe point on a signal
+            if received() is None:
+                raise
+            _report_stop(command, received())
+        if received() is not None:  # signalled when nothing could stop any more (a fit's last batch)
+            _report_stop(command, received())
+
+
+def _report_stop(command: str, signum: int) -> None:
+    stop = Stopped(signum)
+    after = AFTER_STOP.get(command)
+    print(f"stagewise {command}: stopped by {stop.name}" + (f"; {after}" if after else ""), file=sys.stderr)
+    raise SystemExit(stop.exit_status) from None
+
+
+def _run(command: str, rest: list[str], from_sys: bool) -> None:
+    """Run one command; a ``StagewiseError`` becomes one paragraph and exit status 2."""
     try:
+        if command == "predict":
+            raise StagewiseError(NO_PREDICT)
         if command in LIGHTNING_SUBCOMMANDS:
             run_lightning(None if from_sys else [command, *rest])  # None: LightningCLI reads sys.argv
         elif command in COMMANDS:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.errors import StagewiseError, TokenizerMismatchError
+from datamodules.shards import atomic_dir
 from datamodules.stage_record import read_checkpoint, stage_record_for_checkpoint
 from datamodules.tokenizer import END, chat_template_sha256, load_tokenizer, tokenizer_sha256
 from lightning_modules.causal_lm import model_config
@@ -93,6 +94,10 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path, tokenizer_dir: str | P
     from transformers import GenerationConfig, LlamaForCausalLM
 
     ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
+    earlier = out_dir / "config.json"  # an export replaces its directory whole: never one of the user's folders
+    if out_dir.exists() and not earlier.is_file() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise StagewiseError(f"--out {out_dir} holds something other than an earlier export (no config.json), and an "
+                             "export replaces the whole directory: name a new or empty one")
     ckpt = read_checkpoint(ckpt_path, "train a stage first (stagewise fit ...)")
     hp = ckpt.get("hyper_parameters") or {}
     if hp.get("architecture", "dense") != "dense" or "vocab_size" not in hp:
@@ -109,11 +114,11 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path, tokenizer_dir: str | P
         raise StagewiseError(f"{ckpt_path} does not hold a plain dense transformer ({err})") from None
     turn_ends = list(dict.fromkeys([tok.eos_token_id, tok.convert_tokens_to_ids(END)]))
     model.generation_config = GenerationConfig(**{**ids, "eos_token_id": turn_ends}, max_length=config.max_seq_len)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    for file in sorted(tok_dir.iterdir()):
-        if file.is_file() and file.name != "stagewise_key.txt":
-            shutil.copy2(file, out_dir / file.name)
+    with atomic_dir(out_dir) as tmp:  # a stopped export leaves the directory as it was, never half of one
+        model.save_pretrained(tmp)
+        for file in sorted(tok_dir.iterdir()):
+            if file.is_file() and file.name != "stagewise_key.txt":
+                shutil.copy2(file, tmp / file.name)
     return out_dir
 
 

@@ -8,7 +8,9 @@ and the pipeline's experiment and directories, so everything it writes lies unde
 - idempotent: a stage whose ``stage.json`` carries the same pipeline key (its config files, the base
   config, its arguments, its parent checkpoint and data) is skipped, and says so;
 - resumable: a stage interrupted with the same key continues from its ``last.ckpt``
-  (``--ckpt_path last``); one whose key changed starts over, and its old run directory is kept aside.
+  (``--ckpt_path last``); one whose key changed starts over, and its old run directory is kept aside;
+- stoppable: a SIGTERM or SIGINT is passed on to the stage running, which saves its ``last.ckpt`` and
+  stops; then the pipeline stops too (exit status 143 / 130), and running it again resumes that stage.
 
 :func:`run_stage` is the one way a stage is run from code: ``experiments/staged_vs_joint.py`` runs its
 conditions through it too.
@@ -20,7 +22,6 @@ import hashlib
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from contextlib import ExitStack
@@ -33,6 +34,7 @@ from rich.console import Console
 from datamodules.command import run_function
 from datamodules.errors import StagewiseError
 from datamodules.prepare import main as prepare_main
+from datamodules.signals import run_forwarding_signals
 from datamodules.stage_record import file_sha256, read_stage_record, update_stage_record
 from lightning_modules.cli import COMMANDS
 from lightning_modules.report import write_report
@@ -155,10 +157,11 @@ def run_stage(spec: StageSpec, parent: str | None, where: Workspace, env: dict[s
         streams = {}
         if log_to_files:
             streams = {name: files.enter_context(open(out.run_dir / f"{name}.log", "a")) for name in ("stdout", "stderr")}
-        result = subprocess.run(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})), cwd=cwd, **streams)
-    if result.returncode != 0:
+        status = run_forwarding_signals(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})), cwd=cwd,
+                                        **streams)
+    if status != 0:
         raise StagewiseError(
-            f"stage '{spec.name}' failed (exit {result.returncode}); fix the error above and re-run the "
+            f"stage '{spec.name}' failed (exit {status}); fix the error above and re-run the "
             "pipeline: finished stages are skipped and this one resumes from its last checkpoint"
         )
     if not out.best_checkpoint.exists():
@@ -175,11 +178,11 @@ def _run_before(spec: StageSpec, parent: Path | None, data_dir: str, cwd: str | 
     args = [a.replace("{parent}", str(parent or "")).replace("{data_dir}", str(data_dir)) for a in spec.before]
     console.print(f"[bold]{spec.name}[/] (before): stagewise " + " ".join(args))
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "lightning_modules", *args], env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                            cwd=cwd)
-    if result.returncode != 0:
+    status = run_forwarding_signals([sys.executable, "-m", "lightning_modules", *args],
+                                    env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=cwd)
+    if status != 0:
         raise StagewiseError(f"the step before stage '{spec.name}' (`stagewise {' '.join(args)}`) failed "
-                             f"(exit {result.returncode}); fix the error above and re-run the pipeline")
+                             f"(exit {status}); fix the error above and re-run the pipeline")
     console.print(f"{spec.name} (before): done in {time.perf_counter() - start:.0f}s")
 
 

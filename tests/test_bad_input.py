@@ -241,9 +241,11 @@ def _other_tokenizer(path: Path) -> str:
 ], ids=["missing", "not_a_checkpoint", "other_shapes", "other_tokenizer"])
 def test_bad_init_from(workdir, capsys, make, fragments):
     init_from = make(workdir / "models" / "parent.ckpt")
-    # no code_model_best.ckpt, the parent untouched
+    # no code_model_best.ckpt, the parent untouched, no run directory (another shape is found once the fit has
+    # begun: what it had written is taken away again)
     assert_refused(fit_argv("--model.init_args.init_from", init_from), capsys, "init_from", *fragments,
-                   unchanged=workdir / "models")
+                   unchanged=workdir)
+    assert not (workdir / "runs").exists()
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -347,6 +349,80 @@ def test_export_and_interpolate_a_file_that_is_not_a_checkpoint(workdir, capsys)
                    "notes.ckpt is not a readable checkpoint", "train a stage first", unchanged=workdir)
     with pytest.raises(StagewiseError, match="notes.ckpt is not a readable checkpoint"):
         load_checkpoint(notes)
+
+
+def test_export_into_a_directory_that_is_not_an_earlier_export(workdir, capsys):
+    """An export replaces its directory whole, so one holding other files is refused, not emptied."""
+    (workdir / "notes").mkdir()
+    (workdir / "notes" / "todo.txt").write_text("mine\n")
+    assert_refused(["export", "--ckpt", "models/language_model_best.ckpt", "--out", "notes"], capsys,
+                   "holds something other than an earlier export", "name a new or empty one", unchanged=workdir)
+
+
+# ------------------------------------------------------------------------------------------ resume, monitor
+
+
+def _fit(argv: list[str]) -> None:
+    """``stagewise fit <argv>`` that must succeed."""
+    try:
+        main(argv)
+    except SystemExit as exc:
+        raise AssertionError(f"stagewise {' '.join(argv)} exited with {exc.code}") from None
+
+
+def test_resume_without_the_runs_model_preset_continues_with_its_settings(workdir):
+    """Was 78 lines of "size mismatch": `--ckpt_path last` now names the run's last.ckpt, whose settings
+    Lightning reads back as for any checkpoint path."""
+    _fit(fit_argv())  # the tiny preset
+    untold = fit_argv("--trainer.max_steps", "2", "--ckpt_path", "last")
+    i = untold.index(TINY)
+    _fit(untold[: i - 1] + untold[i + 1:])  # no -c tiny.yaml
+    last = torch.load(workdir / "runs/default/code/checkpoints/last.ckpt", weights_only=False)
+    assert last["global_step"] == 2 and last["hyper_parameters"]["size"] == "tiny"
+
+
+def test_resume_from_weights_only(workdir, capsys):
+    assert_refused(fit_argv("--ckpt_path", "models/language_model_best.ckpt"), capsys,
+                   "--ckpt_path models/language_model_best.ckpt holds weights only", "--ckpt_path last",
+                   "--model.init_args.init_from", unchanged=workdir)
+
+
+def test_resume_from_a_checkpoint_of_another_shape(workdir, capsys):
+    model = CausalLM(size="tiny", vocab_size=320, model_overrides={"n_layers": 2})
+    model.configure_model()  # a checkpoint from elsewhere: training state, no settings
+    torch.save({"state_dict": model.state_dict(), "optimizer_states": [{"state": {}}]}, workdir / "elsewhere.ckpt")
+    assert_refused(fit_argv("--ckpt_path", "elsewhere.ckpt"), capsys, "--ckpt_path elsewhere.ckpt has another model "
+                   "shape than this config gives", "are not in it", "config.yaml", unchanged=workdir)
+
+
+def test_monitor_of_a_domain_the_stage_does_not_validate(workdir, capsys):
+    """Crashed at the first validation, after training had started; now refused before the first step."""
+    assert_refused(fit_argv("--data.init_args.val_domains", "[language]"), capsys, "the best checkpoint follows "
+                   "val/code/loss, but this stage validates on language only", "--data.init_args.val_domains",
+                   unchanged=workdir)
+    assert not (workdir / "runs").exists()
+
+
+def test_a_run_that_never_validates_or_leaves_warmup_is_warned_about(workdir):
+    """One step against the base config's val_check_interval 250 and the code stage's warmup_steps 100; also
+    without a progress bar (the base config lists one)."""
+    with pytest.warns(UserWarning) as warned:
+        _fit(fit_argv("--trainer.enable_progress_bar", "false"))
+    messages = [str(w.message) for w in warned]
+    assert any("this run will never validate (max_steps is 1, and the first validation is due after batch 250)" in m
+               for m in messages), messages
+    assert any("warmup_steps (100) is not below the 1 optimizer steps of this run" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["predict", "-c", CODE_STAGE], ["`stagewise predict` has nothing to predict", "stagewise generate",
+                                     "stagewise test"]),
+    (["test", "-c", CODE_STAGE, "-c", TINY], ["`stagewise test` scores a trained checkpoint", "--ckpt_path best",
+                                              "models/default/code_model_best.ckpt"]),
+    (["validate", "-c", CODE_STAGE, "-c", TINY], ["`stagewise validate` scores a trained checkpoint"]),
+], ids=["predict", "test_without_checkpoint", "validate_without_checkpoint"])
+def test_commands_that_have_nothing_to_score(workdir, capsys, argv, fragments):
+    assert_refused(argv, capsys, *fragments, unchanged=workdir)
 
 
 # ------------------------------------------------------------------------------------------ tokenizer

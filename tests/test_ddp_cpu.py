@@ -1,9 +1,12 @@
 """DDP on CPU (gloo, 2 processes): ranks train on different windows, and the step matches one process
-training on the same global batch (loss = mean of the ranks' losses, all-reduced grads = its grads).
+training on the same global batch (loss = mean of the ranks' losses, all-reduced grads = its grads); a
+whole `stagewise fit` stage runs on 2 processes through the handoff.
 
 The test runs this file as a script: Lightning's DDP launcher re-runs the script for rank 1.
 """
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,14 +39,19 @@ def train(data_dir: str, out: str, devices: int, batch_size: int) -> None:
     from datamodules.datamodule import LanguageDataModule
     from lightning_modules.causal_lm import CausalLM
 
-    record = {"windows": [], "loss": [], "grad": [], "sigterm_broadcasts": 0}
-    lightning_check = _TrainingEpochLoop._broadcast_sigterm_tensor
+    record = {"windows": [], "loss": [], "grad": [], "sigterm_broadcasts": 0, "stop_checks": 0}
+    lightning_check, our_check = _TrainingEpochLoop._broadcast_sigterm_tensor, PreemptionCheck._any_rank_signalled
 
-    def counted_check(loop):
+    def counted_lightning_check(loop):
         record["sigterm_broadcasts"] += 1
         return lightning_check(loop)
 
-    _TrainingEpochLoop._broadcast_sigterm_tensor = counted_check
+    def counted_check(callback, trainer):
+        record["stop_checks"] += 1
+        return our_check(callback, trainer)
+
+    _TrainingEpochLoop._broadcast_sigterm_tensor = counted_lightning_check
+    PreemptionCheck._any_rank_signalled = counted_check
 
     class Recorder(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -93,11 +101,43 @@ def test_ddp_loss_and_grads_match_one_process_on_the_global_batch(runs):
         torch.testing.assert_close(r0["grad"][step], single["grad"][step], rtol=1e-4, atol=1e-6)
 
 
-def test_sigterm_is_broadcast_every_n_steps_not_every_step(runs):
+def test_ranks_agree_on_a_signal_every_n_steps_not_every_step(runs):
     """Lightning broadcasts (and reads back: a host sync on GPUs) before every batch of a multi-process run;
-    with PreemptionCheck(every_n_steps=2) the 3 steps check on batches 0 and 2 only, on both ranks."""
-    assert runs["world2_rank0"]["sigterm_broadcasts"] == runs["world2_rank1"]["sigterm_broadcasts"] == 2
-    assert runs["world1_rank0"]["sigterm_broadcasts"] == 0  # one process: Lightning never broadcasts
+    PreemptionCheck(every_n_steps=2) replaces that: the ranks agree on batches 0 and 2 of the 3 only."""
+    assert runs["world2_rank0"]["stop_checks"] == runs["world2_rank1"]["stop_checks"] == 2
+    assert runs["world2_rank0"]["sigterm_broadcasts"] == runs["world2_rank1"]["sigterm_broadcasts"] == 0
+    assert runs["world1_rank0"]["stop_checks"] == runs["world1_rank0"]["sigterm_broadcasts"] == 0  # one process
+
+
+def test_a_two_process_stage_runs_through_the_handoff(tmp_path):
+    """`stagewise fit` on 2 CPU processes ends with its best checkpoint (weights only), its stage.json and its
+    last.ckpt (the full state, named in the record). Only rank 0 writes the record; what it reads of the
+    Trainer that is collective (``trainer.log_dir``, a broadcast) is read on every rank first, so rank 0 no
+    longer waits on a rank that has returned."""
+    from test_resume import CONFIG, prepare_corpus
+
+    (tmp_path / "corpus").mkdir()
+    data = prepare_corpus(tmp_path / "corpus")
+    (tmp_path / "config.yaml").write_text(CONFIG.format(steps=4, data_dir=data).replace(
+        "    - class_path: test_resume.StepRecorder\n", ""))
+    proc = subprocess.run([sys.executable, "-m", "lightning_modules", "fit", "-c", "config.yaml",
+                           "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.val_check_interval=2",
+                           "--preemption_check.every_n_steps=2"],
+                          cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "models/resume/language/stage.json").read_text())
+    assert record["tokens"]["stage"] == 4 * 2 * 4 * 32 and record["losses"]["best"]["language"] > 0
+    assert str(record["config"]["trainer"]["devices"]) == "2"  # the run's config.yaml, read through the log dir
+    last = torch.load(tmp_path / record["last_checkpoint"], map_location="cpu", weights_only=False)
+    best = torch.load(tmp_path / record["checkpoint"]["path"], map_location="cpu", weights_only=False)
+    assert record["last_checkpoint"] == "runs/resume/language/checkpoints/last.ckpt"
+    assert last["optimizer_states"] and last["callbacks"] and last["global_step"] == 4
+    # the best checkpoint: weights, hyperparameters, data settings and counters only (a third of the size)
+    assert "optimizer_states" not in best and "callbacks" not in best
+    assert best["hyper_parameters"]["size"] == "tiny" and best["CorpusDataModule"]["seq_len"] == 32
+    assert best["stagewise"]["tokens_seen"] == record["tokens"]["stage"]
+    assert (tmp_path / record["checkpoint"]["path"]).stat().st_size < 0.5 * (tmp_path / record["last_checkpoint"]).stat().st_size
 
 
 if __name__ == "__main__":

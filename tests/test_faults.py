@@ -3,6 +3,7 @@ a clear error on a full disk."""
 
 import errno
 import hashlib
+import os
 import signal
 import subprocess
 import sys
@@ -228,6 +229,19 @@ def test_validate_never_writes_into_the_training_run(tmp_path, monkeypatch, corp
     assert any(p.endswith("config.yaml") for p in new)
 
 
+def test_test_scores_the_test_split_with_the_stages_best_checkpoint(tmp_path, monkeypatch, capsys, corpus):
+    """Was "No `test_step()` method defined": `stagewise test --ckpt_path best` scores each domain's test split
+    with the stage's best weights, logged beside the training run, which it leaves as it was."""
+    monkeypatch.chdir(tmp_path)
+    assert fit(tmp_path, corpus) == 0
+    before = {p: sha(p) for p in tmp_path.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    main(["test", "-c", "config.yaml", "--ckpt_path", "best"])
+    assert "test/language/loss" in capsys.readouterr().out
+    assert {p: sha(p) for p in before} == before
+    assert list((tmp_path / "runs/resume/language.test/version_0").glob("events.out.tfevents.*"))
+
+
 def test_disk_full_during_fit_exits_2_and_keeps_the_earlier_last_checkpoint(tmp_path, monkeypatch, capsys, corpus):
     monkeypatch.chdir(tmp_path)
     write = AtomicCheckpointIO.write_temp
@@ -258,9 +272,9 @@ def test_pipeline_passes_overwrite_only_when_it_starts_a_stage_over(tmp_path, mo
         calls.append(cmd)
         Path("models/t").mkdir(parents=True, exist_ok=True)
         Path("models/t/language_model_best.ckpt").write_bytes(b"weights")
-        return subprocess.CompletedProcess(cmd, 0)
+        return 0
 
-    monkeypatch.setattr(pl.subprocess, "run", fake_fit)
+    monkeypatch.setattr(pl, "run_forwarding_signals", fake_fit)
     Path("stage.yaml").write_text("trainer: {max_steps: 3}\n")
     stages = [pl.StageSpec("language", ["stage.yaml"])]
     assert pl.pipeline(stages, experiment="t", report=False) == {"language": "trained"}
@@ -293,31 +307,127 @@ def test_a_checkpoint_saved_at_a_batch_end_records_the_steps_taken(tmp_path):
     assert seen == [(1, 1), (2, 2)]
 
 
-def test_preemption_check_runs_lightnings_sigterm_check_every_n_batches():
-    from types import SimpleNamespace
-
+def test_preemption_check_needs_a_positive_interval():
     from callbacks.safety import PreemptionCheck
 
-    class Loop:  # stands in for Lightning's training epoch loop
-        checks, sigterm = [], False
-
-        def _broadcast_sigterm_tensor(self):
-            self.checks.append(self.batch)
-            if self.sigterm:
-                raise KeyboardInterrupt("SIGTERM seen")
-
-    loop = Loop()
-    trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=loop))
-    for fit in range(2):  # a second fit restarts the count and does not wrap the wrapper
-        Loop.checks = []
-        PreemptionCheck(every_n_steps=4).on_fit_start(trainer, None)
-        for loop.batch in range(10):
-            loop._broadcast_sigterm_tensor()
-        assert Loop.checks == [0, 4, 8]
-    Loop.sigterm = True  # a SIGTERM still stops the run, at the next checked batch
-    with pytest.raises(KeyboardInterrupt):
-        for loop.batch in range(10, 20):
-            loop._broadcast_sigterm_tensor()
-    assert Loop.checks[-1] == 12
     with pytest.raises(StagewiseError, match="at least 1"):
         PreemptionCheck(every_n_steps=0)
+
+
+# ----------------------------------------------------------------------------------------- signals
+# A fit stopped by SIGTERM continues exactly (tests/test_resume.py, with the pipeline's); here every other
+# command, each held at a point of its work by tests/slow_command.py, is signalled there.
+SLOW = Path(__file__).resolve().parent / "slow_command.py"
+STOP_WITHIN = 30  # seconds from the signal to the exit: generous (the tiny commands stop within about 1 s)
+
+
+def signalled(workdir: Path, target: str, argv: list[str], signum: int) -> tuple[int, str, float]:
+    """Run ``stagewise <argv>`` in ``workdir`` with ``target`` slowed down, send ``signum`` once the command has
+    reached it; return its exit status, its stderr and the seconds from the signal to its exit."""
+    marker = workdir / ".reached"
+    proc = subprocess.Popen([sys.executable, str(SLOW), str(marker), target, "0.5", *argv], cwd=workdir,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + 180
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.01)
+    sent = time.time()
+    proc.send_signal(signum)
+    err = proc.communicate(timeout=120)[1]
+    return proc.returncode, err, time.time() - sent
+
+
+def assert_stopped(result: tuple[int, str, float], command: str, signum: int) -> None:
+    code, err, took = result
+    assert code == 128 + signum and took < STOP_WITHIN, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith(f"stagewise {command}: stopped by {signal.Signals(signum).name}")
+    assert "Traceback" not in err, err[-3000:]
+
+
+def test_a_process_forked_while_stopping_on_signals_keeps_no_handler():
+    """A pool worker ends on a stop signal as any process does, even blocked in C: with the command's Python
+    handler, a worker that Pool.terminate signalled just before it blocked on its task queue waited there for
+    ever, and so did the prepare that owned it."""
+    from datamodules.signals import STOP_SIGNALS, stopping_on_signals
+
+    with stopping_on_signals():
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(write, bytes([all(signal.getsignal(s) == signal.SIG_DFL for s in STOP_SIGNALS)]))
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert os.read(read, 1) == b"\x01"
+        assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL  # the command itself keeps its handler
+
+
+def files(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): sha(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("target, signum", [
+    ("lightning_modules.decoding:next_token", signal.SIGTERM),  # decoding held-out tool calls
+    ("lightning_modules.causal_lm:CausalLM.validation_step", signal.SIGINT),  # inside Trainer.validate
+], ids=["decoding_sigterm", "validation_sigint"])
+def test_evaluate_stops_on_a_signal_and_writes_no_results(tmp_path, tool_data_dir, tool_parent, target, signum):
+    argv = ["evaluate", "--ckpt", str(tool_parent), "--data_dir", str(tool_data_dir), "--domains", "[tools]",
+            "--out", "results.json", "--accelerator", "cpu"]
+    assert_stopped(signalled(tmp_path, target, argv, signum), "evaluate", signum)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_generate_stops_on_sigint(tmp_path, tool_parent):
+    argv = ["generate", "--ckpt", str(tool_parent), "--prompt", "What is the weather in Oslo?", "--device", "cpu"]
+    assert_stopped(signalled(tmp_path, "lightning_modules.decoding:next_token", argv, signal.SIGINT), "generate",
+                   signal.SIGINT)
+
+
+def test_export_stopped_midway_leaves_the_earlier_export_whole(tmp_path, tool_parent):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text("the earlier export\n")
+    argv = ["export", "--ckpt", str(tool_parent), "--out", str(out)]
+    # held while copying the tokenizer's files, after the weights were written
+    assert_stopped(signalled(tmp_path, "lightning_modules.export:shutil.copy2", argv, signal.SIGTERM), "export",
+                   signal.SIGTERM)
+    assert files(out) == {"config.json": sha(out / "config.json")} and not list(tmp_path.glob(".hf.tmp*"))
+
+
+def test_prepare_stopped_midway_leaves_the_data_dir_as_it_was(tmp_path, corpus):
+    import shutil
+
+    import yaml
+
+    shutil.copytree(corpus.parent, tmp_path / "work")
+    work = tmp_path / "work"
+    (work / "text" / "new.txt").write_text("A new document about the river and the stone.\n" * 5)
+    source = {"class_path": "datamodules.sources.TextFiles", "init_args": {"paths": ["*.txt"], "root": str(work / "text")}}
+    (work / "data.yaml").write_text(yaml.safe_dump({
+        "data_dir": "data", "tokenizer": {"vocab_size": 320, "sample_bytes": 20000},
+        "corpora": {"language": {"val_fraction": 0.2, "test_fraction": 0.1, "sources": [source]}}}))
+    before = {k: v for k, v in files(work / "data").items() if ".cache" not in k}
+    result = signalled(work, "datamodules.prepare:encode_document", ["prepare", "-c", "data.yaml"], signal.SIGTERM)
+    assert_stopped(result, "prepare", signal.SIGTERM)
+    assert {k: v for k, v in files(work / "data").items() if ".cache" not in k} == before
+    assert not [p for p in (work / "data").rglob("*") if ".tmp" in p.name or p.name.endswith(".old")]
+
+
+def test_fit_stops_on_sigint_after_saving_last_ckpt(tmp_path, corpus):
+    (tmp_path / "config.yaml").write_text(CONFIG.format(steps=50, data_dir=corpus).replace(
+        "    - class_path: test_resume.StepRecorder\n", ""))
+    argv = ["fit", "-c", "config.yaml", "--last_checkpoint.every_n_train_steps", "0"]
+    result = signalled(tmp_path, "lightning_modules.causal_lm:CausalLM.training_step", argv, signal.SIGINT)
+    assert_stopped(result, "fit", signal.SIGINT)
+    last = torch.load(tmp_path / "runs/resume/language/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert 1 <= last["global_step"] < 50 and last["optimizer_states"]
+    assert not (tmp_path / "models/resume/language/stage.json").exists()  # a stopped stage has no record
+
+
+def test_a_fit_stopped_before_its_first_step_leaves_no_run_directory(tmp_path, corpus):
+    (tmp_path / "config.yaml").write_text(CONFIG.format(steps=50, data_dir=corpus).replace(
+        "    - class_path: test_resume.StepRecorder\n", ""))
+    result = signalled(tmp_path, "lightning_modules.causal_lm:CausalLM.configure_model", ["fit", "-c", "config.yaml"],
+                       signal.SIGTERM)
+    assert_stopped(result, "fit", signal.SIGTERM)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "models").exists()

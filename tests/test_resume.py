@@ -1,5 +1,7 @@
 """Exact resume: a `stagewise fit` killed with SIGKILL at a random step and resumed with `--ckpt_path last`
-trains exactly as an uninterrupted run (same loss at every later step, same windows, same best checkpoint).
+trains exactly as an uninterrupted run (same loss at every later step, same windows, same best checkpoint);
+so does a fit stopped by SIGTERM (it saves last.ckpt at the step it stops, and exits 143 at once), and a
+`stagewise pipeline` stopped by SIGTERM (it passes the signal on to its stage) and run again.
 
 The runs are real `python -m lightning_modules fit` processes on a tiny prepared corpus, with dropout on
 (so the random draws must match too), validation every 6 steps and an epoch boundary inside the run.
@@ -24,6 +26,7 @@ from lightning_modules.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 20
+STOP_WITHIN = 30  # seconds from a SIGTERM to the process's exit (generous: the tiny run stops within about 1 s)
 
 CONFIG = """
 seed_everything: 7
@@ -106,11 +109,13 @@ class StepRecorder(L.Callback):
             f.write(json.dumps(row) + "\n")
 
 
-def fit(workdir: Path, record: Path, *args: str, sleep: float = 0.0) -> subprocess.Popen:
-    """Start ``stagewise fit -c config.yaml`` in ``workdir`` (one intra-op thread: the same float sums in every run)."""
+def fit(workdir: Path, record: Path, *args: str, sleep: float = 0.0, command: str = "fit") -> subprocess.Popen:
+    """Start ``stagewise fit -c config.yaml`` (or ``command`` with ``args``) in ``workdir`` (one intra-op thread:
+    the same float sums in every run)."""
     env = dict(os.environ, RECORD_FILE=str(record), RECORD_SLEEP=str(sleep), PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}",
                OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "lightning_modules", "fit", "-c", "config.yaml", *args],
+    args = ("-c", "config.yaml", *args) if command == "fit" else args
+    return subprocess.Popen([sys.executable, "-m", "lightning_modules", command, *args],
                             cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -119,56 +124,114 @@ def read(record: Path, key: str = "step") -> list[dict]:
     return [row for row in map(json.loads, record.read_text().splitlines()) if key in row]
 
 
+def last_step(record: Path) -> int:
+    return max([0] + [r["step"] for r in read(record)] if record.exists() else [0])
+
+
+def stop_all(procs: dict[str, subprocess.Popen], root: Path, stops: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """Send each process its signal once its record shows the step trained, without waiting on one while the
+    others train on; return the seconds from each signal to that process's exit."""
+    deadline, sent, took = time.time() + 180, {}, {}
+    while len(took) < len(procs):
+        for name, proc in procs.items():
+            step, signum = stops[name]
+            if name not in sent:
+                if last_step(root / f"{name}.jsonl") >= step:
+                    proc.send_signal(signum)
+                    sent[name] = time.time()
+                else:
+                    assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            elif name not in took and proc.poll() is not None:
+                took[name] = time.time() - sent[name]
+            elif name not in took:
+                assert time.time() < sent[name] + 120, f"{name} still running 120 s after its signal"
+        time.sleep(0.01)
+    return took
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("resume")
-    for name in ("whole", "killed"):
+    for name in ("whole", "killed", "terminated", "pipeline"):
         (root / name).mkdir()
         (root / name / "config.yaml").write_text(CONFIG.format(steps=STEPS, data_dir=data_dir))
+    pipeline_yaml = {"experiment": "resume", "data_dir": str(data_dir), "report": False,
+                     "stages": [{"name": "language", "configs": ["config.yaml"]}]}
+    (root / "pipeline" / "pipeline.yaml").write_text(json.dumps(pipeline_yaml))
     # Seed 8 draws step 7: the last save before it is due at step 6, where the first validation follows, so
     # the resumed run must neither repeat that validation nor lose what it left in the callbacks' state.
     kill_step = random.Random(8).randint(4, STEPS - 4)
+    # SIGTERM during step 6: the validation due after it runs, then last.ckpt is saved; the pipeline's at step 9
+    stops = {"killed": (kill_step, signal.SIGKILL), "terminated": (6, signal.SIGTERM), "pipeline": (9, signal.SIGTERM)}
     whole = fit(root / "whole", root / "whole.jsonl")
-    killed = fit(root / "killed", root / "killed.jsonl", sleep=0.3)
-    deadline = time.time() + 120
-    while max([0] + [r["step"] for r in read(root / "killed.jsonl")] if (root / "killed.jsonl").exists() else [0]) < kill_step:
-        assert killed.poll() is None and time.time() < deadline, killed.stderr and killed.stderr.read()[-3000:]
-        time.sleep(0.01)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    stopped = {"killed": fit(root / "killed", root / "killed.jsonl", sleep=0.3),
+               "terminated": fit(root / "terminated", root / "terminated.jsonl", sleep=0.3),
+               "pipeline": fit(root / "pipeline", root / "pipeline.jsonl", "-c", "pipeline.yaml", sleep=0.3,
+                               command="pipeline")}
+    took = stop_all(stopped, root, stops)
+    assert stopped["killed"].returncode == -signal.SIGKILL  # killed mid-run, not after it ended
     assert whole.wait(timeout=120) == 0, whole.stderr.read()[-3000:]
-    last = root / "killed" / "runs" / "resume" / "language" / "checkpoints" / "last.ckpt"
-    resumed_from = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-    before = [r for r in read(root / "killed.jsonl") if r["step"] <= resumed_from]
-    val_before = [r for r in read(root / "killed.jsonl", "val_step") if r["val_step"] <= resumed_from]
-    # The resumed run in this process: a fresh Trainer from last.ckpt, without paying the start-up again.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root / "killed")
-        mp.setenv("RECORD_FILE", str(root / "resumed.jsonl"))
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            main(["fit", "-c", "config.yaml", "--ckpt_path", "last"])
-        finally:
-            torch.set_num_threads(threads)
-    return {"root": root, "kill_step": kill_step, "resumed_from": resumed_from, "whole": read(root / "whole.jsonl"),
-            "before": before, "resumed": read(root / "resumed.jsonl"),
-            "val_whole": read(root / "whole.jsonl", "val_step"),
-            "val_combined": val_before + read(root / "resumed.jsonl", "val_step"),
-            "state_whole": read(root / "whole.jsonl", "start"), "state_resumed": read(root / "resumed.jsonl", "start")}
+    out = {"root": root, "kill_step": kill_step, "whole": read(root / "whole.jsonl"),
+           "val_whole": read(root / "whole.jsonl", "val_step"), "state_whole": read(root / "whole.jsonl", "start"),
+           "stopped": {name: {"took": took[name], "status": proc.returncode, "stderr": proc.stderr.read()}
+                       for name, proc in stopped.items()}}
+    # The resumed runs in this process: a fresh Trainer from last.ckpt, without paying the start-up again (the
+    # pipeline's run again, which resumes its stage as a process of its own).
+    for name, argv in (("killed", ["fit", "-c", "config.yaml", "--ckpt_path", "last"]),
+                       ("terminated", ["fit", "-c", "config.yaml", "--ckpt_path", "last"]),
+                       ("pipeline", ["pipeline", "-c", "pipeline.yaml"])):
+        last = root / name / "runs" / "resume" / "language" / "checkpoints" / "last.ckpt"
+        resumed_from = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+        record = root / f"{name}.resumed.jsonl"
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(root / name)
+            mp.setenv("RECORD_FILE", str(record))
+            mp.setenv("RECORD_SLEEP", "0")
+            mp.setenv("PYTHONPATH", f"{ROOT}:{ROOT / 'tests'}")
+            mp.setenv("OMP_NUM_THREADS", "1")
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                main(argv)
+            finally:
+                torch.set_num_threads(threads)
+        out[name] = {"resumed_from": resumed_from, "last_trained": last_step(root / f"{name}.jsonl"),
+                     "before": [r for r in read(root / f"{name}.jsonl") if r["step"] <= resumed_from],
+                     "resumed": read(record),
+                     "val_combined": [r for r in read(root / f"{name}.jsonl", "val_step") if r["val_step"] <= resumed_from]
+                     + read(record, "val_step"), "state_resumed": read(record, "start")}
+    return out
 
 
-def test_killed_and_resumed_run_logs_the_same_loss_at_every_later_step(runs):
-    assert 0 < runs["resumed_from"] <= runs["kill_step"]
-    assert runs["resumed"][0]["step"] == runs["resumed_from"] + 1
-    combined, whole = runs["before"] + runs["resumed"], runs["whole"]
+@pytest.mark.parametrize("name", ["killed", "terminated", "pipeline"])
+def test_stopped_and_resumed_run_logs_the_same_loss_at_every_later_step(runs, name):
+    run = runs[name]
+    assert 0 < run["resumed_from"] <= run["last_trained"]
+    assert run["resumed"][0]["step"] == run["resumed_from"] + 1
+    combined, whole = run["before"] + run["resumed"], runs["whole"]
     assert [r["step"] for r in combined] == [r["step"] for r in whole] == list(range(1, STEPS + 1))
     for ours, theirs in zip(combined, whole):
         assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-6), ours["step"]
+    assert [r["val_step"] for r in run["val_combined"]] == [r["val_step"] for r in runs["val_whole"]] == [6, 12, 18]
+    for ours, theirs in zip(run["val_combined"], runs["val_whole"]):
+        assert ours["val_loss"] == pytest.approx(theirs["val_loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["terminated", "pipeline"])
+def test_sigterm_saves_last_ckpt_at_the_step_it_stops_and_exits_143_at_once(runs, name):
+    run, stopped = runs[name], runs["stopped"][name]
+    assert stopped["status"] == 143 and stopped["took"] < STOP_WITHIN, stopped["stderr"][-3000:]
+    assert run["resumed_from"] == run["last_trained"]  # nothing trained after the save, nothing lost before it
+    if name == "terminated":  # stopped after step 6 and the validation due there, which the resume does not repeat
+        assert run["resumed_from"] == 6 and run["state_resumed"][0]["validated"] == [6]
+    last = stopped["stderr"].strip().splitlines()[-1]
+    assert last.startswith(f"stagewise {'fit' if name == 'terminated' else 'pipeline'}: stopped by SIGTERM")
+    assert "Traceback" not in stopped["stderr"]
 
 
 def test_resumed_run_sees_each_window_of_the_epoch_exactly_once(runs):
-    combined, whole = runs["before"] + runs["resumed"], runs["whole"]
+    run = runs["killed"]
+    combined, whole = run["before"] + run["resumed"], runs["whole"]
     assert [r["windows"] for r in combined] == [r["windows"] for r in whole]
     epochs = [[w for r in combined if r["epoch"] == e for w in r["windows"]] for e in (0, 1)]
     # 30 windows in batches of 4: each epoch trains 28 distinct ones (its permutation's last 2 are dropped)
@@ -176,13 +239,11 @@ def test_resumed_run_sees_each_window_of_the_epoch_exactly_once(runs):
     assert len(set(epochs[0]) | set(epochs[1])) <= 30 and epochs[0] != epochs[1]
 
 
-def test_resumed_run_validates_at_the_same_steps_and_keeps_what_validations_left(runs):
-    assert [r["val_step"] for r in runs["val_combined"]] == [r["val_step"] for r in runs["val_whole"]] == [6, 12, 18]
-    for ours, theirs in zip(runs["val_combined"], runs["val_whole"]):
-        assert ours["val_loss"] == pytest.approx(theirs["val_loss"], abs=1e-6)
+@pytest.mark.parametrize("name", ["killed", "terminated"])
+def test_resumed_run_keeps_what_validations_left(runs, name):
     # callback state at every resumed step: the validations StageHandoff has seen, the best score so far
     whole = {r["start"]: r for r in runs["state_whole"]}
-    for ours in runs["state_resumed"]:
+    for ours in runs[name]["state_resumed"]:
         assert ours["validated"] == whole[ours["start"]]["validated"], ours["start"]
         assert ours["best"] == pytest.approx(whole[ours["start"]]["best"], abs=1e-6)
 
@@ -206,7 +267,8 @@ def test_resumed_run_keeps_best_checkpoint_tracking_and_weights(runs):
 def test_resumed_run_keeps_the_config_the_run_started_with(runs):
     run = runs["root"] / "killed" / "runs" / "resume" / "language"
     started, resumed = (run / "config.yaml").read_text(), (run / "config.resume1.yaml").read_text()
-    assert "ckpt_path: null" in started and "ckpt_path: last" in resumed
+    # `--ckpt_path last` names the file it resumed from (Lightning then reads the model's settings from it)
+    assert "ckpt_path: null" in started and "ckpt_path: runs/resume/language/checkpoints/last.ckpt" in resumed
 
 
 def test_ckpt_path_last_without_a_checkpoint_says_to_start_without_it(tmp_path, monkeypatch, capsys, data_dir):

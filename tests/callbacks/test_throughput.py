@@ -1,4 +1,5 @@
-"""Throughput: tokens/s, MFU (6N + 12·L·d·T over peak FLOP/s), step time, logged every N batches."""
+"""Throughput: tokens/s, MFU (6N + 12·L·d·T over the device's peak FLOP/s), step time, logged every N batches
+(the Trainer's ``log_every_n_steps`` by default)."""
 
 import lightning as L
 import pytest
@@ -49,6 +50,34 @@ def test_logs_tokens_per_s_and_mfu_every_n_steps(tmp_path):
         # tokens/s × seconds per step = the tokens of one batch
         assert m["throughput/tokens_per_s"] * m["throughput/step_time_s"] == pytest.approx(BATCH * SEQ)
         assert m["throughput/mfu"] == pytest.approx(m["throughput/tokens_per_s"] * flops_per_token / 1e9)
+
+
+def test_follows_the_trainers_log_every_n_steps_and_logs_no_mfu_on_a_cpu(tmp_path):
+    model = CausalLM(size="tiny", vocab_size=VOCAB, model_overrides={"n_layers": 1, "max_seq_len": 32}, warmup_steps=1)
+    ids = torch.randint(0, VOCAB, (6 * BATCH, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    data = DataLoader([{"input_ids": w[:-1], "targets": w[1:]} for w in ids], batch_size=BATCH)
+    logger = Capture()
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=logger, enable_checkpointing=False, log_every_n_steps=3,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Throughput()],
+                        default_root_dir=tmp_path)
+    trainer.fit(model, data)
+    points = [(step, m) for step, m in logger.logged if "throughput/tokens_per_s" in m]
+    assert [step for step, _ in points] == [3, 6]
+    assert not any("throughput/mfu" in m for _, m in points)  # a CPU has no peak in the table
+
+
+@pytest.mark.parametrize("name, fp8, peak", [
+    ("NVIDIA H100 80GB HBM3", False, 989e12), ("NVIDIA H100 80GB HBM3", True, 1979e12),
+    ("NVIDIA H100 PCIe", False, 756e12), ("NVIDIA H200", False, 989e12), ("NVIDIA A100-SXM4-80GB", False, 312e12),
+    ("NVIDIA A100-SXM4-80GB", True, 312e12), ("NVIDIA L40S", False, 362e12), ("NVIDIA L4", False, 121e12),
+    ("NVIDIA A10", False, 125e12), ("Some Future GPU", False, None),
+])
+def test_mfu_peak_is_the_running_devices(monkeypatch, name, fp8, peak):
+    from callbacks.throughput import device_peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert device_peak_flops(torch.device("cuda", 0), "fp8-mixed" if fp8 else "bf16-mixed") == peak
+    assert device_peak_flops(torch.device("cpu")) is None
 
 
 def test_validation_time_is_not_counted_as_training_time(tmp_path, monkeypatch):

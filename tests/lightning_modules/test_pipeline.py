@@ -1,10 +1,10 @@
 """The pipeline's skip / resume / restart decisions, and the report's contents.
 
-The stages' training itself is covered elsewhere; here `subprocess.run` is replaced by a fake stage that
-records its command line and writes what a real `stagewise fit` leaves behind.
+The stages' training itself is covered elsewhere; here the process the pipeline runs for a stage
+(`run_forwarding_signals`) is replaced by a fake stage that records its command line and writes what a real
+`stagewise fit` leaves behind.
 """
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,7 @@ def fake_fit(monkeypatch, tmp_path):
     def run(cmd, env=None, cwd=None, **streams):
         calls.append(cmd)
         if "fit" not in cmd:  # a stage's `before` command
-            return subprocess.CompletedProcess(cmd, 0)
+            return 0
         arg = lambda name: [a.split("=", 1)[1] for a in cmd if a.startswith(f"--{name}=")][-1]  # noqa: E731
         name, models = arg("stage.name"), Path(arg("stage.models_dir")) / arg("stage.experiment")
         models.mkdir(parents=True, exist_ok=True)
@@ -34,9 +34,9 @@ def fake_fit(monkeypatch, tmp_path):
         parent = arg("stage.parent")
         update_stage_record(models, name, {"stage": name, "parent": {"stage": parent} if parent != "null" else None,
                                            "losses": {"final": {"language": 3.0}}})
-        return subprocess.CompletedProcess(cmd, 0)
+        return 0
 
-    monkeypatch.setattr(pl.subprocess, "run", run)
+    monkeypatch.setattr(pl, "run_forwarding_signals", run)
     Path("stage.yaml").write_text("trainer: {max_steps: 3}\n")
     return calls
 

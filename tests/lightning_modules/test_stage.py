@@ -184,10 +184,10 @@ def test_experiments_side_by_side_a_fourth_stage_and_pipeline_directories(tmp_pa
         try:
             main(cmd[3:])
         except SystemExit as exit:
-            return subprocess.CompletedProcess(cmd, exit.code)
-        return subprocess.CompletedProcess(cmd, 0)
+            return exit.code
+        return 0
 
-    monkeypatch.setattr(pl.subprocess, "run", in_process)
+    monkeypatch.setattr(pl, "run_forwarding_signals", in_process)
     shutil.copytree(corpora, "Y")
     shutil.copytree("Y/code", "Y/code_copy")  # a fourth corpus, prepared with the same tokenizer
     Path("extra.yaml").write_text("stage:\n  name: extra\n  domain: code_copy\n  parent: tools\n")
