@@ -49,7 +49,7 @@ def records_card(records) -> str | None:
     if len(named) != 1:
         return None
     devices, device = named.pop()
-    return f"{devices}x {device}"
+    return "cpu" if device == "cpu" else f"{devices}x {device}"
 
 
 def current_commit() -> str | None:
