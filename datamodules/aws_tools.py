@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from datamodules.errors import MissingSourceError
+from datamodules.signals import pool_worker_signals
 from datamodules.sources import Document, Source, SourceStats
 from datamodules.tool_corpus import environment, plain_text, request_stating_values, tool_example
 from datamodules.tool_examples import validate_example
@@ -341,6 +342,7 @@ _WORKER: dict[str, Any] = {}
 
 def _start_worker(tmp: str, min_distractors: int, max_distractors: int) -> None:
     """Pool initializer: fake AWS settings for the worker's lifetime and one extractor of its own."""
+    pool_worker_signals()
     work = Path(tempfile.mkdtemp(dir=tmp))
     _WORKER["env"] = _fake_aws_env(work)  # held: a collected context manager would restore the environment
     _WORKER["env"].__enter__()  # left only when the worker process ends with the pool

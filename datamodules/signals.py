@@ -84,6 +84,15 @@ def _defaults_in_child() -> None:
 os.register_at_fork(after_in_child=_defaults_in_child)
 
 
+def pool_worker_signals() -> None:
+    """Initializer of a worker pool's processes: SIGTERM ends a worker at once (``Pool.terminate`` sends it) and
+    SIGINT is left to the pool's owner, which stops and terminates the pool. Whatever Python handler the worker
+    inherited (ours, Lightning's, a test runner's) only records a signal, so a worker signalled as it blocked on
+    its task queue would wait there for ever, and its owner with it."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextmanager
 def stopping_on_signals() -> Iterator[None]:
     """Within: SIGTERM and SIGINT raise :class:`Stopped` (once: later ones are only recorded, so stopping is

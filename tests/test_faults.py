@@ -362,6 +362,28 @@ def test_a_process_forked_while_stopping_on_signals_keeps_no_handler():
         assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL  # the command itself keeps its handler
 
 
+POOL_UNDER_A_RECORDING_HANDLER = """
+import signal
+from datamodules.signals import defer_signals
+from datamodules.sources import ordered_map
+
+def worker_signals(_):
+    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+defer_signals()
+print(sorted(set(ordered_map(worker_signals, list(range(32)), workers=2))))
+"""
+
+
+def test_pool_workers_end_on_sigterm_whatever_handler_their_parent_had():
+    """A handler that only records (defer_signals, Lightning's, a test runner's) is not inherited by the
+    workers of a reader's pool: Pool.terminate's SIGTERM to a worker blocked on its task queue then left it,
+    and its owner, waiting for ever (a `make test` hung so in test_prepare, 2026-12-01)."""
+    out = subprocess.run([sys.executable, "-c", POOL_UNDER_A_RECORDING_HANDLER], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0 and out.stdout.strip() == "[(True, True)]", out.stderr[-2000:]
+
+
 def files(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): sha(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
