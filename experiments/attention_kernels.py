@@ -20,7 +20,8 @@ import datetime
 import torch
 import torch.nn.functional as F
 
-from experiments.benchmark_throughput import card, save_results
+from experiments.benchmark_throughput import save_results
+from lightning_modules.report_card import machine_card as card
 
 # size: (batch, query heads, key/value heads, sequence, head size), as in benchmark_throughput.SIZES
 SHAPES = {"base": (32, 12, 12, 1024, 64), "xl": (8, 32, 4, 2048, 64)}

@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+from lightning_modules.report_card import machine_card as card
+
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "experiments" / "reference" / "throughput_reference.py"
 # size: (preset, seq_len, micro_batch, the reference's name for it)
@@ -339,19 +341,6 @@ def run_row(cmd: list[str], timeout: float | None) -> tuple[str, str]:
         stdout, stderr = proc.communicate()
         stderr = f"{stderr}\n[killed after --row-timeout {timeout:.0f} s]"
     return stdout, stderr
-
-
-def card(index: str | int | None = None) -> str:
-    """The machine's GPUs, e.g. ``2x NVIDIA H200``, or the name of GPU ``index``; from ``nvidia-smi``, so no
-    CUDA context is opened in the calling process."""
-    cmd = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", *([f"--id={index}"] if index is not None else [])]
-    try:
-        names = subprocess.run(cmd, capture_output=True, text=True).stdout.strip().splitlines()
-    except FileNotFoundError:  # no NVIDIA driver here
-        names = []
-    if not names:
-        return "unknown"
-    return names[0] if index is not None else f"{len(names)}x {names[0]}"
 
 
 def table(rows: list[dict]) -> str:

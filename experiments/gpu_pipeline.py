@@ -31,6 +31,8 @@ from pathlib import Path
 
 import yaml
 
+from lightning_modules.report_card import machine_card
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("unpack", "pipeline", "evaluate", "report")
 
@@ -60,6 +62,17 @@ def run(cmd: list[str], log: Path, timeout: float | None, cwd: Path = ROOT) -> i
 
 def stagewise(*args: str) -> list[str]:
     return [sys.executable, "-m", "lightning_modules", *args]
+
+
+def evaluate_tools(ckpt: str | Path, data_dir: str | Path, out: str | Path, max_new_tokens: int,
+                   limit: int | None) -> list[str]:
+    """The `stagewise evaluate` command line that scores a stage's held-out tool calls here (bf16 and batched
+    decoding on a GPU), writing ``out`` (the report card's ``eval.json``); ``limit`` examples per group."""
+    cuda = _cuda()
+    return stagewise("evaluate", "--ckpt", str(ckpt), "--data_dir", str(data_dir), "--domains", "[tools]",
+                     "--max_new_tokens", str(max_new_tokens), "--out", str(out),
+                     "--decode_batch_size", "64" if cuda else "16", *(["--limit", str(limit)] if limit else []),
+                     "--precision", "bf16-mixed" if cuda else "32-true")
 
 
 def pipeline_config(path: Path) -> dict:
@@ -117,8 +130,13 @@ def main(argv: list[str] | None = None) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "-m", "experiments.gpu_pipeline", *(sys.argv[1:] if argv is None else argv)])
 
+    failed: list[int] = []  # exit statuses of failed steps: the harness exits with the first (its results copied)
+
     def step(cmd: list[str], timeout: float | None = None) -> int:
-        return run(cmd, log, timeout, work)
+        rc = run(cmd, log, timeout, work)
+        if rc:
+            failed.append(rc)
+        return rc
 
     if "unpack" in args.steps and args.pack and not (work / data_dir / "tools" / "manifest.json").is_file():
         step(stagewise("unpack", "--pack", args.pack, "--into", str(Path(data_dir).parent)))
@@ -136,11 +154,7 @@ def main(argv: list[str] | None = None) -> None:
             ckpt = Path("models") / experiment / f"{stage}_model_best.ckpt"
             out = Path("models") / experiment / stage / "eval.json"
             if (work / ckpt).is_file() and not (work / out).is_file():
-                step(stagewise("evaluate", "--ckpt", str(ckpt), "--data_dir", data_dir, "--domains", "[tools]",
-                               "--max_new_tokens", str(args.max_new_tokens), "--out", str(out),
-                               "--decode_batch_size", "64" if _cuda() else "16",
-                               *(["--limit", str(args.eval_limit)] if args.eval_limit else []),
-                               "--precision", "bf16-mixed" if _cuda() else "32-true"))
+                step(evaluate_tools(ckpt, data_dir, out, args.max_new_tokens, args.eval_limit))
         collect(results, experiment, models, runs, log)
     if "report" in args.steps:
         names = [s["name"] for s in config["stages"]]
@@ -157,10 +171,12 @@ def main(argv: list[str] | None = None) -> None:
                 card.write_text(json.dumps(data, indent=2) + "\n")
         collect(results, experiment, models, runs, log)
     print(f"results: {results}")
+    if failed:
+        raise SystemExit(failed[0])
 
 
 def _cuda() -> bool:
-    return shutil.which("nvidia-smi") is not None
+    return machine_card() != "cpu"
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from experiments.gpu_pipeline import evaluate_tools
 from lightning_modules.pipeline import StageSpec, Workspace, run_stage
 from lightning_modules.report_card import card_markdown, report_card
 
@@ -73,16 +74,11 @@ def variants(config: dict) -> dict[str, tuple[StageSpec, str | None, str]]:
     }
 
 
-def evaluate(where: Workspace, name: str, max_new_tokens: int, cuda: bool, limit: int) -> None:
+def evaluate(where: Workspace, name: str, max_new_tokens: int, limit: int) -> None:
     out = Path(where.models_dir) / where.experiment / name / "eval.json"
     ckpt = Path(where.models_dir) / where.experiment / f"{name}_model_best.ckpt"
-    if out.is_file() or not ckpt.is_file():
-        return
-    subprocess.run([sys.executable, "-m", "lightning_modules", "evaluate", "--ckpt", str(ckpt), "--data_dir",
-                    where.data_dir, "--domains", "[tools]", "--max_new_tokens", str(max_new_tokens), "--out", str(out),
-                    "--decode_batch_size", "64" if cuda else "16", "--precision", "bf16-mixed" if cuda else "32-true",
-                    *(["--limit", str(limit)] if limit else [])],
-                   check=False)
+    if not out.is_file() and ckpt.is_file():
+        subprocess.run(evaluate_tools(ckpt, where.data_dir, out, max_new_tokens, limit), check=False)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -103,7 +99,6 @@ def main(argv: list[str] | None = None) -> dict:
     where = Workspace(args.experiment or config.get("experiment", "gpu"), "models", "runs", data_dir)
     table = variants(config)
     chosen = args.variants or list(table)
-    cuda = shutil.which("nvidia-smi") is not None
 
     def one(name: str) -> tuple[str, str]:
         spec, parent, _ = table[name]
@@ -113,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
             outcome = run_stage(spec, parent, where, log_to_files=True)
         except Exception as err:  # noqa: BLE001  (one failed variant must not stop the others)
             return name, f"failed: {err} (see {log_dir}/stderr.log)"
-        evaluate(where, name, args.max_new_tokens, cuda, args.eval_limit)
+        evaluate(where, name, args.max_new_tokens, args.eval_limit)
         return name, outcome
 
     out = args.out or ROOT / "experiments" / "results" / f"recipe_comparisons_{datetime.date.today().isoformat()}"

@@ -21,7 +21,8 @@ import datetime
 
 import torch
 
-from experiments.benchmark_throughput import SIZES, card, load_reference, model_config, save_results
+from experiments.benchmark_throughput import SIZES, load_reference, model_config, save_results
+from lightning_modules.report_card import machine_card as card
 from lightning_modules.transformer import apply_rope, rope_cos_sin
 
 

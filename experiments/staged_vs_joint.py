@@ -75,7 +75,7 @@ from datamodules.errors import StagewiseError
 from datamodules.metric_names import domain_of_val_loss
 from datamodules.stage_record import read_stage_record, write_json_atomic
 from experiments import staged_vs_joint_results as report
-from experiments.benchmark_throughput import card
+from lightning_modules.report_card import machine_card as card
 from experiments.staged_vs_joint_plan import (
     ARMS, DOMAINS, ROOT, Run, Study, best_checkpoint, command_of, conditions_of, console, data_fingerprint,
     plan_budget, run_dir, stage_spec, workspace,

@@ -33,14 +33,17 @@ EVAL_FILE = "eval.json"  # beside stage.json: `stagewise evaluate --out models/<
 SCORES = ("json_valid", "name_accuracy", "call_accuracy", "n")
 
 
-def machine_card() -> str:
-    """The machine's GPUs (``1x NVIDIA H200``) from ``nvidia-smi`` (no CUDA context opened), else ``cpu``."""
+def machine_card(index: str | int | None = None) -> str:
+    """The machine's GPUs (``2x NVIDIA H200``), or the name of GPU ``index``; ``cpu`` where there is none. From
+    ``nvidia-smi``, so no CUDA context is opened in the calling process."""
+    cmd = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", *([f"--id={index}"] if index is not None else [])]
     try:
-        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                               text=True).stdout.strip().splitlines()
-    except FileNotFoundError:
+        names = subprocess.run(cmd, capture_output=True, text=True).stdout.strip().splitlines()
+    except FileNotFoundError:  # no NVIDIA driver here
         names = []
-    return f"{len(names)}x {names[0]}" if names else "cpu"
+    if not names:
+        return "cpu"
+    return names[0] if index is not None else f"{len(names)}x {names[0]}"
 
 
 def records_card(records) -> str | None:
