@@ -82,6 +82,7 @@ class StageHandoff(L.Callback):
         self._first_step: tuple[float, int] | None = None  # (time, tokens) after this run's first optimizer step
         self._peak_flops: float | None = None  # of the device trained on (at fit end the module is back on the CPU)
         self._device: str | None = None  # its name ("NVIDIA H200", "cpu")
+        self._train_end: float | None = None  # when training ended (before the handoff's copies and export)
 
     @property
     def best_path(self) -> Path:
@@ -145,7 +146,7 @@ class StageHandoff(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self._first_step is None and trainer.global_step > 0:  # compiled and stepped once: the clock of record
-            if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            if pl_module.device.type == "cuda":
                 torch.cuda.synchronize(pl_module.device)
             self._first_step = (time.perf_counter(), int(getattr(pl_module, "tokens_seen", 0)))
             self._peak_flops = device_peak_flops(pl_module.device, precision_label(trainer))
@@ -183,6 +184,9 @@ class StageHandoff(L.Callback):
         return next((cb for cb in trainer.checkpoint_callbacks if cb.monitor), None)
 
     # ------------------------------------------------------------------------------------- fit end
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._train_end = time.perf_counter()
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         cb = self._best_checkpoint_callback(trainer)
         best = Path(cb.best_model_path) if cb is not None and cb.best_model_path else None
@@ -267,11 +271,11 @@ class StageHandoff(L.Callback):
 
     def throughput(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict | None:
         """End-to-end speed of this run of the stage: tokens trained after its first optimizer step (compilation
-        and warm-up left out) over the wall time from then to now (validation, tool evaluation and checkpoint
-        saving included), and the MFU that makes on the running device (None off a known GPU)."""
+        and warm-up left out) over the wall time from then to the end of training (validation, tool evaluation and
+        checkpoint saving included; the handoff's copy and transformers export after it not), and the MFU that makes on the running device (None off a known GPU)."""
         if self._first_step is None:
             return None
-        seconds = time.perf_counter() - self._first_step[0]
+        seconds = (self._train_end or time.perf_counter()) - self._first_step[0]
         tokens = int(getattr(pl_module, "tokens_seen", 0)) - self._first_step[1]
         if seconds <= 0 or tokens <= 0:
             return None

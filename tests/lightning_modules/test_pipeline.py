@@ -176,6 +176,31 @@ def test_report_says_when_a_lineage_is_broken(tmp_path, capsys):
     assert "is not the checkpoint its record" in text
 
 
+def test_report_from_records_alone_checks_their_hashes_and_names_their_card(tmp_path):
+    """Records brought back from a GPU machine without their checkpoints: the chain is checked on the records'
+    hashes (a parent that is not its parent's record still breaks it), the card is the device they name."""
+    import json
+
+    exp = tmp_path / "models" / "exp"
+    gpu = {"tokens_per_s": 1000, "devices": 1, "device": "NVIDIA H200"}
+    update_stage_record(exp, "language", {"checkpoint": {"path": "elsewhere/language.ckpt", "sha256": "a" * 64},
+                                          "losses": {"final": {"language": 4.0}}, "throughput": gpu})
+    update_stage_record(exp, "code", {"checkpoint": {"path": "elsewhere/code.ckpt", "sha256": "b" * 64},
+                                      "parent": {"stage": "language", "path": "elsewhere/language.ckpt",
+                                                 "sha256": "a" * 64},
+                                      "losses": {"final": {"language": 4.5, "code": 3.0}}, "throughput": gpu})
+    runs = tmp_path / "runs"
+    text = write_report("exp", ["language", "code"], models_dir=str(tmp_path / "models"), runs_dir=str(runs)).read_text()
+    assert "checked on the records alone" in text and "broken" not in text and "## Plots" not in text
+    assert json.loads((runs / "exp" / "report.json").read_text())["card"] == "1x NVIDIA H200"
+    update_stage_record(exp, "code", {"parent": {"stage": "language", "path": "elsewhere/language.ckpt",
+                                                 "sha256": "c" * 64}})
+    text = write_report("exp", ["language", "code"], models_dir=str(tmp_path / "models"), runs_dir=str(runs),
+                        card="2x NVIDIA H100").read_text()
+    assert "| code (lineage broken) |" in text and "no longer exists" not in text
+    assert json.loads((runs / "exp" / "report.json").read_text())["card"] == "2x NVIDIA H100"
+
+
 def test_a_stage_runs_its_before_command_first_from_its_parent(fake_fit):
     stages = [*_stages(), pl.StageSpec("preference", ["stage.yaml"], before=["pairs", "--parent", "{parent}",
                                                                               "--data_dir", "{data_dir}"])]

@@ -135,3 +135,18 @@ def test_rope_tables_are_computed_once_and_stay_out_of_the_state_dict():
     meta.to_empty(device="cpu")
     meta.reset_parameters()
     assert torch.equal(meta.rope_cos, cos)
+
+
+def test_next_token_samples_from_the_temperature_and_top_k_it_is_given():
+    """Greedy is the argmax; top_k=1 is greedy at any temperature; flat logits sampled spread over the vocabulary
+    and follow the generator's seed."""
+    from lightning_modules.decoding import next_token
+
+    logits = torch.randn(4, 64)
+    assert torch.equal(next_token(logits), logits.argmax(-1))
+    assert torch.equal(next_token(logits, 2.0, top_k=1, generator=torch.Generator().manual_seed(0)), logits.argmax(-1))
+    flat = torch.zeros(256, 64)
+    draw = lambda seed: next_token(flat, 1.0, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    assert len(set(draw(0).tolist())) > 16 and torch.equal(draw(0), draw(0)) and not torch.equal(draw(0), draw(1))
+    top2 = next_token(torch.tensor([[0.0, 5.0, 4.9, -9.0]] * 256), 1.0, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert set(top2.tolist()) == {1, 2}
