@@ -27,7 +27,7 @@ from typing import Any, Iterator
 from datamodules.errors import MissingSourceError
 from datamodules.signals import pool_worker_signals
 from datamodules.sources import Document, Source, SourceStats
-from datamodules.tool_corpus import environment, plain_text, request_stating_values, tool_example
+from datamodules.tool_corpus import check_distractors, environment, plain_text, request_stating_values, tool_example
 from datamodules.tool_examples import validate_example
 
 _FAKE_ENV = {
@@ -275,8 +275,7 @@ class AwsCliExamples(Source):
         workers: int | None = None,
     ):
         super().__init__(name=name, max_documents=max_documents)
-        if not 0 <= min_distractors <= max_distractors:
-            raise ValueError(f"need 0 <= min_distractors <= max_distractors, got {min_distractors}, {max_distractors}")
+        check_distractors(min_distractors, max_distractors)
         self.services = services
         self.min_distractors = min_distractors
         self.max_distractors = max_distractors

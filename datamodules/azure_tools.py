@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 from datamodules.errors import MissingSourceError
 from datamodules.sources import Document, Source, SourceStats
-from datamodules.tool_corpus import environment, plain_text, request_stating_values, tool_example
+from datamodules.tool_corpus import check_distractors, environment, plain_text, request_stating_values, tool_example
 from datamodules.tool_examples import validate_example
 
 _THREE_STATE = {"true", "false", "t", "f", "yes", "no", "y", "n", "1", "0", "enable", "disable"}
@@ -152,8 +152,7 @@ class AzureCliExamples(Source):
         max_documents: int | None = None,
     ):
         super().__init__(name=name, max_documents=max_documents)
-        if not 0 <= min_distractors <= max_distractors:
-            raise ValueError(f"need 0 <= min_distractors <= max_distractors, got {min_distractors}, {max_distractors}")
+        check_distractors(min_distractors, max_distractors)
         self.groups = list(groups) if groups is not None else None
         self.min_distractors = min_distractors
         self.max_distractors = max_distractors

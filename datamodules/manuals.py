@@ -1,4 +1,4 @@
-"""Readers of the manuals that Debian packages install, as running prose: HTML, POD and AsciiDoc.
+"""Readers of the manuals that Debian packages install, as running prose: HTML, POD, AsciiDoc and roff.
 
 Each reader is a `TextFiles` (glob patterns under a root, one document per file) that names the package to
 install when its files are missing and takes ``exclude`` patterns (indexes, search pages, changelogs). What
@@ -291,10 +291,6 @@ def _roff_escape(m: re.Match) -> str:
     if name is not None:
         return _ROFF_CHARS.get(name, "")
     return {"-": "-", "e": "\\", "~": " ", " ": " "}.get(body, "")
-
-
-def _roff_args(text: str) -> list[str]:
-    return [a.replace('""', '"') for a in re.findall(r'"((?:[^"]|"")*)"|(\S+)', text) for a in a if a] or []
 
 
 def clean_roff(text: str) -> str:

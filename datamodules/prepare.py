@@ -536,13 +536,14 @@ def prepare(
     """
     if not corpora:
         raise StagewiseError("the data config names no corpora; add at least one under `corpora:`")
+    workers = workers or os.cpu_count() or 1
     for name, corpus in corpora.items():
         _check_corpus(name, corpus)
         for source in corpus.sources:
-            source._workers = source._workers or workers or os.cpu_count() or 1
+            source._workers = source._workers or workers
     try:
         return _prepare(corpora, tokenizer, Path(data_dir), retrain_tokenizer,
-                        Path(cache_dir) if cache_dir else Path(data_dir) / ".cache", workers or os.cpu_count() or 1)
+                        Path(cache_dir) if cache_dir else Path(data_dir) / ".cache", workers)
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

@@ -86,6 +86,12 @@ def request_stating_values(request: str, arguments: dict) -> str:
     return request
 
 
+def check_distractors(min_distractors: int, max_distractors: int) -> None:
+    """A tool reader's distractor range (other tools offered beside the right one) must be 0 <= min <= max."""
+    if not 0 <= min_distractors <= max_distractors:
+        raise ValueError(f"need 0 <= min_distractors <= max_distractors, got {min_distractors}, {max_distractors}")
+
+
 def tool_example(request: str, right: dict, others: list, arguments: dict, seed: int, min_distractors: int,
                  max_distractors: int, tool_of: Callable[[Any], dict] = lambda tool: tool) -> dict | None:
     """One example: the request, the right tool among ``min_distractors``-``max_distractors`` others of the

@@ -111,9 +111,13 @@ class StagewiseCLI(LightningCLI):
         if config is None or config.get("ckpt_path") not in ("last", "best"):
             return
         if config.ckpt_path == "best" and subcommand != "fit":
-            best = Stage(**config.stage).outputs.best_checkpoint
-            if best.is_file():
-                config.ckpt_path = str(best)
+            stage = Stage(**config.stage)
+            best = stage.outputs.best_checkpoint
+            if not best.is_file():  # Lightning's own "best" would fail with a traceback about ModelCheckpoint
+                raise StagewiseError(
+                    f"--ckpt_path best names {best}, which does not exist: stage '{stage.name}' of experiment "
+                    f"'{stage.experiment}' has not finished here (pass --stage.experiment, or the checkpoint's path)")
+            config.ckpt_path = str(best)
             return
         dirpath = config.get("last_checkpoint.dirpath")
         directory = Path(dirpath) if dirpath else Stage(**config.stage).outputs.run_dir / "checkpoints"

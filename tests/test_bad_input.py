@@ -420,7 +420,9 @@ def test_a_run_that_never_validates_or_leaves_warmup_is_warned_about(workdir):
     (["test", "-c", CODE_STAGE, "-c", TINY], ["`stagewise test` scores a trained checkpoint", "--ckpt_path best",
                                               "models/default/code_model_best.ckpt"]),
     (["validate", "-c", CODE_STAGE, "-c", TINY], ["`stagewise validate` scores a trained checkpoint"]),
-], ids=["predict", "test_without_checkpoint", "validate_without_checkpoint"])
+    (["test", "-c", CODE_STAGE, "-c", TINY, "--ckpt_path", "best"], [
+        "--ckpt_path best names models/default/code_model_best.ckpt, which does not exist", "--stage.experiment"]),
+], ids=["predict", "test_without_checkpoint", "validate_without_checkpoint", "test_best_not_trained"])
 def test_commands_that_have_nothing_to_score(workdir, capsys, argv, fragments):
     assert_refused(argv, capsys, *fragments, unchanged=workdir)
 
