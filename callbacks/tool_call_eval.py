@@ -53,7 +53,8 @@ class ToolCallEval(L.Callback):
         split: The held-out split the seen group comes from (``val`` or ``test``).
         monitor: The metric whose lowest value marks the best checkpoint; default: the monitor of the
             Trainer's first ModelCheckpoint that has one.
-        batch_size: Requests decoded together (left-padded, KV cache); the scores do not depend on it.
+        batch_size: Requests decoded together (left-padded, KV cache; default 64 on a GPU, 16 elsewhere);
+            the scores do not depend on it.
         max_prompt_tokens: Keep only the last this many tokens of each request (its text and the last tool
             schemas); default: the data module's ``seq_len`` less ``max_new_tokens``, i.e. about what the
             model sees in training (decoding time grows with the prompt).
@@ -63,7 +64,7 @@ class ToolCallEval(L.Callback):
 
     def __init__(self, data_dir: str = "data", num_examples: int = 100, max_new_tokens: int = 128,
                  every_n_validations: int = 1, stage: str = "tools", models_dir: str = "models",
-                 split: str = "val", monitor: str | None = None, batch_size: int = 16,
+                 split: str = "val", monitor: str | None = None, batch_size: int | None = None,
                  max_prompt_tokens: int | None = None, test_examples: int | None = None) -> None:
         self.data_dir = data_dir
         self.num_examples = num_examples
@@ -105,7 +106,8 @@ class ToolCallEval(L.Callback):
             with trainer.precision_plugin.forward_context():
                 for group, group_examples in examples.items():
                     results[group] = evaluate_tool_calls(model, self._tokenizer, group_examples, self.max_new_tokens,
-                                                         batch_size=self.batch_size,
+                                                         batch_size=self.batch_size or (
+                                                             64 if pl_module.device.type == "cuda" else 16),
                                                          max_prompt_tokens=self._prompt_tokens(trainer))
         scores = trainer.strategy.broadcast({g: {k: r[k] for k in SCORES} for g, r in results.items()}, src=0)
         return scores, results

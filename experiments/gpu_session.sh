@@ -1,25 +1,42 @@
 #!/usr/bin/env bash
 # One GPU session's work, in order, on a GPU machine that has this checkout, the wheels in .whl and the packed
-# data (stagewise pack) in .gpu/packs: the GPU pipeline (staged path + joint baseline, timed alone), the
-# throughput benchmark of its two shapes (alone), then the recipe comparisons (several at once). Every step
-# writes its results under $RESULTS (default runs/session, git-ignored, kept between calls on a warm machine);
-# `touch $RESULTS/DONE` marks the end.
+# data (stagewise pack) in .gpu/packs: the decoding benchmark (which also decides whether decoding replays CUDA
+# graphs here), the GPU pipeline (staged path + joint baseline + held-out tool scores, timed alone), the
+# throughput benchmark of its two shapes (alone), then, together until $DEADLINE seconds after the start, the
+# recipe comparisons (stage 4 and the second baseline first) and the staged-vs-joint study (its decisive runs
+# first; it starts no run after its time budget, and skips the runs its committed results.json holds). Every step writes its results under $RESULTS (default
+# runs/session, git-ignored, kept between calls on a warm machine); `touch $RESULTS/DONE` marks the end.
 #   bash experiments/gpu_session.sh                  # in the foreground
 #   setsid bash experiments/gpu_session.sh > runs/session.log 2>&1 &   # in the background, then poll $RESULTS
 set -u
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-runs/session}
+DEADLINE=${DEADLINE:-1450}
 mkdir -p "$RESULTS"
 export OUT=$PWD/$RESULTS PYTHONUNBUFFERED=1
 date=$(date -u +%F)
+start=$(date +%s)
+left() { echo $(( DEADLINE - ($(date +%s) - start) )); }
 step() { echo "== $(date -u +%T) $*" | tee -a "$RESULTS/steps.txt"; "$@"; echo "== $(date -u +%T) exit $?" | tee -a "$RESULTS/steps.txt"; }
 
 nvidia-smi --query-gpu=name,memory.total,memory.used,utilization.gpu --format=csv | tee "$RESULTS/card.txt"
+step timeout -k 10 150 python3 -m experiments.benchmark_decoding --repeats 1 --tag "${date}_gpu_session"
+# the graph must replay the static step's tokens exactly; where it does not (or capture failed), decode eagerly
+if ! python3 -c "import json,sys; r=[x for x in json.load(open('$RESULTS/decoding_${date}_gpu_session.json'))['rows'] if 'same_tokens_as_static_eager' in x]; sys.exit(not (r and r[0]['same_tokens_as_static_eager'] == 1.0))"; then
+  export STAGEWISE_CUDA_GRAPHS=0
+  echo "== decoding without CUDA graphs" | tee -a "$RESULTS/steps.txt"
+fi
 step timeout -k 20 760 python3 -m experiments.gpu_pipeline --pack .gpu/packs/full/full.pack.json --timeout 580 \
   --results "$RESULTS/gpu_pipeline_$date"
-step timeout -k 20 300 python3 -m experiments.benchmark_throughput --sizes small_text small_tools --rows stagewise \
+step timeout -k 20 240 python3 -m experiments.benchmark_throughput --sizes small_text small_tools --rows stagewise \
   --tag gpu_pipeline
-# the comparisons that decide the recipe first (code replay, the tool stage's LR), then stage 4, then tool replay
-step timeout -k 20 900 python3 -m experiments.recipe_comparisons --variants code_noreplay tools_lr1e4 preference \
-  tools_noreplay joint_tools --workers 3 --out "$RESULTS/recipe_comparisons_$date"
+# together: the recipe comparisons (3 workers) and the study (2 workers), until the deadline
+rest=$(left)
+if [ "$rest" -gt 120 ]; then
+  step timeout -k 20 $((rest - 20)) python3 -m experiments.recipe_comparisons --variants preference joint_tools \
+    tools_long tools_lr1e4 code_noreplay tools_noreplay --workers 3 --out "$RESULTS/recipe_comparisons_$date" &
+  step timeout -k 20 $((rest - 20)) python3 -m experiments.staged_vs_joint --devices 0 0 \
+    --time-budget $((rest - 240 > 0 ? rest - 240 : 1)) --work-dir runs/study &
+  wait
+fi
 touch "$RESULTS/DONE"

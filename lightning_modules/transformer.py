@@ -138,8 +138,16 @@ class LayerCache:
         self.k = torch.zeros(batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k, v`` at positions ``start..``; return all keys and values up to the last one."""
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v`` at positions ``start..``; return all keys and values up to the last one.
+
+        With ``start`` a 0-d tensor (:meth:`Transformer.decode_step`), the write is an ``index_copy_`` and all
+        ``max_len`` slots come back: shapes and addresses that do not change from step to step."""
+        if isinstance(start, torch.Tensor):
+            slots = start + torch.arange(k.shape[2], device=k.device)
+            self.k.index_copy_(2, slots, k.to(self.k.dtype))
+            self.v.index_copy_(2, slots, v.to(self.v.dtype))
+            return self.k, self.v
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
@@ -199,7 +207,7 @@ class CausalSelfAttention(nn.Module):
         T, S = q.shape[2], k.shape[2]
         mask = None
         if T != S or key_mask is not None:  # decoding with a cache: query i sees keys up to start + i
-            k_slot, q_slot = torch.arange(S, device=q.device), torch.arange(start, start + T, device=q.device)[:, None]
+            k_slot, q_slot = torch.arange(S, device=q.device), (start + torch.arange(T, device=q.device))[:, None]
             mask = k_slot <= q_slot
             if key_mask is not None:  # [B, 1, T, S]
                 mask = mask & (key_mask[:, None, None, :] | (k_slot == q_slot))
@@ -331,6 +339,29 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
+
+    def decode_step(self, token: torch.Tensor, cache: KVCache, slot: torch.Tensor) -> torch.Tensor:
+        """Logits [B, 1, vocab] of one new token per row ``token`` [B, 1], written to cache slot ``slot`` (a 0-d
+        long tensor on the model's device): the :meth:`forward` of a decoding step, with nothing that changes
+        shape or needs the host from one step to the next, so one CUDA graph replays every step.
+
+        The cache must have been filled by a :meth:`forward` with ``attention_mask`` (its ``key_mask`` and
+        ``lengths`` set); attention runs over all ``max_len`` slots, those not yet written masked out.
+        ``cache.pos`` is left alone (the caller counts slots). Attention modules that override ``attend``
+        decode through :meth:`forward` instead (:meth:`static_decoding`)."""
+        positions = cache.lengths[:, None]  # each row's next RoPE position: its real tokens so far
+        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        cache.key_mask.index_fill_(1, slot.view(1), True)
+        cache.lengths.add_(1)
+        x = self.tok_embeddings(token)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x = layer(x, cos, sin, layer_cache, slot, cache.key_mask)
+        return self.lm_head(self.norm(x))
+
+    def static_decoding(self) -> bool:
+        """Whether :meth:`decode_step` decodes this model: every layer attends with ``CausalSelfAttention``'s own
+        ``attend`` (a subclass's, e.g. a sliding window, may assume a growing cache)."""
+        return all(type(layer.attn).attend is CausalSelfAttention.attend for layer in self.layers)
 
     def make_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``max_len`` (default ``max_seq_len``) tokens."""

@@ -243,6 +243,23 @@ def test_generate_with_cache_equals_greedy_full_recompute():
     assert stopped.shape == (1, 6) and stopped[0, -1] == eos
 
 
+def test_static_decoding_step_gives_the_growing_cache_tokens_padded_or_not():
+    """decode_step (all cache slots, masked; what a GPU replays as a CUDA graph) decodes the same tokens as
+    forward with a growing cache, for left-padded and unpadded batches, stopping rows included."""
+    model = tiny_lm()
+    model.configure_model()
+    prompt = torch.randint(0, VOCAB, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, :4] = 0
+    free = model.generate(prompt, max_new_tokens=12, attention_mask=mask, static=False)
+    stops = [int(free[1, 12]), int(free[2, 15])]  # row 1 stops at its 4th new token, row 2 at its 7th
+    for attention_mask in (mask, None):
+        growing = model.generate(prompt, 12, eos_token_id=stops, attention_mask=attention_mask, static=False)
+        static = model.generate(prompt, 12, eos_token_id=stops, attention_mask=attention_mask, static=True)
+        assert torch.equal(static, growing)
+    assert model.model.static_decoding()
+
+
 def test_sampling_follows_its_generator_and_top_k_1_is_greedy():
     model = tiny_lm()
     model.configure_model()

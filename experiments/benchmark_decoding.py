@@ -1,0 +1,114 @@
+"""Batched greedy decoding of a model preset, three ways: ``forward`` with a growing KV cache (eager), the
+static-shape ``decode_step`` (eager: ``STAGEWISE_CUDA_GRAPHS=0``) and ``decode_step`` replayed as a CUDA graph (``generate``'s default on a
+GPU). Random weights and prompts: nothing stops early, so every row decodes all ``--new`` tokens.
+
+For each mode: prefill time, milliseconds per decoded token step (all rows together), new tokens per second,
+and whether its tokens equal the growing-cache mode's. Prints a table, writes
+``decoding_<tag>.json`` / ``.md`` to ``experiments/results/`` and ``$OUT``.
+
+    python -m experiments.benchmark_decoding                       # small, 64 prompts of 1,000-3,000 tokens
+    python -m experiments.benchmark_decoding --size tiny --batch 4 --prompt 64 --new 16   # a CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import time
+
+import torch
+
+from experiments.benchmark_throughput import save_results
+from lightning_modules.causal_lm import CausalLM
+from lightning_modules.report_card import current_commit, machine_card
+
+MODES = {"growing cache": False, "static step": "eager", "static step, CUDA graph": True}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, new: int, mode) -> tuple[torch.Tensor, float]:
+    """Tokens and seconds of one ``generate`` (``mode``: False, "eager" or True, as in MODES)."""
+    os.environ["STAGEWISE_CUDA_GRAPHS"] = "0" if mode == "eager" else "1"
+    sync(model.device)
+    start = time.perf_counter()
+    out = model.generate(ids, new, attention_mask=mask, static=bool(mode))
+    sync(model.device)
+    os.environ.pop("STAGEWISE_CUDA_GRAPHS")
+    return out, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m experiments.benchmark_decoding", description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", default="small")
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--prompt", type=int, default=3000, help="longest prompt; the others 1/3 of it to all of it")
+    p.add_argument("--new", type=int, default=256, help="tokens decoded per row")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per mode (after one untimed)")
+    p.add_argument("--tag", default=None)
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = CausalLM(size=args.size, vocab_size=args.vocab, model_overrides={"max_seq_len": args.prompt + args.new})
+    model.configure_model()
+    model = model.to(device).eval()
+    lengths = torch.randint(args.prompt // 3, args.prompt + 1, (args.batch,))
+    ids = torch.randint(0, args.vocab, (args.batch, args.prompt))
+    mask = (torch.arange(args.prompt)[None] >= args.prompt - lengths[:, None]).long()  # left padding
+    precision = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    modes = {k: v for k, v in MODES.items() if device.type == "cuda" or v is not True}
+    rows, outputs = [], {}
+    with precision:
+        prefill = []
+        for _ in range(args.repeats + 1):
+            cache = model.model.make_cache(args.batch, args.prompt + 1)
+            sync(device)
+            t = time.perf_counter()
+            with torch.no_grad():
+                model.model(ids.to(device), cache, attention_mask=mask.to(device), last_only=True)
+            sync(device)
+            prefill.append(time.perf_counter() - t)
+        prefill_s = min(prefill[1:])
+        for name, mode in modes.items():
+            times = []
+            for _ in range(args.repeats + 1):
+                out, seconds = decode(model, ids, mask, args.new, mode)
+                times.append(seconds)
+            seconds = min(times[1:])
+            outputs[mode] = out
+            same = lambda other: float((out == outputs[other]).all(1).float().mean())  # noqa: E731
+            step_ms = 1000 * max(seconds - prefill_s, 1e-9) / args.new
+            # random weights give near-even logits, where float rounding flips an argmax: the growing cache
+            # (other kernels) may part from the static step; the graph replays the static step's kernels exactly
+            rows.append({"mode": name, "total_s": round(seconds, 3), "step_ms": round(step_ms, 2),
+                         "new_tokens_per_s": round(args.batch * args.new / max(seconds - prefill_s, 1e-9)),
+                         "same_tokens_as_growing": same(False),
+                         **({"same_tokens_as_static_eager": same("eager")} if mode is True else {})})
+            print(rows[-1], flush=True)
+    card = machine_card() if device.type == "cuda" else "cpu"
+    report = {"card": card, "commit": current_commit(), "date": datetime.date.today().isoformat(),
+              "command": "python -m experiments.benchmark_decoding " + " ".join(argv if argv is not None else
+                                                                                 __import__("sys").argv[1:]),
+              "size": args.size, "batch": args.batch, "prompt_tokens": [int(lengths.min()), int(lengths.max())],
+              "new_tokens": args.new, "precision": "bf16 autocast" if device.type == "cuda" else "float32",
+              "prefill_s": round(prefill_s, 3), "rows": rows}
+    md = [f"Card: {card}; commit {report['commit']}; `{report['command']}`", "",
+          f"`{args.size}`, {args.batch} prompts of {lengths.min()}-{lengths.max()} tokens (left-padded), "
+          f"{args.new} new tokens each, {report['precision']}; prefill {prefill_s:.3f} s.", "",
+          "| mode | total s | ms per token step | new tokens/s | rows equal to growing cache's | to static step's |",
+          "|---|---|---|---|---|---|"]
+    md += [f"| {r['mode']} | {r['total_s']} | {r['step_ms']} | {r['new_tokens_per_s']:,} | "
+           f"{r['same_tokens_as_growing']:.2f} | {r.get('same_tokens_as_static_eager', '–')} |" for r in rows]
+    text = "\n".join(md) + "\n"
+    print(text)
+    save_results(f"decoding_{args.tag or report['date']}", report, text)
+    return report
+
+
+if __name__ == "__main__":
+    main()
