@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
                 times.append(seconds)
             seconds = min(times[1:])
             outputs[mode] = out
-            same = lambda other: float((out == outputs[other]).all(1).float().mean())  # noqa: E731
+            same = lambda other: float((out == outputs[other]).all(1).float().mean()  # noqa: E731
+                                       if out.shape == outputs[other].shape else 0.0)
             step_ms = 1000 * max(seconds - prefill_s, 1e-9) / args.new
             # random weights give near-even logits, where float rounding flips an argmax: the growing cache
             # (other kernels) may part from the static step; the graph replays the static step's kernels exactly

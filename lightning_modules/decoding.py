@@ -157,7 +157,9 @@ def _graphed(model, cache, slot: torch.Tensor):
         cache.lengths.copy_(lengths)
         slot.copy_(at)
 
-    def replay(token: torch.Tensor) -> torch.Tensor:
+    def replay(token: torch.Tensor, keep=(slot, cache)) -> torch.Tensor:
+        # `keep`: the graph reads and writes `slot` and the cache by address; freed, their memory would go to
+        # the next tensors allocated (a `done` flag that the graph's `slot += 1` then turned on)
         static_token.copy_(token)
         graph.replay()
         return static_logits

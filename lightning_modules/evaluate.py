@@ -134,6 +134,9 @@ def evaluate(
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
     losses = {d: float(metrics[val_loss(d)]) for d in names if val_loss(d) in metrics}
+    # the strategy's teardown put the model back on the CPU: decode where it validated (two GPU sessions
+    # decoded 800 prompts on the host's CPU, for over 5 minutes each, before this line)
+    model.to(trainer.strategy.root_device)
 
     tools = None
     if "tools" in names:
