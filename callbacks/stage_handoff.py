@@ -83,6 +83,8 @@ class StageHandoff(L.Callback):
         self._peak_flops: float | None = None  # of the device trained on (at fit end the module is back on the CPU)
         self._device: str | None = None  # its name ("NVIDIA H200", "cpu")
         self._train_end: float | None = None  # when training ended (before the handoff's copies and export)
+        self._paused_at: float | None = None  # the running validation's start (after the first step)
+        self._between_s = 0.0  # seconds from each validation's start to the next training batch
 
     @property
     def best_path(self) -> Path:
@@ -162,6 +164,17 @@ class StageHandoff(L.Callback):
         self._last_train_log = step
         for tb in _tensorboards(trainer):
             tb.add_scalar(TRAIN_TOKENS_LOSS, float(loss), global_step=_total_tokens(trainer, pl_module))
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._first_step is not None and not trainer.sanity_checking and trainer.state.fn == "fit":
+            if pl_module.device.type == "cuda":  # the training steps still queued are training time
+                torch.cuda.synchronize(pl_module.device)
+            self._paused_at = time.perf_counter()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._paused_at is not None:  # validation, what callbacks did after it, checkpoint saving: over
+            self._between_s += time.perf_counter() - self._paused_at
+            self._paused_at = None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -272,10 +285,16 @@ class StageHandoff(L.Callback):
     def throughput(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict | None:
         """End-to-end speed of this run of the stage: tokens trained after its first optimizer step (compilation
         and warm-up left out) over the wall time from then to the end of training (validation, tool evaluation and
-        checkpoint saving included; the handoff's copy and transformers export after it not), and the MFU that makes on the running device (None off a known GPU)."""
+        checkpoint saving included; the handoff's copy and transformers export after it not), and the MFU that makes on the running device (None off a known GPU).
+
+        ``validation_s`` is the part of ``seconds`` from each validation's start to the next training batch (or
+        the end of training): the validation loop, what callbacks do at its end (``ToolCallEval``'s decoding,
+        ``TextSamples``), checkpoint saving there; ``training_tokens_per_s`` the rate over the rest."""
         if self._first_step is None:
             return None
-        seconds = (self._train_end or time.perf_counter()) - self._first_step[0]
+        end = self._train_end or time.perf_counter()
+        seconds = end - self._first_step[0]
+        between = self._between_s + (end - self._paused_at if self._paused_at is not None else 0.0)
         tokens = int(getattr(pl_module, "tokens_seen", 0)) - self._first_step[1]
         if seconds <= 0 or tokens <= 0:
             return None
@@ -287,6 +306,8 @@ class StageHandoff(L.Callback):
             flops = flops_per_token(*model_shape(pl_module), seq_len)
             mfu = round(rate / trainer.world_size * flops / peak, 4)
         return {"tokens_per_s": round(rate), "mfu": mfu, "tokens": tokens, "seconds": round(seconds, 2),
+                "validation_s": round(between, 2),
+                "training_tokens_per_s": round(tokens / (seconds - between)) if seconds > between else None,
                 "devices": trainer.world_size, "device": self._device, "seq_len": seq_len}
 
     def wall_time_s(self) -> float:

@@ -8,6 +8,12 @@
 # runs/session, git-ignored, kept between calls on a warm machine); `touch $RESULTS/DONE` marks the end.
 #   bash experiments/gpu_session.sh                  # in the foreground
 #   setsid bash experiments/gpu_session.sh > runs/session.log 2>&1 &   # in the background, then poll $RESULTS
+# Environment: DEADLINE (seconds after the start when the comparisons and the study stop; default 1450),
+# VARIANTS (the recipe comparisons to run, in order), STUDY=0 (no study beside them).
+# How the device tool's calls poll it (each call at most 10 minutes; what is under $OUT comes back):
+#   for i in $(seq 1 28); do sleep 20; tar czf $OUT/session.tgz runs/session runs/session.log runs/gpu/*.log \
+#     runs/gpu/*/stderr.log models/gpu/*/*.json experiments/results/staged_vs_joint 2>/dev/null
+#     [ -f runs/session/DONE ] && break; done
 set -u
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-runs/session}
@@ -31,12 +37,16 @@ step timeout -k 20 760 python3 -m experiments.gpu_pipeline --pack .gpu/packs/ful
 step timeout -k 20 240 python3 -m experiments.benchmark_throughput --sizes small_text small_tools --rows stagewise \
   --tag gpu_pipeline
 # together: the recipe comparisons (3 workers) and the study (2 workers), until the deadline
+VARIANTS=${VARIANTS:-preference joint_tools tools_lr1e4 code_noreplay tools_noreplay}
 rest=$(left)
 if [ "$rest" -gt 120 ]; then
-  step timeout -k 20 $((rest - 20)) python3 -m experiments.recipe_comparisons --variants preference joint_tools \
-    tools_long tools_lr1e4 code_noreplay tools_noreplay --workers 3 --out "$RESULTS/recipe_comparisons_$date" &
-  step timeout -k 20 $((rest - 20)) python3 -m experiments.staged_vs_joint --devices 0 0 \
-    --time-budget $((rest - 240 > 0 ? rest - 240 : 1)) --work-dir runs/study &
+  # shellcheck disable=SC2086
+  step timeout -k 20 $((rest - 20)) python3 -m experiments.recipe_comparisons --variants $VARIANTS --workers 3 \
+    --out "$RESULTS/recipe_comparisons_$date" &
+  if [ "${STUDY:-1}" != 0 ]; then
+    step timeout -k 20 $((rest - 20)) python3 -m experiments.staged_vs_joint --devices 0 0 \
+      --time-budget $((rest - 240 > 0 ? rest - 240 : 1)) --work-dir runs/study &
+  fi
   wait
 fi
 touch "$RESULTS/DONE"

@@ -123,6 +123,9 @@ def _entry(name: str, record: dict, models_dir: Path, own_stage_losses: dict[str
         "wall_time_s": record.get("wall_time_s"),
         "tokens_per_s": throughput.get("tokens_per_s"),
         "mfu": throughput.get("mfu"),
+        # of the fit's timed seconds, those from each validation's start to the next training step
+        "validation_s": throughput.get("validation_s"),
+        "training_tokens_per_s": throughput.get("training_tokens_per_s"),
         "parent": (record.get("parent") or {}).get("stage"),
         "domain": record.get("domain"),
         "replay": record.get("replay"),

@@ -70,3 +70,32 @@ def test_recipe_comparisons_run_shrunk_beside_the_pipeline(tmp_path, tool_data_d
     evaluated = json.loads((tmp_path / "models/gpu/preference/eval.json").read_text())["tools"]
     assert result["baselines"]["preference"]["tools"] == {g: {k: s[k] for k in SCORES} for g, s in evaluated.items()}
     assert (tmp_path / "rc" / "results.md").read_text().count("code_noreplay") >= 2
+
+
+def test_the_gpu_pipelines_joint_baseline_trains_the_staged_paths_text_tokens():
+    """configs/pipelines/gpu.yaml's joint run sees as many language and code tokens as the staged path trains,
+    replay included, in the same proportions (the comparison the report card draws is at equal tokens)."""
+    config = yaml.safe_load((ROOT / "configs/pipelines/gpu.yaml").read_text())
+    overlay = yaml.safe_load((ROOT / "configs/overlays/gpu.yaml").read_text())["data"]["init_args"]
+
+    def arg(line, name, default=None):
+        value = next((a.split("=", 1)[1] for a in line["args"] if a.startswith(f"--{name}=")), default)
+        return yaml.safe_load(value) if isinstance(value, str) else value
+
+    def mixture(line):
+        stage = yaml.safe_load((ROOT / line["configs"][0]).read_text())
+        data = (stage.get("data") or {}).get("init_args") or {}
+        return arg(line, "data.init_args.mixture") or data.get("mixture") or {stage["stage"]["domain"]: 1.0}
+
+    tokens = {"language": 0.0, "code": 0.0}
+    for line in config["stages"]:
+        batch = arg(line, "data.init_args.batch_size", overlay["batch_size"])
+        seq = arg(line, "data.init_args.seq_len", overlay["seq_len"])
+        for domain, share in mixture(line).items():
+            if domain in tokens:  # windows: a share of the windows is that share of the tokens
+                tokens[domain] += share * arg(line, "trainer.max_steps") * batch * seq
+    joint = config["baselines"][0]
+    joint_tokens = arg(joint, "trainer.max_steps") * overlay["batch_size"] * overlay["seq_len"]
+    assert joint_tokens == pytest.approx(sum(tokens.values()), rel=0.001)
+    for domain, share in mixture(joint).items():
+        assert share == pytest.approx(tokens[domain] / sum(tokens.values()), abs=0.001)

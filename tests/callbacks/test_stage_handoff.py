@@ -215,3 +215,31 @@ def test_best_losses_are_those_of_the_checkpointed_step_not_of_a_step0_baseline(
     assert record["best_step"] == saved["global_step"] > 0
     assert record["losses"]["best"]["language"] == pytest.approx(float(saved["callbacks"][next(
         k for k in saved["callbacks"] if k.startswith("ModelCheckpoint"))]["best_model_score"]))
+
+
+def test_the_records_throughput_tells_validation_time_from_training(tmp_path, monkeypatch):
+    """``validation_s``: from each validation's start to the next training batch (a callback's work at the
+    validation's end included); ``training_tokens_per_s`` is the rate without it. A fake clock: each reading
+    advances 1 s, the callback's work at validation end 1000 s."""
+    import types
+
+    import callbacks.stage_handoff
+
+    clock = [0.0]
+
+    def perf_counter():
+        clock[0] += 1.0
+        return clock[0]
+
+    monkeypatch.setattr(callbacks.stage_handoff, "time", types.SimpleNamespace(perf_counter=perf_counter))
+
+    class SlowEvaluation(L.Callback):  # stands in for ToolCallEval's decoding
+        def on_validation_end(self, trainer, pl_module):
+            clock[0] += 1000.0
+
+    monkeypatch.chdir(tmp_path)
+    run_stage("language", ["language"], max_steps=6, callbacks=[SlowEvaluation()])  # validations after 3 and 6
+    throughput = read_stage_record("models", "language")["throughput"]
+    # the second validation ends training: its 1000 s count to the end of training too
+    assert 2000 <= throughput["validation_s"] < throughput["seconds"] < 2100
+    assert throughput["training_tokens_per_s"] > 10 * throughput["tokens_per_s"]
