@@ -171,7 +171,8 @@ class StageHandoff(L.Callback):
                 torch.cuda.synchronize(pl_module.device)
             self._paused_at = time.perf_counter()
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         if self._paused_at is not None:  # validation, what callbacks did after it, checkpoint saving: over
             self._between_s += time.perf_counter() - self._paused_at
             self._paused_at = None

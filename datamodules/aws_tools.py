@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from datamodules.errors import MissingSourceError
-from datamodules.signals import pool_worker_signals
+from datamodules.signals import fork_pool
 from datamodules.sources import Document, Source, SourceStats
 from datamodules.tool_corpus import check_distractors, environment, plain_text, request_stating_values, tool_example
 from datamodules.tool_examples import validate_example
@@ -312,8 +312,7 @@ class AwsCliExamples(Source):
             if workers > 1 and len(jobs) > 1 and "fork" in multiprocessing.get_all_start_methods():
                 # One awscli driver per worker; imap keeps file order, so the documents are the serial ones.
                 # Forked workers run only awscli (no torch, no tokenizers) and need no `__main__` guard.
-                pool = multiprocessing.get_context("fork").Pool(
-                    workers, _start_worker, (tmp, self.min_distractors, self.max_distractors))
+                pool = fork_pool(workers, _start_worker, (tmp, self.min_distractors, self.max_distractors))
                 try:
                     results = pool.imap(_file_examples, jobs, chunksize=4)
                     yield from self._documents(jobs, results, stats)
@@ -340,8 +339,8 @@ _WORKER: dict[str, Any] = {}
 
 
 def _start_worker(tmp: str, min_distractors: int, max_distractors: int) -> None:
-    """Pool initializer: fake AWS settings for the worker's lifetime and one extractor of its own."""
-    pool_worker_signals()
+    """Pool initializer (after ``fork_pool``'s signal defaults): fake AWS settings for the worker's lifetime and
+    one extractor of its own."""
     work = Path(tempfile.mkdtemp(dir=tmp))
     _WORKER["env"] = _fake_aws_env(work)  # held: a collected context manager would restore the environment
     _WORKER["env"].__enter__()  # left only when the worker process ends with the pool

@@ -88,9 +88,35 @@ def pool_worker_signals() -> None:
     """Initializer of a worker pool's processes: SIGTERM ends a worker at once (``Pool.terminate`` sends it) and
     SIGINT is left to the pool's owner, which stops and terminates the pool. Whatever Python handler the worker
     inherited (ours, Lightning's, a test runner's) only records a signal, so a worker signalled as it blocked on
-    its task queue would wait there for ever, and its owner with it."""
+    its task queue would wait there for ever, and its owner with it. Then the stop signals are unblocked
+    (:func:`fork_pool` forks with them blocked): one that came before this ran takes its default effect now."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _start_worker(initializer: Callable[..., None] | None, initargs: tuple) -> None:
+    pool_worker_signals()
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def fork_pool(processes: int, initializer: Callable[..., None] | None = None, initargs: tuple = ()):
+    """A ``multiprocessing`` pool of ``processes`` forked workers that end on ``Pool.terminate`` whenever it comes.
+
+    The workers are forked with SIGTERM and SIGINT blocked; each first puts their defaults in place and unblocks
+    them (:func:`pool_worker_signals`), then runs ``initializer(*initargs)``. Without the block, a pool closed
+    right after it opened (a reader stopped early) could signal a worker still running the owner's inherited
+    handler, which only recorded it; the worker then waited on its task queue for ever, and the owner in
+    ``Pool.terminate`` with it (``make test`` hung so in test_prepare twice on 2026-12-01, the second time with
+    the defaults already set by the initializer: the signal came before it ran)."""
+    import multiprocessing
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return multiprocessing.get_context("fork").Pool(processes, _start_worker, (initializer, initargs))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 @contextmanager

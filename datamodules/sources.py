@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Iterator
 
 from datamodules.errors import DataFormatError, MissingSourceError
-from datamodules.signals import pool_worker_signals
+from datamodules.signals import fork_pool
 
 MAX_AVG_LINE = 200
 
@@ -156,7 +156,7 @@ def ordered_map(function, items: list, workers: int | None, chunksize: int = 8) 
     if not workers or workers <= 1 or len(items) < 2 * chunksize or "fork" not in multiprocessing.get_all_start_methods():
         yield from map(function, items)
         return
-    with multiprocessing.get_context("fork").Pool(min(workers, len(items)), pool_worker_signals) as pool:
+    with fork_pool(min(workers, len(items))) as pool:
         yield from pool.imap(function, items, chunksize)
 
 

@@ -1,9 +1,11 @@
 """Batched greedy decoding of a model preset, three ways: ``forward`` with a growing KV cache (eager), the
-static-shape ``decode_step`` (eager: ``STAGEWISE_CUDA_GRAPHS=0``) and ``decode_step`` replayed as a CUDA graph (``generate``'s default on a
-GPU). Random weights and prompts: nothing stops early, so every row decodes all ``--new`` tokens.
+static-shape ``decode_step`` (eager: ``STAGEWISE_CUDA_GRAPHS=0``) and ``decode_step`` replayed as a CUDA graph
+(``generate``'s default on a GPU). Random weights and prompts: nothing stops early, so every row decodes all
+``--new`` tokens.
 
 For each mode: prefill time, milliseconds per decoded token step (all rows together), new tokens per second,
-and whether its tokens equal the growing-cache mode's. Prints a table, writes
+the fraction of rows whose tokens equal the growing-cache mode's, and for the graph, the static step's (which it
+must match exactly: ``experiments/gpu_session.sh`` decodes eagerly when it does not). Prints a table, writes
 ``decoding_<tag>.json`` / ``.md`` to ``experiments/results/`` and ``$OUT``.
 
     python -m experiments.benchmark_decoding                       # small, 64 prompts of 1,000-3,000 tokens

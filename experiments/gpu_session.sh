@@ -37,7 +37,7 @@ step timeout -k 20 760 python3 -m experiments.gpu_pipeline --pack .gpu/packs/ful
 step timeout -k 20 240 python3 -m experiments.benchmark_throughput --sizes small_text small_tools --rows stagewise \
   --tag gpu_pipeline
 # together: the recipe comparisons (3 workers) and the study (2 workers), until the deadline
-VARIANTS=${VARIANTS:-preference joint_tools tools_lr1e4 code_noreplay tools_noreplay}
+VARIANTS=${VARIANTS:-preference joint_tools tools_replay40 tools_lr1e4 code_noreplay tools_noreplay}
 rest=$(left)
 if [ "$rest" -gt 120 ]; then
   # shellcheck disable=SC2086

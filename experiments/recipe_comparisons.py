@@ -7,6 +7,7 @@ Variants (each one stage, ``name``: what changes against the pipeline's stage of
   tools_noreplay  the tool stage without its 15% + 15% language and code replay (parent: code)
   tools_lr1e4     the tool stage at a third of its learning rate (1e-4 instead of 3e-4; parent: code)
   tools_long      the tool stage twice as long (its steps doubled, replay and LR as they are; parent: code)
+  tools_replay40  the tool stage with 20% + 20% language and code replay instead of 15% + 15% (parent: code)
   joint_tools     the second baseline: language, code and tools mixed from scratch in the staged path's token
                   shares, for the staged path's total tokens (tool windows of 4,096 tokens throughout)
   preference      stage 4: `stagewise pairs` from the tool stage's own wrong calls, then DPO (parent: tools)
@@ -70,6 +71,8 @@ def variants(config: dict) -> dict[str, tuple[StageSpec, str | None, str]]:
         "code_noreplay": (spec("code_noreplay", "code", ["--data.init_args.mixture={code: 1.0}"]), "language", "code"),
         "tools_noreplay": (spec("tools_noreplay", "tools", ["--data.init_args.mixture={tools: 1.0}"]), "code", "tools"),
         "tools_lr1e4": (spec("tools_lr1e4", "tools", ["--model.init_args.lr=1e-4"]), "code", "tools"),
+        "tools_replay40": (spec("tools_replay40", "tools",
+                                ["--data.init_args.mixture={tools: 0.6, language: 0.2, code: 0.2}"]), "code", "tools"),
         "tools_long": (spec("tools_long", "tools", [f"--trainer.max_steps={2 * steps['tools']}",
                                                     f"--trainer.val_check_interval={steps['tools'] // 2}"]),
                        "code", "tools"),

@@ -1,5 +1,6 @@
-"""Decoding, in one place: greedy generation with a KV cache, batched greedy continuations of many
-prompts, and the module to decode with during a fit (an unsharded copy under FSDP).
+"""Decoding, in one place: greedy generation with a KV cache (on a GPU each token's step replayed as one CUDA
+graph), batched greedy continuations of many prompts, and the module to decode with during a fit (an
+unsharded copy under FSDP).
 
 ``CausalLM.generate`` is :func:`generate`; the callbacks that decode during training (``TextSamples``,
 ``ToolCallEval``), ``stagewise evaluate`` and the tool-call scorer all go through

@@ -384,6 +384,34 @@ def test_pool_workers_end_on_sigterm_whatever_handler_their_parent_had():
     assert out.returncode == 0 and out.stdout.strip() == "[(True, True)]", out.stderr[-2000:]
 
 
+POOL_TERMINATED_BEFORE_ITS_WORKERS_STARTED = """
+import time
+import datamodules.signals as signals
+
+signals.defer_signals()  # the owner's handler only records a signal, as Lightning's and test runners' do
+started = signals.pool_worker_signals
+
+def slow_start():  # a worker that the owner's SIGTERM reaches before it sets its own signal handling
+    time.sleep(1.0)
+    started()
+
+signals.pool_worker_signals = slow_start
+pool = signals.fork_pool(2)
+pool.terminate()
+print("terminated")
+"""
+
+
+def test_a_pool_terminated_before_its_workers_set_their_signals_ends():
+    """Pool.terminate right after the pool opened (a reader stopped early): its SIGTERM reaches workers still
+    running the owner's inherited handler. They fork with the stop signals blocked, so the signal waits and
+    ends them once they unblock it; before, they recorded it and waited on their task queue for ever, and the
+    owner with them (`make test` hung so in test_prepare, 2026-12-01)."""
+    out = subprocess.run([sys.executable, "-c", POOL_TERMINATED_BEFORE_ITS_WORKERS_STARTED], capture_output=True,
+                         text=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0 and out.stdout.strip() == "terminated", out.stderr[-2000:]
+
+
 def files(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): sha(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
