@@ -45,7 +45,8 @@ class ToolCallEval(L.Callback):
 
     Args:
         data_dir: Where ``stagewise prepare`` wrote the shards and tokenizer, when the data module has no ``data_dir``.
-        num_examples: Held-out examples scored at each evaluation, per group (spread evenly over each split: shards hold sources and services one after another).
+        num_examples: Held-out examples scored at each evaluation, per group (spread evenly over each split:
+            shards hold sources and services one after another).
         max_new_tokens: Longest answer generated per example.
         every_n_validations: Evaluate at every n-th validation (generation costs more than a loss).
         stage: The stage whose ``stage.json`` gets the ``tools`` section.
@@ -106,8 +107,7 @@ class ToolCallEval(L.Callback):
             with trainer.precision_plugin.forward_context():
                 for group, group_examples in examples.items():
                     results[group] = evaluate_tool_calls(model, self._tokenizer, group_examples, self.max_new_tokens,
-                                                         batch_size=self.batch_size or (
-                                                             64 if pl_module.device.type == "cuda" else 16),
+                                                         batch_size=self.batch_size,
                                                          max_prompt_tokens=self._prompt_tokens(trainer))
         scores = trainer.strategy.broadcast({g: {k: r[k] for k in SCORES} for g, r in results.items()}, src=0)
         return scores, results

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import sys
 import time
 
 import torch
@@ -35,12 +36,15 @@ def sync(device: torch.device) -> None:
 
 def decode(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, new: int, mode) -> tuple[torch.Tensor, float]:
     """Tokens and seconds of one ``generate`` (``mode``: False, "eager" or True, as in MODES)."""
+    before = os.environ.get("STAGEWISE_CUDA_GRAPHS")
     os.environ["STAGEWISE_CUDA_GRAPHS"] = "0" if mode == "eager" else "1"
-    sync(model.device)
-    start = time.perf_counter()
-    out = model.generate(ids, new, attention_mask=mask, static=bool(mode))
-    sync(model.device)
-    os.environ.pop("STAGEWISE_CUDA_GRAPHS")
+    try:
+        sync(model.device)
+        start = time.perf_counter()
+        out = model.generate(ids, new, attention_mask=mask, static=bool(mode))
+        sync(model.device)
+    finally:
+        os.environ.pop("STAGEWISE_CUDA_GRAPHS") if before is None else os.environ.update(STAGEWISE_CUDA_GRAPHS=before)
     return out, time.perf_counter() - start
 
 
@@ -51,9 +55,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--prompt", type=int, default=3000, help="longest prompt; the others 1/3 of it to all of it")
     p.add_argument("--new", type=int, default=256, help="tokens decoded per row")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per mode (after one untimed)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per mode (after one untimed; at least 1)")
     p.add_argument("--tag", default=None)
     args = p.parse_args(argv)
+    args.repeats = max(1, args.repeats)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = CausalLM(size=args.size, vocab_size=args.vocab, model_overrides={"max_seq_len": args.prompt + args.new})
@@ -83,30 +88,34 @@ def main(argv: list[str] | None = None) -> dict:
                 times.append(seconds)
             seconds = min(times[1:])
             outputs[mode] = out
+            # nothing stops early here: a mode that returns fewer tokens is broken, and is timed on what it made
+            decoded = out.shape[1] - args.prompt
             same = lambda other: float((out == outputs[other]).all(1).float().mean()  # noqa: E731
                                        if out.shape == outputs[other].shape else 0.0)
-            step_ms = 1000 * max(seconds - prefill_s, 1e-9) / args.new
+            step_ms = 1000 * max(seconds - prefill_s, 1e-9) / max(decoded, 1)
             # random weights give near-even logits, where float rounding flips an argmax: the growing cache
             # (other kernels) may part from the static step; the graph replays the static step's kernels exactly
-            rows.append({"mode": name, "total_s": round(seconds, 3), "step_ms": round(step_ms, 2),
-                         "new_tokens_per_s": round(args.batch * args.new / max(seconds - prefill_s, 1e-9)),
-                         "same_tokens_as_growing": same(False),
+            rows.append({"mode": name, "new_tokens": decoded, "total_s": round(seconds, 3),
+                         "step_ms": round(step_ms, 2),
+                         "new_tokens_per_s": round(args.batch * decoded / max(seconds - prefill_s, 1e-9)),
+                         **({"same_tokens_as_growing": same(False)} if mode is not False else {}),
                          **({"same_tokens_as_static_eager": same("eager")} if mode is True else {})})
             print(rows[-1], flush=True)
     card = machine_card() if device.type == "cuda" else "cpu"
     report = {"card": card, "commit": current_commit(), "date": datetime.date.today().isoformat(),
-              "command": "python -m experiments.benchmark_decoding " + " ".join(argv if argv is not None else
-                                                                                 __import__("sys").argv[1:]),
+              "command": "python -m experiments.benchmark_decoding "
+                         + " ".join(argv if argv is not None else sys.argv[1:]),
               "size": args.size, "batch": args.batch, "prompt_tokens": [int(lengths.min()), int(lengths.max())],
               "new_tokens": args.new, "precision": "bf16 autocast" if device.type == "cuda" else "float32",
               "prefill_s": round(prefill_s, 3), "rows": rows}
     md = [f"Card: {card}; commit {report['commit']}; `{report['command']}`", "",
           f"`{args.size}`, {args.batch} prompts of {lengths.min()}-{lengths.max()} tokens (left-padded), "
-          f"{args.new} new tokens each, {report['precision']}; prefill {prefill_s:.3f} s.", "",
-          "| mode | total s | ms per token step | new tokens/s | rows equal to growing cache's | to static step's |",
-          "|---|---|---|---|---|---|"]
-    md += [f"| {r['mode']} | {r['total_s']} | {r['step_ms']} | {r['new_tokens_per_s']:,} | "
-           f"{r['same_tokens_as_growing']:.2f} | {r.get('same_tokens_as_static_eager', '–')} |" for r in rows]
+          f"{args.new} new tokens asked each, {report['precision']}; prefill {prefill_s:.3f} s. A mode's time is one "
+          "whole `generate` (the graph's includes its capture) less the prefill.", "",
+          "| mode | new tokens | total s | ms per token step | new tokens/s | rows equal to growing cache's | "
+          "to static step's |", "|---|---|---|---|---|---|---|"]
+    md += [f"| {r['mode']} | {r['new_tokens']} | {r['total_s']} | {r['step_ms']} | {r['new_tokens_per_s']:,} | "
+           f"{r.get('same_tokens_as_growing', '–')} | {r.get('same_tokens_as_static_eager', '–')} |" for r in rows]
     text = "\n".join(md) + "\n"
     print(text)
     save_results(f"decoding_{args.tag or report['date']}", report, text)

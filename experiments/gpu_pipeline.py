@@ -31,32 +31,61 @@ from pathlib import Path
 
 import yaml
 
-from lightning_modules.report_card import machine_card
+from datamodules.signals import defer_signals, restore_signals
+from lightning_modules.pipeline import data_dir_of
+from lightning_modules.report_card import EVAL_FILE, machine_card
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("unpack", "pipeline", "evaluate", "report")
 
 
+KILL_AFTER_S = 30  # after a SIGTERM, the seconds a command has to stop at its safe point before SIGKILL
+
+
 def run(cmd: list[str], log: Path, timeout: float | None, cwd: Path = ROOT) -> int:
-    """Run ``cmd`` in ``cwd``, its output to the console and ``log``; its exit status."""
+    """Run ``cmd`` in ``cwd``, its output to the console and ``log``; its exit status.
+
+    The command runs in a process group of its own (the pipeline and the stage it runs), which gets a SIGTERM
+    after ``timeout`` seconds and a SIGKILL ``KILL_AFTER_S`` later. A SIGTERM or SIGINT to this harness (the
+    session script's ``timeout``) is passed on to that group the same way, then the harness stops (exit 128 +
+    the signal): nothing it started outlives it."""
     print(f"$ {shlex.join(cmd)}", flush=True)
     start = time.perf_counter()
+    signalled: list[int] = []
     with open(log, "a") as out:
         out.write(f"$ {shlex.join(cmd)}\n")
         out.flush()
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
-        timer = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGTERM)) if timeout else None
-        if timer is not None:  # the whole process group: the pipeline and the stage it runs
-            timer.start()
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            out.write(line)
-        rc = proc.wait()
+
+        def kill() -> None:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        def stop(signum: int) -> None:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signum)
+                later = threading.Timer(KILL_AFTER_S, kill)
+                later.daemon = True
+                later.start()
+
+        timer = threading.Timer(timeout, stop, (signal.SIGTERM,)) if timeout else None
         if timer is not None:
-            timer.cancel()
+            timer.start()
+        before = defer_signals(lambda signum: (signalled.append(signum), stop(signum)))
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                out.write(line)
+            rc = proc.wait()
+        finally:
+            restore_signals(before)
+            if timer is not None:
+                timer.cancel()
         out.write(f"exit {rc} after {time.perf_counter() - start:.1f}s\n")
     print(f"exit {rc} after {time.perf_counter() - start:.1f}s", flush=True)
+    if signalled:
+        raise SystemExit(128 + signalled[0])
     return rc
 
 
@@ -64,19 +93,19 @@ def stagewise(*args: str) -> list[str]:
     return [sys.executable, "-m", "lightning_modules", *args]
 
 
-def evaluate_tools(ckpt: str | Path, data_dir: str | Path, out: str | Path, max_new_tokens: int,
-                   limit: int | None) -> list[str]:
-    """The `stagewise evaluate` command line that scores a stage's held-out tool calls here (bf16 and batched
-    decoding on a GPU), writing ``out`` (the report card's ``eval.json``); ``limit`` examples per group."""
-    cuda = _cuda()
-    return stagewise("evaluate", "--ckpt", str(ckpt), "--data_dir", str(data_dir), "--domains", "[tools]",
-                     "--max_new_tokens", str(max_new_tokens), "--out", str(out),
-                     "--decode_batch_size", "64" if cuda else "16", *(["--limit", str(limit)] if limit else []),
-                     "--precision", "bf16-mixed" if cuda else "32-true")
-
-
-def pipeline_config(path: Path) -> dict:
-    return yaml.safe_load(path.read_text())
+def evaluation(models: Path, experiment: str, stage: str, data_dir: str | Path, max_new_tokens: int,
+               limit: int | None) -> list[str] | None:
+    """The `stagewise evaluate` command line that scores a stage's held-out tool calls here (bf16 on a GPU),
+    writing the report card's ``models/<experiment>/<stage>/eval.json``, ``limit`` examples per group; None when
+    the stage has no best checkpoint or is scored already. Paths relative to ``models``' parent."""
+    ckpt, out = models / experiment / f"{stage}_model_best.ckpt", models / experiment / stage / EVAL_FILE
+    if not ckpt.is_file() or out.is_file():
+        return None
+    rel = lambda p: str(p.relative_to(models.parent))  # noqa: E731
+    return stagewise("evaluate", "--ckpt", rel(ckpt), "--data_dir", str(data_dir), "--domains", "[tools]",
+                     "--max_new_tokens", str(max_new_tokens), "--out", rel(out),
+                     *(["--limit", str(limit)] if limit else []),
+                     "--precision", "bf16-mixed" if machine_card() != "cpu" else "32-true")
 
 
 def collect(results: Path, experiment: str, models: Path, runs: Path, log: Path) -> None:
@@ -119,10 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     work = args.workdir.resolve()
-    config = pipeline_config(work / args.config)
+    config = yaml.safe_load((work / args.config).read_text())
     experiment = args.experiment or config.get("experiment", "gpu")
-    data_dir = args.data_dir or (yaml.safe_load((work / config["data"]).read_text())["data_dir"] if config.get("data")
-                                 else "data")
+    data_dir = args.data_dir or data_dir_of(config.get("data") and work / config["data"])
     models, runs = work / "models", work / "runs"
     date = datetime.date.today().isoformat()
     results = Path(args.results) if args.results else ROOT / "experiments" / "results" / f"gpu_pipeline_{date}"
@@ -151,10 +179,9 @@ def main(argv: list[str] | None = None) -> None:
         collect(results, experiment, models, runs, log)
     if "evaluate" in args.steps:
         for stage in args.evaluate:
-            ckpt = Path("models") / experiment / f"{stage}_model_best.ckpt"
-            out = Path("models") / experiment / stage / "eval.json"
-            if (work / ckpt).is_file() and not (work / out).is_file():
-                step(evaluate_tools(ckpt, data_dir, out, args.max_new_tokens, args.eval_limit))
+            cmd = evaluation(models, experiment, stage, data_dir, args.max_new_tokens, args.eval_limit)
+            if cmd:
+                step(cmd)
         collect(results, experiment, models, runs, log)
     if "report" in args.steps:
         names = [s["name"] for s in config["stages"]]
@@ -173,10 +200,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"results: {results}")
     if failed:
         raise SystemExit(failed[0])
-
-
-def _cuda() -> bool:
-    return machine_card() != "cpu"
 
 
 if __name__ == "__main__":

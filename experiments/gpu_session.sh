@@ -23,9 +23,11 @@ export OUT=$PWD/$RESULTS PYTHONUNBUFFERED=1
 date=$(date -u +%F)
 start=$(date +%s)
 left() { echo $(( DEADLINE - ($(date +%s) - start) )); }
-step() { echo "== $(date -u +%T) $*" | tee -a "$RESULTS/steps.txt"; "$@"; echo "== $(date -u +%T) exit $?" | tee -a "$RESULTS/steps.txt"; }
+step() { echo "== $(date -u +%T) $*" | tee -a "$RESULTS/steps.txt"; "$@"; local rc=$?
+  echo "== $(date -u +%T) exit $rc" | tee -a "$RESULTS/steps.txt"; }
 
 nvidia-smi --query-gpu=name,memory.total,memory.used,utilization.gpu --format=csv | tee "$RESULTS/card.txt"
+rm -f "$RESULTS/decoding_${date}_gpu_session.json"  # an earlier call's must not decide for this one
 step timeout -k 10 150 python3 -m experiments.benchmark_decoding --repeats 1 --tag "${date}_gpu_session"
 # the graph must replay the static step's tokens exactly; where it does not (or capture failed), decode eagerly
 if ! python3 -c "import json,sys; r=[x for x in json.load(open('$RESULTS/decoding_${date}_gpu_session.json'))['rows'] if 'same_tokens_as_static_eager' in x]; sys.exit(not (r and r[0]['same_tokens_as_static_eager'] == 1.0))"; then

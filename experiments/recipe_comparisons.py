@@ -31,61 +31,87 @@ import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
-from experiments.gpu_pipeline import evaluate_tools
-from lightning_modules.pipeline import StageSpec, Workspace, run_stage
+from experiments.gpu_pipeline import evaluation
+from lightning_modules.pipeline import StageSpec, Workspace, data_dir_of, run_stage
 from lightning_modules.report_card import card_markdown, report_card
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "configs" / "pipelines" / "gpu.yaml"
 
 
+def _arg(line: dict, name: str):
+    """The value of ``--<name>=...`` in a pipeline line's args (YAML-parsed; the last one wins), or None."""
+    values = [a.split("=", 1)[1] for a in line["args"] if a.startswith(f"--{name}=")]
+    return yaml.safe_load(values[-1]) if values else None
+
+
+def line_settings(line: dict, root: Path = ROOT) -> dict:
+    """A pipeline line's optimizer steps, windows (``seq_len`` x ``batch_size``) and mixture (window fractions by
+    domain), as its config files and then its args set them."""
+    data: dict = {}
+    domain = None
+    for path in line["configs"]:
+        cfg = yaml.safe_load((root / path).read_text()) or {}
+        data.update(((cfg.get("data") or {}).get("init_args")) or {})
+        domain = (cfg.get("stage") or {}).get("domain", domain)
+    for key in ("seq_len", "batch_size", "mixture"):
+        value = _arg(line, f"data.init_args.{key}")
+        data[key] = value if value is not None else data.get(key)
+    return {"steps": _arg(line, "trainer.max_steps"), "window_tokens": data["seq_len"] * data["batch_size"],
+            "mixture": data.get("mixture") or {domain: 1.0}}
+
+
+def staged_tokens(config: dict, root: Path = ROOT) -> dict[str, float]:
+    """Tokens the pipeline's staged path trains per domain, replay included (a share of a stage's windows is
+    that share of its tokens): what a joint baseline must train to compare at equal tokens."""
+    tokens: dict[str, float] = {}
+    for line in config["stages"]:
+        s = line_settings(line, root)
+        for domain, share in s["mixture"].items():
+            tokens[domain] = tokens.get(domain, 0.0) + share * s["steps"] * s["window_tokens"]
+    return tokens
+
+
 def variants(config: dict) -> dict[str, tuple[StageSpec, str | None, str]]:
     """name -> (stage, its parent, the pipeline run it is compared with), from the pipeline's own lines."""
     line = {s["name"]: s for s in config["stages"]}
-    spec = lambda name, base, extra, **kw: StageSpec(name, line[base]["configs"], [*line[base]["args"], *extra], **kw)  # noqa: E731
-    steps = {n: next(int(a.split("=")[1]) for a in line[n]["args"] if a.startswith("--trainer.max_steps=")) for n in line}
-    # the staged path's tokens by domain (replay included): the joint run's mixture and length
-    text, tools_batch = 32 * 1024, 8 * 4096
-    tokens = {"language": steps["language"] * text + 0.25 * steps["code"] * text + 0.15 * steps["tools"] * tools_batch,
-              "code": 0.75 * steps["code"] * text + 0.15 * steps["tools"] * tools_batch,
-              "tools": 0.70 * steps["tools"] * tools_batch}
+    spec = lambda name, base, extra: StageSpec(name, line[base]["configs"], [*line[base]["args"], *extra])  # noqa: E731
+    tools = line_settings(line["tools"])
+    # joint_tools: the staged path's tokens by domain (replay included), in 4,096-token windows like the tool stage's
+    tokens = staged_tokens(config)
     total = sum(tokens.values())
     mixture = "{" + ", ".join(f"{d}: {t / total:.3f}" for d, t in tokens.items()) + "}"
+    joint_line = (config.get("baselines") or [{}])[0]
     joint = StageSpec("joint_tools", ["configs/baselines/joint.yaml", *line["tools"]["configs"][1:]], [
-        f"--trainer.max_steps={round(total / tools_batch)}", "--trainer.val_check_interval=500",
-        "--model.init_args.lr=1.5e-3", "--model.init_args.warmup_steps=100", "--model.init_args.loss_weighting=windows",
-        "--data.init_args.seq_len=4096", "--data.init_args.batch_size=8", f"--data.init_args.mixture={mixture}",
-        "--best_checkpoint.monitor=val/tools/loss", "--trainer.callbacks+=callbacks.ToolCallEval"],
-        parent="none")
+        f"--trainer.max_steps={round(total / tools['window_tokens'])}", "--trainer.val_check_interval=500",
+        *[a for a in joint_line.get("args", []) if a.startswith(("--model.init_args.lr=", "--model.init_args.warmup"))],
+        "--model.init_args.loss_weighting=windows",
+        *[a for a in line["tools"]["args"]
+          if a.startswith(("--data.init_args.seq_len=", "--data.init_args.batch_size="))],
+        f"--data.init_args.mixture={mixture}", "--best_checkpoint.monitor=val/tools/loss",
+        "--trainer.callbacks+=callbacks.ToolCallEval"], parent="none")
     preference = StageSpec("preference", ["configs/stages/preference.yaml", *line["tools"]["configs"][1:]], [
         "--trainer.max_steps=400", "--trainer.val_check_interval=100", "--model.init_args.lr=1e-5",
-        "--data.init_args.seq_len=4096",
-        "--data.init_args.batch_size=4"],
+        "--data.init_args.seq_len=4096", "--data.init_args.batch_size=4"],
         parent="tools", before=["pairs", "--parent", "{parent}", "--data_dir", "{data_dir}", "--limit", "4000",
-                                "--val_limit", "300", "--max_new_tokens", "256", "--batch_size", "64"])
+                                "--val_limit", "300", "--max_new_tokens", "256"])
     return {
         "code_noreplay": (spec("code_noreplay", "code", ["--data.init_args.mixture={code: 1.0}"]), "language", "code"),
         "tools_noreplay": (spec("tools_noreplay", "tools", ["--data.init_args.mixture={tools: 1.0}"]), "code", "tools"),
         "tools_lr1e4": (spec("tools_lr1e4", "tools", ["--model.init_args.lr=1e-4"]), "code", "tools"),
         "tools_replay40": (spec("tools_replay40", "tools",
                                 ["--data.init_args.mixture={tools: 0.6, language: 0.2, code: 0.2}"]), "code", "tools"),
-        "tools_long": (spec("tools_long", "tools", [f"--trainer.max_steps={2 * steps['tools']}",
-                                                    f"--trainer.val_check_interval={steps['tools'] // 2}"]),
+        "tools_long": (spec("tools_long", "tools", [f"--trainer.max_steps={2 * tools['steps']}",
+                                                    f"--trainer.val_check_interval={tools['steps'] // 2}"]),
                        "code", "tools"),
         "joint_tools": (joint, None, "joint"),
         "preference": (preference, "tools", "tools"),
     }
-
-
-def evaluate(where: Workspace, name: str, max_new_tokens: int, limit: int) -> None:
-    out = Path(where.models_dir) / where.experiment / name / "eval.json"
-    ckpt = Path(where.models_dir) / where.experiment / f"{name}_model_best.ckpt"
-    if not out.is_file() and ckpt.is_file():
-        subprocess.run(evaluate_tools(ckpt, where.data_dir, out, max_new_tokens, limit), check=False)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -102,20 +128,23 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     config = yaml.safe_load(args.config.read_text())
-    data_dir = args.data_dir or yaml.safe_load((ROOT / config["data"]).read_text())["data_dir"]
+    data_dir = args.data_dir or data_dir_of(config.get("data") and ROOT / config["data"])
     where = Workspace(args.experiment or config.get("experiment", "gpu"), "models", "runs", data_dir)
     table = variants(config)
     chosen = args.variants or list(table)
 
     def one(name: str) -> tuple[str, str]:
         spec, parent, _ = table[name]
-        spec.args += args.stage_args
+        spec = replace(spec, args=[*spec.args, *args.stage_args])
         log_dir = Path(where.runs_dir) / where.experiment / name
         try:
             outcome = run_stage(spec, parent, where, log_to_files=True)
         except Exception as err:  # noqa: BLE001  (one failed variant must not stop the others)
             return name, f"failed: {err} (see {log_dir}/stderr.log)"
-        evaluate(where, name, args.max_new_tokens, args.eval_limit)
+        cmd = evaluation(Path(where.models_dir), where.experiment, name, where.data_dir, args.max_new_tokens,
+                         args.eval_limit)
+        if cmd and subprocess.run(cmd).returncode != 0:
+            return name, f"{outcome}; its evaluation failed (`{shlex.join(cmd)}`)"
         return name, outcome
 
     out = args.out or ROOT / "experiments" / "results" / f"recipe_comparisons_{datetime.date.today().isoformat()}"
@@ -137,8 +166,8 @@ def write_results(out: Path, where: Workspace, config: dict, table: dict, chosen
     done = [n for n in chosen if n in outcomes and (Path(where.models_dir) / where.experiment / n / "stage.json").is_file()]
     card = report_card(where.experiment, [n for n in staged if (Path(where.models_dir) / where.experiment / n /
                                                                   "stage.json").is_file()],
-                       done, where.models_dir, where.data_dir)
-    result = {"command": command, "outcomes": outcomes, "compared_with": {n: table[n][2] for n in chosen}, **card}
+                       done, where.models_dir, where.data_dir, command=command)
+    result = {"outcomes": outcomes, "compared_with": {n: table[n][2] for n in chosen}, **card}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     pending = [n for n in chosen if n not in outcomes]
@@ -148,8 +177,9 @@ def write_results(out: Path, where: Workspace, config: dict, table: dict, chosen
              "Outcomes: " + ", ".join(f"{n}: {o}" for n, o in outcomes.items())
              + (f". Not finished: {', '.join(pending)}" if pending else "")]
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    if os.environ.get("OUT"):
-        shutil.copytree(out, Path(os.environ["OUT"]) / out.name, dirs_exist_ok=True)
+    copy = Path(os.environ["OUT"]) / out.name if os.environ.get("OUT") else None
+    if copy is not None and copy.resolve() != out.resolve():  # --out may be under $OUT already (gpu_session.sh)
+        shutil.copytree(out, copy, dirs_exist_ok=True)
     print("\n".join(lines))
     return result
 

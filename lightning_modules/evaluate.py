@@ -75,7 +75,7 @@ def evaluate(
     batch_size: int | None = None,
     val_max_windows: int | None = None,
     max_new_tokens: int = 128,
-    decode_batch_size: int = 16,
+    decode_batch_size: int | None = None,
     accelerator: str = "auto",
     precision: str = "32-true",
 ) -> dict[str, Any]:
@@ -94,7 +94,8 @@ def evaluate(
         batch_size: Windows per batch.
         val_max_windows: At most this many windows per domain (default: the whole val split).
         max_new_tokens: Longest tool call generated.
-        decode_batch_size: Tool prompts decoded together (the scores do not depend on it; 64 and more pay on a GPU).
+        decode_batch_size: Tool prompts decoded together (the scores do not depend on it; default 64 on a GPU, 16
+            elsewhere).
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
         precision: Lightning precision (``32-true``, ``bf16-mixed``...).
 
@@ -147,7 +148,8 @@ def evaluate(
             with trainer.precision_plugin.forward_context():
                 # prompts cut to the training window, as the model saw them (and decoding time grows with them)
                 tools[group] = evaluate_tool_calls(model, tok, examples, max_new_tokens=max_new_tokens,
-                                                   batch_size=decode_batch_size, max_prompt_tokens=max(1, dm.seq_len - max_new_tokens))
+                                                   batch_size=decode_batch_size,
+                                                   max_prompt_tokens=max(1, dm.seq_len - max_new_tokens))
     result = {"checkpoint": str(ckpt), "data_dir": str(root), "seq_len": dm.seq_len, "losses": losses,
               "tools": tools}
     _print(result)

@@ -115,7 +115,7 @@ def pairs(
     val_limit: int | None = 200,
     max_new_tokens: int = 128,
     seq_len: int | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     seed: int = 0,
     accelerator: str = "auto",
     precision: str = "auto",
@@ -134,7 +134,7 @@ def pairs(
         max_new_tokens: Longest answer generated.
         seq_len: The training window: prompts are cut to its last ``seq_len - max_new_tokens`` tokens, as
             ``ToolCallEval`` does. Default: the parent's training ``seq_len`` (from its checkpoint).
-        batch_size: Requests decoded together (the answers do not depend on it).
+        batch_size: Requests decoded together (the answers do not depend on it; default 64 on a GPU, 16 elsewhere).
         seed: Seed of the corruptions (one draw per request).
         accelerator: Lightning accelerator to decode on (``auto``, ``cpu``, ``gpu``).
         precision: Lightning precision (``auto``: bf16-mixed on GPUs with bf16, 32-true on CPU).

@@ -233,7 +233,7 @@ def parents(stages: list[StageSpec], baselines: list[StageSpec]) -> list[tuple[S
     return plan
 
 
-def _data_dir_of(data: str | None) -> str:
+def data_dir_of(data: str | Path | None) -> str:
     """The ``data_dir`` of a data config (``data`` without one)."""
     config = yaml.safe_load(Path(data).read_text()) if data else None
     return str((config or {}).get("data_dir") or "data")
@@ -271,7 +271,7 @@ def pipeline(
         What happened to each stage: ``trained``, ``resumed`` or ``skipped``.
     """
     validate_pipeline(stages, baselines or [], data)
-    where = Workspace(experiment, models_dir, runs_dir, data_dir or _data_dir_of(data))
+    where = Workspace(experiment, models_dir, runs_dir, data_dir or data_dir_of(data))
     if data is not None:
         prepare_main(["-c", data, f"--data_dir={where.data_dir}"])
     extra = list(stage_args or [])

@@ -216,7 +216,7 @@ def prompt_ids_of(tokenizer, example: dict) -> list[int]:
 
 
 def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: int = 128,
-                        limit: int | None = None, num_samples: int = 3, batch_size: int = 16,
+                        limit: int | None = None, num_samples: int = 3, batch_size: int | None = None,
                         max_prompt_tokens: int | None = None) -> dict:
     """Generate the call for each example (greedy, KV cache, batched) and score it against the expected call.
 
@@ -229,7 +229,8 @@ def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: 
         max_new_tokens: Longest answer generated; generation stops earlier at ``<|end|>`` or eos.
         limit: Evaluate only the first ``limit`` examples.
         num_samples: How many (prompt tail, generated, expected) triples to return for reading.
-        batch_size: Prompts decoded together (the scores do not depend on it).
+        batch_size: Prompts decoded together (the scores do not depend on it; default 64 on a GPU, 16
+            elsewhere).
         max_prompt_tokens: Keep only the last this many prompt tokens (the request and the last tool
             schemas). Decoding cost grows with the prompt: match the training window (``seq_len`` less
             the answer) to see prompts as the model saw them. Default: as many as the context holds.
@@ -251,7 +252,7 @@ def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: 
     return {**score_calls(predicted, expected), "samples": samples}
 
 
-def predict_calls(model, tokenizer, examples: list[dict], max_new_tokens: int = 128, batch_size: int = 16,
+def predict_calls(model, tokenizer, examples: list[dict], max_new_tokens: int = 128, batch_size: int | None = None,
                   max_prompt_tokens: int | None = None) -> list[tuple[list[int], str, list[dict] | None]]:
     """Each example's prompt ids, the generated turn's text and the calls parsed from it (None if none
     parses): greedy, batched, with the KV cache (arguments as in :func:`evaluate_tool_calls`)."""

@@ -3,6 +3,8 @@ them on a GPU machine (experiments/gpu_pipeline.py): every stage and the baselin
 evaluated, and the report card has the shape the README documents."""
 
 import json
+import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -29,14 +31,15 @@ def test_the_gpu_pipeline_runs_shrunk_and_writes_its_report_card(tmp_path, tool_
     (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(config))
     results = tmp_path / "results"
     gpu_pipeline(["--config", "pipe.yaml", "--workdir", str(tmp_path), "--data-dir", "data", "--results",
-                  str(results), "--max-new-tokens", "8", "--stage-args", json.dumps(TINY)])
+                  str(results), "--max-new-tokens", "8", "--eval-limit", "3", "--stage-args", json.dumps(TINY)])
     card = json.loads((results / "report.json").read_text())
     assert set(card["stages"]) == {"language", "code", "tools"} and set(card["baselines"]) == {"joint"}
     assert card["command"].startswith("python -m experiments.gpu_pipeline") and card["card"]
     tools = card["stages"]["tools"]
     assert set(tools["losses"]) == set(tools["bits_per_byte"]) == {"language", "code", "tools"}
     val_examples = json.loads((tool_data_dir / "tools" / "manifest.json").read_text())["documents"]["val"]
-    assert set(tools["forgetting"]) == {"language", "code"} and tools["tools"]["seen"]["n"] == val_examples  # all
+    assert val_examples > 3 and set(tools["forgetting"]) == {"language", "code"}
+    assert {s["n"] for s in tools["tools"].values()} == {3}  # --eval-limit reaches `stagewise evaluate`
     assert card["stages"]["code"]["forgetting"].keys() == {"language"} and tools["tokens_per_s"] > 0
     assert tools["mfu"] is None  # no MFU on a CPU
     assert (results / "report.md").is_file()
@@ -60,42 +63,86 @@ def test_recipe_comparisons_run_shrunk_beside_the_pipeline(tmp_path, tool_data_d
                   str(tmp_path / "results"), "--max-new-tokens", "8", "--steps", "pipeline",
                   "--stage-args", json.dumps(TINY)])
     monkeypatch.chdir(tmp_path)
-    result = recipe_comparisons(["--config", "pipe.yaml", "--variants", "code_noreplay", "preference", "--workers", "2",
-                                 "--data-dir", "data", "--max-new-tokens", "8", "--out", str(tmp_path / "rc"),
-                                 "--stage-args", json.dumps(TINY)])
+    monkeypatch.setenv("OUT", str(tmp_path))  # --out under $OUT, as gpu_session.sh has it: no copy onto itself
+    argv = ["--config", "pipe.yaml", "--variants", "code_noreplay", "preference", "--workers", "2", "--data-dir", "data",
+            "--max-new-tokens", "8", "--out", str(tmp_path / "rc"), "--stage-args", json.dumps(TINY)]
+    result = recipe_comparisons(argv)
+    assert result["command"] == shlex.join(["python", "-m", "experiments.recipe_comparisons", *argv])
     assert set(result["outcomes"]) == {"code_noreplay", "preference"}, result["outcomes"]
     assert not any(o.startswith("failed") for o in result["outcomes"].values()), result["outcomes"]
     assert set(result["baselines"]) == {"code_noreplay", "preference"}
     assert result["baselines"]["code_noreplay"]["forgetting"].keys() == {"language"}
     evaluated = json.loads((tmp_path / "models/gpu/preference/eval.json").read_text())["tools"]
     assert result["baselines"]["preference"]["tools"] == {g: {k: s[k] for k in SCORES} for g, s in evaluated.items()}
-    assert (tmp_path / "rc" / "results.md").read_text().count("code_noreplay") >= 2
+    rows = [line for line in (tmp_path / "rc" / "results.md").read_text().splitlines() if line.startswith("| ")]
+    assert {row.split(" | ")[0][2:] for row in rows} >= {"language", "code", "tools", "code_noreplay", "preference"}
+
+
+def test_staged_tokens_count_each_stages_windows_by_its_mixture():
+    """By hand: language 10 steps x 8 x 256 alone; code 4 steps x 8 x 256 at 75/25 (configs/stages/code.yaml);
+    tools 2 steps x 2 x 1,024 at 70/15/15 (configs/stages/tools.yaml), the window set by the line's args."""
+    from experiments.recipe_comparisons import staged_tokens
+
+    cpu = "configs/overlays/cpu.yaml"  # windows of 256 x 8
+    config = {"stages": [
+        {"name": "language", "configs": ["configs/stages/language.yaml", cpu], "args": ["--trainer.max_steps=10"]},
+        {"name": "code", "configs": ["configs/stages/code.yaml", cpu], "args": ["--trainer.max_steps=4"]},
+        {"name": "tools", "configs": ["configs/stages/tools.yaml", cpu], "args": [
+            "--trainer.max_steps=2", "--data.init_args.seq_len=1024", "--data.init_args.batch_size=2"]}]}
+    got = staged_tokens(config)
+    assert got == pytest.approx({"language": 10 * 2048 + 0.25 * 4 * 2048 + 0.15 * 2 * 2048,
+                                 "code": 0.75 * 4 * 2048 + 0.15 * 2 * 2048, "tools": 0.7 * 2 * 2048})
 
 
 def test_the_gpu_pipelines_joint_baseline_trains_the_staged_paths_text_tokens():
     """configs/pipelines/gpu.yaml's joint run sees as many language and code tokens as the staged path trains,
     replay included, in the same proportions (the comparison the report card draws is at equal tokens)."""
+    from experiments.recipe_comparisons import line_settings, staged_tokens
+
     config = yaml.safe_load((ROOT / "configs/pipelines/gpu.yaml").read_text())
-    overlay = yaml.safe_load((ROOT / "configs/overlays/gpu.yaml").read_text())["data"]["init_args"]
+    text = {d: t for d, t in staged_tokens(config).items() if d in ("language", "code")}
+    joint = line_settings(config["baselines"][0])
+    assert joint["steps"] * joint["window_tokens"] == pytest.approx(sum(text.values()), rel=0.001)
+    for domain, share in joint["mixture"].items():
+        assert share == pytest.approx(text[domain] / sum(text.values()), abs=0.001)
 
-    def arg(line, name, default=None):
-        value = next((a.split("=", 1)[1] for a in line["args"] if a.startswith(f"--{name}=")), default)
-        return yaml.safe_load(value) if isinstance(value, str) else value
 
-    def mixture(line):
-        stage = yaml.safe_load((ROOT / line["configs"][0]).read_text())
-        data = (stage.get("data") or {}).get("init_args") or {}
-        return arg(line, "data.init_args.mixture") or data.get("mixture") or {stage["stage"]["domain"]: 1.0}
+HARNESS_UNDER_TIMEOUT = """
+import sys
+from pathlib import Path
+from experiments.gpu_pipeline import run
 
-    tokens = {"language": 0.0, "code": 0.0}
-    for line in config["stages"]:
-        batch = arg(line, "data.init_args.batch_size", overlay["batch_size"])
-        seq = arg(line, "data.init_args.seq_len", overlay["seq_len"])
-        for domain, share in mixture(line).items():
-            if domain in tokens:  # windows: a share of the windows is that share of the tokens
-                tokens[domain] += share * arg(line, "trainer.max_steps") * batch * seq
-    joint = config["baselines"][0]
-    joint_tokens = arg(joint, "trainer.max_steps") * overlay["batch_size"] * overlay["seq_len"]
-    assert joint_tokens == pytest.approx(sum(tokens.values()), rel=0.001)
-    for domain, share in mixture(joint).items():
-        assert share == pytest.approx(tokens[domain] / sum(tokens.values()), abs=0.001)
+# the command stands in for `stagewise evaluate`: a process that would run for a minute, writing its pid first
+child = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)"
+run([sys.executable, "-c", child, sys.argv[1]], Path(sys.argv[2]), timeout=None)
+"""
+
+
+def test_a_signalled_harness_stops_the_command_it_runs(tmp_path):
+    """A SIGTERM to the harness (the session script's `timeout`) reaches the command in its own process group:
+    in run 3, `timeout 760` ended gpu_pipeline while the `stagewise evaluate` it had started could run on beside
+    the next steps."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file, log = tmp_path / "pid", tmp_path / "log.txt"
+    harness = subprocess.Popen([sys.executable, "-c", HARNESS_UNDER_TIMEOUT, str(pid_file), str(log)], cwd=ROOT,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    harness.send_signal(signal.SIGTERM)
+    assert harness.wait(timeout=30) == 128 + signal.SIGTERM
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the command outlived its harness")
