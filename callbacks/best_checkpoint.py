@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 from datamodules.errors import StagewiseError
-from datamodules.metric_names import val_domain, val_loss
+from datamodules.metric_names import domain_of_val_loss, val_loss
 from datamodules.stage_record import BEST_SUFFIX
 
 
@@ -52,7 +52,7 @@ class BestCheckpoint(ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         domains = getattr(trainer.datamodule, "val_domains", None)
-        domain = val_domain(self.monitor or "")
+        domain = domain_of_val_loss(self.monitor or "", metric=None)
         if stage == "fit" and domains is not None and domain is not None and domain not in domains:
             raise StagewiseError(
                 f"the best checkpoint follows {self.monitor}, but this stage validates on {', '.join(domains)} only, "
@@ -60,29 +60,23 @@ class BestCheckpoint(ModelCheckpoint):
                 f"val/<domain>/loss) or validate on '{domain}' too (--data.init_args.val_domains)")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        first = first_validation_batch(trainer)
-        if first is None:
+        why = _never_validates(trainer)
+        if why is not None:
             rank_zero_warn(
-                f"this run will never validate ({_never_why(trainer)}): no validation curves, no per-domain losses in "
-                "its stage.json, and its best checkpoint is its final weights. Lower --trainer.val_check_interval "
+                f"this run will never validate ({why}): no validation curves, no per-domain losses in its "
+                "stage.json, and its best checkpoint is its final weights. Lower --trainer.val_check_interval "
                 "or raise --trainer.max_steps")
 
 
-def first_validation_batch(trainer: L.Trainer) -> int | None:
-    """The training batch after which the fit first validates (counted from 1, over the whole run, before any
-    resume), or None when it never does within ``max_steps``."""
+def _never_validates(trainer: L.Trainer) -> str | None:
+    """Why the fit never validates within ``max_steps`` (counted over the whole run, before any resume), or None
+    when it does."""
     if not trainer.enable_validation:
-        return None
+        return "validation is off: limit_val_batches is 0 or there is no validation data"
     every_n_epochs = trainer.check_val_every_n_epoch
     per_epoch = trainer.num_training_batches
     first = trainer.val_check_batch if every_n_epochs is None else \
         (every_n_epochs - 1) * per_epoch + min(trainer.val_check_batch, per_epoch)
-    limit = trainer.max_steps * trainer.accumulate_grad_batches if trainer.max_steps > 0 else None
-    return None if limit is not None and first > limit else first
-
-
-def _never_why(trainer: L.Trainer) -> str:
-    if not trainer.enable_validation:
-        return "validation is off: limit_val_batches is 0 or there is no validation data"
-    return f"max_steps is {trainer.max_steps}, and the first validation is due after batch {trainer.val_check_batch}"
-
+    if trainer.max_steps > 0 and first > trainer.max_steps * trainer.accumulate_grad_batches:
+        return f"max_steps is {trainer.max_steps}, and the first validation is due after training batch {first}"
+    return None

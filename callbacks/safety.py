@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.errors import StagewiseError
 from datamodules.shards import atomic_path
-from datamodules.signals import defer_signals, restore_signals
+from datamodules.signals import defer_signals
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -94,21 +94,23 @@ class LastCheckpoint(ModelCheckpoint):
         if not (due or stopping) or _validation_follows(trainer) or _bad_streak(pl_module):
             return
         if stopping:
-            if not self._should_skip_saving_checkpoint(trainer):
-                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._save(trainer)
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or _bad_streak(pl_module) or self._should_skip_saving_checkpoint(trainer):
-            return
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if not trainer.sanity_checking and not _bad_streak(pl_module):
+            self._save(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Epoch ends save nothing extra: the step and validation saves above cover them."""
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not _bad_streak(pl_module) and not self._should_skip_saving_checkpoint(trainer):
+        if not _bad_streak(pl_module):
+            self._save(trainer)
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
@@ -162,12 +164,13 @@ class PreemptionCheck(L.Callback):
         self._signum: int | None = None  # the first signal this fit received
         self._batches = itertools.count()
         self._after_validation = False
+        self._stopping = False  # the ranks agreed to stop: no more checks
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loop = trainer.fit_loop.epoch_loop
         if hasattr(type(loop), "_broadcast_sigterm_tensor"):  # Lightning 2.6 internals: replaced by this check
             loop._broadcast_sigterm_tensor = lambda: None  # on the instance: the class's method stays
-        self._batches, self._signum, self._after_validation = itertools.count(), None, False
+        self._batches, self._signum, self._after_validation, self._stopping = itertools.count(), None, False, False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         launcher = trainer.strategy.launcher
@@ -182,8 +185,9 @@ class PreemptionCheck(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.received_sigterm or not self._agree(trainer):
+        if self._stopping or not self._agree(trainer):
             return
+        self._stopping = True
         rank_zero_info(f"{signal.Signals(self._signum or signal.SIGTERM).name}: stopping after step "
                        f"{trainer.global_step}, once last.ckpt is saved")
         if _validation_follows(trainer):
@@ -197,14 +201,18 @@ class PreemptionCheck(L.Callback):
 
     def _agree(self, trainer: L.Trainer) -> bool:
         """Whether the fit stops after this batch: this process was signalled (one process), or, on the checked
-        batches, any rank was."""
+        batches, any rank was. Every rank takes part in every check, also one whose own flag is set (Lightning's
+        handler, before ``on_train_start``, may have set ``received_sigterm`` on one rank only)."""
         if trainer.world_size == 1 or not torch.distributed.is_initialized():
-            return self._signum is not None
+            return self._signalled(trainer)
         return next(self._batches) % self.every_n_steps == 0 and self._any_rank_signalled(trainer)
+
+    def _signalled(self, trainer: L.Trainer) -> bool:
+        return self._signum is not None or trainer.received_sigterm
 
     def _any_rank_signalled(self, trainer: L.Trainer) -> bool:
         """Collective: whether any rank has received a signal (an all-reduce, read back on the host)."""
-        flag = torch.tensor([float(self._signum is not None)], device=trainer.strategy.root_device)
+        flag = torch.tensor([float(self._signalled(trainer))], device=trainer.strategy.root_device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 

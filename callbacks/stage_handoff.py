@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.best_checkpoint import BestCheckpoint
 from callbacks.precision import precision_label
-from callbacks.throughput import device_peak_flops, flops_per_token, model_shape
+from callbacks.throughput import device_peak_flops, mfu, model_shape
 from datamodules.errors import StagewiseError, TokenizerMismatchError
 from datamodules.metric_names import STAGE_BOUNDARY, TRAIN_TOKENS_LOSS, val_losses, val_tokens_loss
 from datamodules.shards import atomic_path
@@ -271,7 +271,7 @@ class StageHandoff(L.Callback):
             "precision": precision_label(trainer),
             "throughput": self.throughput(trainer, pl_module),
             "config": _resolved_config(trainer, pl_module, log_dir),
-            # token fractions of the training mixture (replay / joint), when the data module mixes domains
+            # window fractions of the training mixture (replay / joint), when the data module mixes domains
             "replay": getattr(trainer.datamodule, "mixture_fractions", None),
             # the checkpoint whose AdamW state the stage started from (CausalLM's carry_optimizer), else null
             "optimizer_from": getattr(pl_module, "optimizer_from", None),
@@ -302,11 +302,9 @@ class StageHandoff(L.Callback):
         rate = tokens / seconds
         peak = self._peak_flops
         seq_len = getattr(trainer.datamodule, "seq_len", None)
-        mfu = None
-        if peak and seq_len:
-            flops = flops_per_token(*model_shape(pl_module), seq_len)
-            mfu = round(rate / trainer.world_size * flops / peak, 4)
-        return {"tokens_per_s": round(rate), "mfu": mfu, "tokens": tokens, "seconds": round(seconds, 2),
+        utilisation = round(mfu(rate, trainer.world_size, model_shape(pl_module), seq_len, peak), 4) \
+            if peak and seq_len else None
+        return {"tokens_per_s": round(rate), "mfu": utilisation, "tokens": tokens, "seconds": round(seconds, 2),
                 "validation_s": round(between, 2),
                 "training_tokens_per_s": round(tokens / (seconds - between)) if seconds > between else None,
                 "devices": trainer.world_size, "device": self._device, "seq_len": seq_len}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -13,7 +14,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from callbacks.precision import precision_label
 
 # Peak dense (no sparsity) tensor-core FLOP/s of one accelerator, (bf16/fp16, fp8), from the vendors' data
-# sheets; the first entry whose key is in the lower-cased device name wins, so longer names come first.
+# sheets; the first entry whose key is in the lower-cased device name as whole words wins ("nvidia l40" is not
+# an "l4", "nvidia a10g" not an "a10", "nvidia gb200" not a "b200"), so longer names come first.
 PEAK_FLOPS: dict[str, tuple[float, float | None]] = {
     "h100 nvl": (835e12, 1671e12),
     "h100 pcie": (756e12, 1513e12),
@@ -32,17 +34,29 @@ H100_BF16_DENSE_FLOPS = PEAK_FLOPS["h100"][0]
 """Peak dense bf16 tensor-core FLOP/s of one H100 SXM (the MFU denominator of the shared reference)."""
 
 
+def peak_flops_of(device_name: str) -> tuple[float, float | None] | None:
+    """(bf16, fp8) peak FLOP/s of the device called ``device_name`` (``torch.cuda.get_device_name``), or None."""
+    name = device_name.lower()
+    return next((v for k, v in PEAK_FLOPS.items() if re.search(rf"(?<![a-z0-9]){re.escape(k)}(?![a-z0-9])", name)),
+                None)
+
+
 def device_peak_flops(device: torch.device, precision: str = "bf16-mixed") -> float | None:
     """The peak dense FLOP/s of ``device`` from :data:`PEAK_FLOPS` for a run in ``precision``
     (:func:`~callbacks.precision.precision_label`): the fp8 rate for ``fp8-mixed``, else the bf16 one; None on a
     CPU or a GPU not in the table (no MFU is given then). The one lookup of ``Throughput`` and ``StageHandoff``."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device).lower()
-    peaks = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    peaks = peak_flops_of(torch.cuda.get_device_name(device))
     if peaks is None:
         return None
     return peaks[1] if precision == "fp8-mixed" and peaks[1] is not None else peaks[0]
+
+
+def mfu(tokens_per_s: float, world_size: int, shape: tuple[int, int, int], seq_len: int, peak: float) -> float:
+    """Model FLOPs utilisation per accelerator: ``tokens_per_s`` of all ``world_size`` ranks of a model of
+    ``shape`` (:func:`model_shape`) at ``seq_len``, against ``peak`` FLOP/s of one."""
+    return tokens_per_s / world_size * flops_per_token(*shape, seq_len) / peak
 
 
 def flops_per_token(n_params: int, n_layers: int, d_model: int, seq_len: int) -> int:
@@ -88,8 +102,8 @@ class Throughput(L.Callback):
 
     def __init__(self, log_every_n_steps: int | None = None, peak_flops: float | None = None) -> None:
         self.log_every_n_steps, self.peak_flops = log_every_n_steps, peak_flops
-        self._every = log_every_n_steps or 50  # the window in use (the Trainer's once training starts)
-        self._peak: float | None = peak_flops
+        self._every = 0  # the window in use and the peak, both set in on_train_start
+        self._peak: float | None = None
         self.metrics: dict[str, float] = {}  # the last window's values
         self._shape: tuple[int, int, int] | None = None
         self._t0: float | None = None  # start of the running stretch of the window; None while paused
@@ -139,12 +153,10 @@ class Throughput(L.Callback):
 
     def compute(self, tokens: int, batches: int, elapsed: float, world_size: int, device: torch.device) -> dict[str, float]:
         """The metrics of one window: ``tokens`` trained by all ranks in ``batches`` batches over ``elapsed`` s."""
-        n, n_layers, d_model = self._shape
         tokens_per_s = tokens / elapsed
         metrics = {"throughput/tokens_per_s": tokens_per_s, "throughput/step_time_s": elapsed / batches}
         if self._peak:
-            flops = flops_per_token(n, n_layers, d_model, self._seq_len)
-            metrics["throughput/mfu"] = tokens_per_s / world_size * flops / self._peak
+            metrics["throughput/mfu"] = mfu(tokens_per_s, world_size, self._shape, self._seq_len, self._peak)
         if device.type == "cuda":
             metrics["throughput/peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         return metrics

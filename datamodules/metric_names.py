@@ -20,7 +20,7 @@ TRAIN_TOKENS_LOSS = "train_tokens/loss"  # against the lineage's total tokens
 STAGE_BOUNDARY = "stage/boundary"
 FORGETTING_ALARMS = "forgetting/alarms"  # text
 VAL_PREFIX = "val/"
-_VAL_LOSS = re.compile(r"^(val|val_tokens)/([^/]+)/loss$")
+_VAL_METRIC = re.compile(r"^(val|val_tokens)/([^/]+)/([^/]+)$")
 
 
 def val_loss(domain: str) -> str:
@@ -31,12 +31,6 @@ def val_loss(domain: str) -> str:
 def val_ppl(domain: str) -> str:
     """Held-out perplexity of ``domain``: ``val/<domain>/ppl``."""
     return f"val/{domain}/ppl"
-
-
-def val_domain(name: str) -> str | None:
-    """The domain of a held-out metric ``val/<domain>/<what>``; None for any other name."""
-    parts = name.split("/")
-    return parts[1] if len(parts) == 3 and parts[0] == "val" else None
 
 
 def test_metric(name: str) -> str:
@@ -50,11 +44,13 @@ def val_tokens_loss(domain: str) -> str:
     return f"val_tokens/{domain}/loss"
 
 
-def domain_of_val_loss(name: str, axis: str = "val") -> str | None:
-    """``val/<domain>/loss`` -> ``<domain>`` (``axis="val_tokens"``: ``val_tokens/<domain>/loss``); None for any
-    other name."""
-    match = _VAL_LOSS.match(name)
-    return match.group(2) if match and match.group(1) == axis else None
+def domain_of_val_loss(name: str, axis: str = "val", metric: str | None = "loss") -> str | None:
+    """``val/<domain>/loss`` -> ``<domain>`` (``axis="val_tokens"``: ``val_tokens/<domain>/loss``; ``metric=None``:
+    any ``val/<domain>/<what>``); None for any other name."""
+    match = _VAL_METRIC.match(name)
+    if not match or match.group(1) != axis or (metric is not None and match.group(3) != metric):
+        return None
+    return match.group(2)
 
 
 def val_losses(metrics: Mapping[str, Any]) -> dict[str, float]:

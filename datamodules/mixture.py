@@ -1,7 +1,8 @@
-"""A DataModule that trains on a token mixture of several prepared corpora: replay and the joint baseline.
+"""A DataModule that trains on a mixture of several prepared corpora: replay and the joint baseline.
 
-The training stream interleaves windows of each domain in fixed token fractions (every window holds
-``seq_len`` tokens, so window fractions are token fractions). Position ``i`` of a rank's stream goes to
+The training stream interleaves windows of each domain in fixed fractions of the windows. A text window holds
+``seq_len`` tokens, so among text domains these are token fractions; a tool window packs whole examples (the
+answers are what its loss counts), so a tool domain's fraction is of windows, not of tokens. Position ``i`` of a rank's stream goes to
 the domain with the largest deficit ``fraction * i - count_so_far``, so every prefix of the stream holds
 each domain's fraction within one window. Each domain draws its windows from its own permutation, fixed
 by (seed, epoch, domain), cycling through it again if a small domain runs out.
@@ -72,7 +73,7 @@ class MixtureSampler(WindowSampler):
 
     Args:
         domain_windows: Train windows of each domain, in mixture order.
-        fractions: Token fraction of each domain (summing to 1), in the same order.
+        fractions: Window fraction of each domain (summing to 1), in the same order.
         names: Domain names (they seed each domain's permutation).
         corpus_index: The domain whose windows define the epoch: its windows / its fraction, rounded down to
             a multiple of the world size and so that it never cycles (the stage's own data is seen once).
@@ -138,8 +139,9 @@ class MixtureDataModule(CorpusDataModule):
     Args:
         corpus: The stage's own domain: it must be in the mixture, and its train windows set the epoch length
             (``stagewise fit`` sets it to ``--stage.domain``).
-        mixture: Token fraction of each domain, summing to 1 (e.g. ``{code: 0.95, language: 0.05}``), or
-            ``natural``: ``corpus`` and every ``val_domains`` entry in proportion to their train tokens.
+        mixture: Fraction of the windows of each domain, summing to 1 (e.g. ``{code: 0.95, language: 0.05}``), or
+            ``natural``: ``corpus`` and every ``val_domains`` entry in proportion to their train tokens (as
+            windows of ``seq_len`` tokens: meant for text domains).
         val_domains: The corpora to validate on, one loader each, in this order (default: the mixture's domains).
         **kwargs: The other arguments of :class:`CorpusDataModule` (data_dir, seq_len, batch_size,
             num_workers, seed, val_max_windows).
@@ -162,7 +164,8 @@ class MixtureDataModule(CorpusDataModule):
     @staticmethod
     def _check_mixture(corpus: str, mixture: dict) -> dict[str, float]:
         if not isinstance(mixture, dict) or not mixture:
-            raise StagewiseError(f"data.mixture must be `natural` or a mapping domain -> token fraction, got {mixture!r}")
+            raise StagewiseError(f"data.mixture must be `natural` or a mapping domain -> fraction of the windows, "
+                                 f"got {mixture!r}")
         bad = {d: f for d, f in mixture.items() if not isinstance(f, (int, float)) or not 0 < f <= 1}
         if bad:
             raise StagewiseError(f"data.mixture fractions must be in (0, 1]; got {bad} (drop a domain instead of giving 0)")
@@ -197,7 +200,7 @@ class MixtureDataModule(CorpusDataModule):
 
     @property
     def mixture_fractions(self) -> dict[str, float]:
-        """The resolved token fraction of each domain (``natural`` turned into numbers), in mixture order."""
+        """The resolved window fraction of each domain (``natural`` turned into numbers), in mixture order."""
         if self._fractions is None:
             if self.mixture == "natural":
                 manifests = self.manifests()

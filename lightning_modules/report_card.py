@@ -26,7 +26,7 @@ import subprocess
 from pathlib import Path
 
 from datamodules.preference import PREFERENCE
-from datamodules.shards import open_split, read_manifest
+from datamodules.shards import open_split
 from datamodules.stage_record import read_stage_record
 
 EVAL_FILE = "eval.json"  # beside stage.json: `stagewise evaluate --out models/<experiment>/<stage>/eval.json`
@@ -153,7 +153,6 @@ def report_card(experiment: str, stages: list[str], baselines: list[str], models
     tokenizer = load_tokenizer(data_dir / "tokenizer") if (data_dir / "tokenizer").is_dir() else None
     for d in sorted(domains):
         if tokenizer is not None and (data_dir / d / "manifest.json").is_file():
-            read_manifest(data_dir / d)
             bpt[d] = bytes_per_token(data_dir / d, tokenizer)
     own: dict[str, float] = {}  # each domain's loss at the end of the stage that trained it
     own_after: dict[str, dict[str, float]] = {}  # `own` as it stood after each stage (a variant's parent)

@@ -409,7 +409,7 @@ def test_a_run_that_never_validates_or_leaves_warmup_is_warned_about(workdir):
     with pytest.warns(UserWarning) as warned:
         _fit(fit_argv("--trainer.enable_progress_bar", "false"))
     messages = [str(w.message) for w in warned]
-    assert any("this run will never validate (max_steps is 1, and the first validation is due after batch 250)" in m
+    assert any("this run will never validate (max_steps is 1, and the first validation is due after training batch 250)" in m
                for m in messages), messages
     assert any("warmup_steps (100) is not below the 1 optimizer steps of this run" in m for m in messages), messages
 

@@ -30,14 +30,18 @@ def write_corpus(data_dir: Path) -> None:
     write_manifest(data_dir / "language", {"dtype": "uint16", "kind": "text", "tokens": n, "tokenizer_sha256": "a" * 64})
 
 
-def train(data_dir: str, out: str, devices: int, batch_size: int) -> None:
-    """Two steps of a tiny CausalLM; each rank saves its batches' windows, losses and (reduced) grads."""
+def train(data_dir: str, out: str, devices: int, batch_size: int, signal_rank1_after: int | None = None) -> None:
+    """``STEPS`` steps of a tiny CausalLM; each rank saves its batches' windows, losses and (reduced) grads. With
+    ``signal_rank1_after``, rank 1 alone is signalled (as ``PreemptionCheck``'s handler records a SIGTERM) after
+    that batch, and the run may go on for twice ``STEPS``: it must stop on every rank at the next check."""
     import lightning as L
     from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 
     from callbacks.safety import PreemptionCheck
     from datamodules.datamodule import LanguageDataModule
     from lightning_modules.causal_lm import CausalLM
+
+    import signal
 
     record = {"windows": [], "loss": [], "grad": [], "sigterm_broadcasts": 0, "stop_checks": 0}
     lightning_check, our_check = _TrainingEpochLoop._broadcast_sigterm_tensor, PreemptionCheck._any_rank_signalled
@@ -57,6 +61,8 @@ def train(data_dir: str, out: str, devices: int, batch_size: int) -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             record["windows"].append((batch["input_ids"][:, 0] // SEQ).tolist())
             record["loss"].append(float(outputs["loss"]))
+            if batch_idx == signal_rank1_after and trainer.global_rank == 1:
+                check._signum = signal.SIGTERM  # what its deferred handler does on a real signal
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             record["grad"].append(torch.cat([p.grad.flatten() for p in pl_module.parameters()]).clone())
@@ -65,14 +71,20 @@ def train(data_dir: str, out: str, devices: int, batch_size: int) -> None:
     model = CausalLM(size="tiny", vocab_size=VOCAB, model_overrides={"n_layers": 1, "max_seq_len": 16},
                      warmup_steps=1, lr=1e-2)
     data = LanguageDataModule(data_dir=data_dir, seq_len=SEQ, batch_size=batch_size, seed=3)
+    check = PreemptionCheck(every_n_steps=2)
     trainer = L.Trainer(
-        max_steps=STEPS, accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+        max_steps=STEPS if signal_rank1_after is None else 2 * STEPS, accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
         use_distributed_sampler=False, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-        callbacks=[Recorder(), PreemptionCheck(every_n_steps=2)],
+        callbacks=[Recorder(), check],  # before the check: a signal after batch k is seen at batch k's check
     )
-    trainer.fit(model, datamodule=data)
-    torch.save(record, Path(out) / f"world{devices}_rank{trainer.global_rank}.pt")
+    try:
+        trainer.fit(model, datamodule=data)
+    except SystemExit:  # Lightning's SIGTERMException once the fit stopped on the signal
+        pass
+    record["global_step"] = trainer.global_step
+    name = f"world{devices}_rank{trainer.global_rank}" + ("" if signal_rank1_after is None else "_signalled")
+    torch.save(record, Path(out) / f"{name}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +121,18 @@ def test_ranks_agree_on_a_signal_every_n_steps_not_every_step(runs):
     assert runs["world1_rank0"]["stop_checks"] == runs["world1_rank0"]["sigterm_broadcasts"] == 0  # one process
 
 
+def test_a_signal_to_one_rank_stops_every_rank_at_the_next_check(tmp_path):
+    """Rank 1 alone is signalled after batch 0; PreemptionCheck(every_n_steps=2) checks after batches 0, 2, …:
+    both ranks stop after the check at batch 0, having taken 1 step of the 6 allowed. A check that read only its
+    own rank's flag would leave rank 0 training (and the ranks' collectives out of step)."""
+    write_corpus(tmp_path / "data")
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path / "data"), str(tmp_path), "2", str(BATCH), "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (0, 143), proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"world2_rank{r}_signalled.pt") for r in (0, 1)]
+    assert [r["global_step"] for r in ranks] == [1, 1] and [len(r["loss"]) for r in ranks] == [1, 1]
+
+
 def test_a_two_process_stage_runs_through_the_handoff(tmp_path):
     """`stagewise fit` on 2 CPU processes ends with its best checkpoint (weights only), its stage.json and its
     last.ckpt (the full state, named in the record). Only rank 0 writes the record; what it reads of the
@@ -142,4 +166,4 @@ def test_a_two_process_stage_runs_through_the_handoff(tmp_path):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    train(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    train(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), *(int(a) for a in sys.argv[5:6]))

@@ -124,3 +124,13 @@ def test_mfu_counts_the_whole_model_when_parameters_are_sharded():
         p.data = p.data.flatten()[: p.numel() // 2]
     assert model_shape(model) == whole
     assert model.model.num_parameters(non_embedding=True) < whole[0]  # what the shards alone would count
+
+
+def test_a_device_names_peak_is_found_by_whole_words():
+    """An L40 is not an L4, an A10G not an A10, a GB200 not a B200: unknown there, so no MFU rather than a wrong one."""
+    from callbacks.throughput import PEAK_FLOPS, peak_flops_of
+
+    assert peak_flops_of("NVIDIA H200") == PEAK_FLOPS["h200"] and peak_flops_of("NVIDIA H200 NVL") == PEAK_FLOPS["h200 nvl"]
+    assert peak_flops_of("NVIDIA A100-SXM4-80GB") == PEAK_FLOPS["a100"]
+    assert peak_flops_of("NVIDIA L40S") == PEAK_FLOPS["l40s"] and peak_flops_of("NVIDIA L4") == PEAK_FLOPS["l4"]
+    assert peak_flops_of("NVIDIA L40") is peak_flops_of("NVIDIA A10G") is peak_flops_of("NVIDIA GB200") is None

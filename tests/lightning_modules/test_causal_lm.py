@@ -352,8 +352,14 @@ def test_compile_defaults_to_the_trainers_device():
 
     from lightning_modules.causal_lm import CausalLM
 
+    import types
+
     module = CausalLM(size="tiny")
     assert module.compiles is False  # no Trainer
     module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
     assert module.compiles is False
+    # a Trainer whose strategy runs on a GPU (only its device is read)
+    module._trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=torch.device("cuda", 0)))
+    assert module.compiles is True
+    assert CausalLM(size="tiny", compile=False).compiles is False
     assert CausalLM(size="tiny", compile=True).compiles is True
