@@ -62,7 +62,8 @@ def line_settings(line: dict, root: Path = ROOT) -> dict:
     for key in ("seq_len", "batch_size", "mixture"):
         value = _arg(line, f"data.init_args.{key}")
         data[key] = value if value is not None else data.get(key)
-    return {"steps": _arg(line, "trainer.max_steps"), "window_tokens": data["seq_len"] * data["batch_size"],
+    return {"steps": _arg(line, "trainer.max_steps"), "seq_len": data["seq_len"], "batch_size": data["batch_size"],
+            "window_tokens": data["seq_len"] * data["batch_size"],
             "mixture": data.get("mixture") or {domain: 1.0}}
 
 

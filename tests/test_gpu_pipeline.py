@@ -146,3 +146,19 @@ def test_a_signalled_harness_stops_the_command_it_runs(tmp_path):
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("the command outlived its harness")
+
+
+def test_the_throughput_benchmark_measures_the_gpu_pipelines_shapes():
+    """Each fit's tokens/s is reported against benchmark_throughput's small_text / small_tools rows: those must be
+    the pipeline's model, vocabulary and windows (seq_len x batch) of its text and tool stages."""
+    from experiments.benchmark_throughput import SIZES, vocab_of
+    from experiments.recipe_comparisons import line_settings
+
+    config = yaml.safe_load((ROOT / "configs/pipelines/gpu.yaml").read_text())
+    vocab = yaml.safe_load((ROOT / config["data"]).read_text())["tokenizer"]["vocab_size"]
+    for line in config["stages"] + config["baselines"]:
+        size = "small_tools" if line["name"] == "tools" else "small_text"
+        preset, seq_len, batch, _ = SIZES[size]
+        assert "configs/model/small.yaml" in line["configs"] and preset == "small" and vocab_of(size) == vocab
+        settings = line_settings(line)
+        assert (settings["seq_len"], settings["batch_size"]) == (seq_len, batch), line["name"]
