@@ -4,15 +4,20 @@
 # graphs here), the GPU pipeline (staged path + joint baseline + held-out tool scores, timed alone), the
 # throughput benchmark of its two shapes (alone), then, together until $DEADLINE seconds after the start, the
 # recipe comparisons (stage 4 and the second baseline first) and the staged-vs-joint study (its decisive runs
-# first; it starts no run after its time budget, and skips the runs its committed results.json holds). Every step writes its results under $RESULTS (default
-# runs/session, git-ignored, kept between calls on a warm machine); `touch $RESULTS/DONE` marks the end.
+# first; it starts no run after its time budget, and skips the runs its results.json holds). Every step writes
+# its results under $RESULTS (default runs/session, git-ignored, kept between calls on a warm machine);
+# `touch $RESULTS/DONE` marks the end.
 #   bash experiments/gpu_session.sh                  # in the foreground
 #   setsid bash experiments/gpu_session.sh > runs/session.log 2>&1 &   # in the background, then poll $RESULTS
 # Environment: DEADLINE (seconds after the start when the comparisons and the study stop; default 1450),
-# VARIANTS (the recipe comparisons to run, in order), STUDY=0 (no study beside them).
+# VARIANTS (the recipe comparisons to run, in order), STUDY=0 (no study beside them), STUDY_DEVICES (the study's
+# workers, one GPU index each; default "0 0"), PIPELINE=0 (none of the first three steps: the time goes to the
+# comparisons and the study). The study writes under $RESULTS/staged_vs_joint (a path the device tool does not
+# overwrite between calls, unlike the checkout's tracked experiments/results/), starting from the committed
+# results.json, so a later call of the same session skips the runs an earlier one finished.
 # How the device tool's calls poll it (each call at most 10 minutes; what is under $OUT comes back):
 #   for i in $(seq 1 28); do sleep 20; tar czf $OUT/session.tgz runs/session runs/session.log runs/gpu/*.log \
-#     runs/gpu/*/stderr.log models/gpu/*/*.json experiments/results/staged_vs_joint 2>/dev/null
+#     runs/gpu/*/stderr.log runs/gpu/*/events.out.tfevents.* models/gpu/*/*.json 2>/dev/null
 #     [ -f runs/session/DONE ] && break; done
 set -u
 cd "$(dirname "$0")/.."
@@ -27,27 +32,35 @@ step() { echo "== $(date -u +%T) $*" | tee -a "$RESULTS/steps.txt"; "$@"; local 
   echo "== $(date -u +%T) exit $rc" | tee -a "$RESULTS/steps.txt"; }
 
 nvidia-smi --query-gpu=name,memory.total,memory.used,utilization.gpu --format=csv | tee "$RESULTS/card.txt"
-rm -f "$RESULTS/decoding_${date}_gpu_session.json"  # an earlier call's must not decide for this one
-step timeout -k 10 150 python3 -m experiments.benchmark_decoding --repeats 1 --tag "${date}_gpu_session"
-# the graph must replay the static step's tokens exactly; where it does not (or capture failed), decode eagerly
-if ! python3 -c "import json,sys; r=[x for x in json.load(open('$RESULTS/decoding_${date}_gpu_session.json'))['rows'] if 'same_tokens_as_static_eager' in x]; sys.exit(not (r and r[0]['same_tokens_as_static_eager'] == 1.0))"; then
-  export STAGEWISE_CUDA_GRAPHS=0
-  echo "== decoding without CUDA graphs" | tee -a "$RESULTS/steps.txt"
+if [ "${PIPELINE:-1}" != 0 ]; then
+  rm -f "$RESULTS/decoding_${date}_gpu_session.json"  # an earlier call's must not decide for this one
+  step timeout -k 10 150 python3 -m experiments.benchmark_decoding --repeats 1 --tag "${date}_gpu_session"
+  # the graph must give the eager static step's tokens in the float32 check; where not (or capture failed), eager
+  if ! python3 -c "import json,sys; c=json.load(open('$RESULTS/decoding_${date}_gpu_session.json')).get('check') or {}; sys.exit(c.get('graph_rows_equal_static') != 1.0)"; then
+    export STAGEWISE_CUDA_GRAPHS=0
+    echo "== decoding without CUDA graphs" | tee -a "$RESULTS/steps.txt"
+  fi
+  step timeout -k 20 760 python3 -m experiments.gpu_pipeline --pack .gpu/packs/full/full.pack.json --timeout 580 \
+    --results "$RESULTS/gpu_pipeline_$date"
+  step timeout -k 20 240 python3 -m experiments.benchmark_throughput --sizes small_text small_tools --rows stagewise \
+    --tag gpu_pipeline
 fi
-step timeout -k 20 760 python3 -m experiments.gpu_pipeline --pack .gpu/packs/full/full.pack.json --timeout 580 \
-  --results "$RESULTS/gpu_pipeline_$date"
-step timeout -k 20 240 python3 -m experiments.benchmark_throughput --sizes small_text small_tools --rows stagewise \
-  --tag gpu_pipeline
 # together: the recipe comparisons (3 workers) and the study (2 workers), until the deadline
-VARIANTS=${VARIANTS:-preference joint_tools tools_replay40 tools_lr1e4 code_noreplay tools_noreplay}
+VARIANTS=${VARIANTS:-preference joint_tools preference_lr2e6 preference_ipo tools_replay30}
+study="$RESULTS/staged_vs_joint"
+mkdir -p "$study"
+[ -f "$study/results.json" ] || cp experiments/results/staged_vs_joint/results.json "$study/" 2>/dev/null
 rest=$(left)
 if [ "$rest" -gt 120 ]; then
-  # shellcheck disable=SC2086
-  step timeout -k 20 $((rest - 20)) python3 -m experiments.recipe_comparisons --variants $VARIANTS --workers 3 \
-    --out "$RESULTS/recipe_comparisons_$date" &
+  if [ -n "$VARIANTS" ]; then
+    # shellcheck disable=SC2086
+    step timeout -k 20 $((rest - 20)) python3 -m experiments.recipe_comparisons --variants $VARIANTS --workers 3 \
+      --out "$RESULTS/recipe_comparisons_$date" &
+  fi
   if [ "${STUDY:-1}" != 0 ]; then
-    step timeout -k 20 $((rest - 20)) python3 -m experiments.staged_vs_joint --devices 0 0 \
-      --time-budget $((rest - 240 > 0 ? rest - 240 : 1)) --work-dir runs/study &
+    # shellcheck disable=SC2086
+    step timeout -k 20 $((rest - 20)) python3 -m experiments.staged_vs_joint --devices ${STUDY_DEVICES:-0 0} \
+      --time-budget $((rest - 240 > 0 ? rest - 240 : 1)) --work-dir runs/study --out "$study" &
   fi
   wait
 fi

@@ -4,13 +4,15 @@ from its checkpoints, a few workers at a time on one GPU, each scored as the pip
 Variants (each one stage, ``name``: what changes against the pipeline's stage of the same kind):
 
   code_noreplay   the code stage without its 25% language replay (parent: language)
-  tools_noreplay  the tool stage without its 15% + 15% language and code replay (parent: code)
+  tools_noreplay  the tool stage without its 20% + 20% language and code replay (parent: code)
   tools_lr1e4     the tool stage at a third of its learning rate (1e-4 instead of 3e-4; parent: code)
   tools_long      the tool stage twice as long (its steps doubled, replay and LR as they are; parent: code)
-  tools_replay40  the tool stage with 20% + 20% language and code replay instead of 15% + 15% (parent: code)
+  tools_replay30  the tool stage with 15% + 15% language and code replay instead of 20% + 20% (parent: code)
   joint_tools     the second baseline: language, code and tools mixed from scratch in the staged path's token
                   shares, for the staged path's total tokens (tool windows of 4,096 tokens throughout)
-  preference      stage 4: `stagewise pairs` from the tool stage's own wrong calls, then DPO (parent: tools)
+  preference      stage 4: `stagewise pairs` from the tool stage's own wrong calls, then DPO at LR 1e-5,
+                  beta 0.1, SFT weight 1 (parent: tools); preference_lr2e6 at LR 2e-6, preference_ipo with
+                  the IPO loss (the same pairs, made once)
 
     python -m experiments.recipe_comparisons --experiment gpu --workers 3
     python -m experiments.recipe_comparisons --variants preference --workers 1
@@ -96,22 +98,26 @@ def variants(config: dict) -> dict[str, tuple[StageSpec, str | None, str]]:
           if a.startswith(("--data.init_args.seq_len=", "--data.init_args.batch_size="))],
         f"--data.init_args.mixture={mixture}", "--best_checkpoint.monitor=val/tools/loss",
         "--trainer.callbacks+=callbacks.ToolCallEval"], parent="none")
-    preference = StageSpec("preference", ["configs/stages/preference.yaml", *line["tools"]["configs"][1:]], [
-        "--trainer.max_steps=400", "--trainer.val_check_interval=100", "--model.init_args.lr=1e-5",
-        "--data.init_args.seq_len=4096", "--data.init_args.batch_size=4"],
-        parent="tools", before=["pairs", "--parent", "{parent}", "--data_dir", "{data_dir}", "--limit", "4000",
-                                "--val_limit", "300", "--max_new_tokens", "256"])
+    def preference(name: str, extra: list[str]) -> StageSpec:  # one set of pairs (the tool stage's) for all
+        return StageSpec(name, ["configs/stages/preference.yaml", *line["tools"]["configs"][1:]], [
+            "--trainer.max_steps=400", "--trainer.val_check_interval=100", "--model.init_args.lr=1e-5",
+            "--data.init_args.seq_len=4096", "--data.init_args.batch_size=4", *extra],
+            parent="tools", before=["pairs", "--parent", "{parent}", "--data_dir", "{data_dir}", "--limit", "4000",
+                                    "--val_limit", "300", "--max_new_tokens", "256"])
+
     return {
         "code_noreplay": (spec("code_noreplay", "code", ["--data.init_args.mixture={code: 1.0}"]), "language", "code"),
         "tools_noreplay": (spec("tools_noreplay", "tools", ["--data.init_args.mixture={tools: 1.0}"]), "code", "tools"),
         "tools_lr1e4": (spec("tools_lr1e4", "tools", ["--model.init_args.lr=1e-4"]), "code", "tools"),
-        "tools_replay40": (spec("tools_replay40", "tools",
-                                ["--data.init_args.mixture={tools: 0.6, language: 0.2, code: 0.2}"]), "code", "tools"),
+        "tools_replay30": (spec("tools_replay30", "tools",
+                                ["--data.init_args.mixture={tools: 0.7, language: 0.15, code: 0.15}"]), "code", "tools"),
         "tools_long": (spec("tools_long", "tools", [f"--trainer.max_steps={2 * tools['steps']}",
                                                     f"--trainer.val_check_interval={tools['steps'] // 2}"]),
                        "code", "tools"),
         "joint_tools": (joint, None, "joint"),
-        "preference": (preference, "tools", "tools"),
+        "preference": (preference("preference", []), "tools", "tools"),
+        "preference_lr2e6": (preference("preference_lr2e6", ["--model.init_args.lr=2e-6"]), "tools", "tools"),
+        "preference_ipo": (preference("preference_ipo", ["--model.init_args.loss_type=ipo"]), "tools", "tools"),
     }
 
 

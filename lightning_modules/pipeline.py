@@ -23,6 +23,7 @@ import json
 import os
 import shlex
 import sys
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -172,14 +173,21 @@ def run_stage(spec: StageSpec, parent: str | None, where: Workspace, env: dict[s
     return "resumed" if resumed else "trained"
 
 
+_BEFORE_LOCKS: dict[tuple[str, ...], threading.Lock] = {}  # one per distinct `before` command line and place
+_BEFORE_GUARD = threading.Lock()
+
+
 def _run_before(spec: StageSpec, parent: Path | None, data_dir: str, cwd: str | Path | None) -> None:
     """Run the stage's ``before`` command (e.g. ``stagewise pairs``) as its own process (in ``cwd``, where the
     paths it is given are relative to)."""
     args = [a.replace("{parent}", str(parent or "")).replace("{data_dir}", str(data_dir)) for a in spec.before]
-    console.print(f"[bold]{spec.name}[/] (before): stagewise " + " ".join(args))
-    start = time.perf_counter()
-    status = run_forwarding_signals([sys.executable, "-m", "lightning_modules", *args],
-                                    env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=cwd)
+    with _BEFORE_GUARD:
+        lock = _BEFORE_LOCKS.setdefault((str(cwd), *args), threading.Lock())
+    with lock:  # stages run side by side (recipe variants) that need the same step take turns: the later one
+        console.print(f"[bold]{spec.name}[/] (before): stagewise " + " ".join(args))  # finds it up to date
+        start = time.perf_counter()
+        status = run_forwarding_signals([sys.executable, "-m", "lightning_modules", *args],
+                                        env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=cwd)
     if status != 0:
         raise StagewiseError(f"the step before stage '{spec.name}' (`stagewise {' '.join(args)}`) failed "
                              f"(exit {status}); fix the error above and re-run the pipeline")

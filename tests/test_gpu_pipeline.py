@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from experiments.gpu_pipeline import main as gpu_pipeline
@@ -162,3 +163,31 @@ def test_the_throughput_benchmark_measures_the_gpu_pipelines_shapes():
         assert "configs/model/small.yaml" in line["configs"] and preset == "small" and vocab_of(size) == vocab
         settings = line_settings(line)
         assert (settings["seq_len"], settings["batch_size"]) == (seq_len, batch), line["name"]
+
+
+def test_preference_variants_share_one_pairs_step_and_differ_in_their_settings():
+    """The preference variants make the tool stage's pairs with one command line (so, run side by side, the
+    later one waits for the pairs instead of writing them too) and train from them with their own settings."""
+    from experiments.recipe_comparisons import variants
+
+    table = variants(yaml.safe_load((ROOT / "configs/pipelines/gpu.yaml").read_text()))
+    specs = {n: table[n][0] for n in ("preference", "preference_lr2e6", "preference_ipo")}
+    assert len({tuple(s.before) for s in specs.values()}) == 1 and specs["preference"].before[0] == "pairs"
+    assert all(table[n][1] == "tools" for n in specs)
+    assert specs["preference_lr2e6"].args[-1] == "--model.init_args.lr=2e-6"
+    assert specs["preference_ipo"].args[-1] == "--model.init_args.loss_type=ipo"
+
+
+def test_the_decoding_benchmarks_graph_check_compares_graph_and_eager_static_tokens():
+    """The check the session script gates CUDA graphs on: float32, 8 left-padded prompts, 40 new tokens. On a CPU
+    both modes decode eagerly, so every row is equal; the report carries it for the script to read."""
+    from experiments.benchmark_decoding import graph_check
+    from lightning_modules.causal_lm import CausalLM
+
+    torch.manual_seed(0)
+    model = CausalLM(size="tiny", vocab_size=128, model_overrides={"max_seq_len": 256})
+    model.configure_model()
+    check = graph_check(model.eval(), 128)
+    assert check == {"prompts": 8, "prompt_tokens": check["prompt_tokens"], "new_tokens": 40, "precision": "float32",
+                     "graph_rows_equal_static": 1.0}
+    assert 150 <= check["prompt_tokens"][0] <= check["prompt_tokens"][1] <= 200

@@ -216,6 +216,37 @@ def test_a_stage_runs_its_before_command_first_from_its_parent(fake_fit):
         pl.pipeline([pl.StageSpec("p", ["stage.yaml"], before=["frobnicate"])], report=False)
 
 
+def test_stages_side_by_side_that_need_the_same_before_step_take_turns(monkeypatch):
+    """Recipe variants run in threads; two preference variants of one parent make the same pairs: the second
+    must wait for the first (then `stagewise pairs` finds them up to date) instead of writing them beside it."""
+    import threading
+    import time
+
+    inside, most, lock = [0], [0], threading.Lock()
+
+    def run(cmd, env=None, cwd=None, **streams):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.2)
+        with lock:
+            inside[0] -= 1
+        return 0
+
+    monkeypatch.setattr(pl, "run_forwarding_signals", run)
+    same = lambda name: pl.StageSpec(name, ["s.yaml"], before=["pairs", "--parent", "{parent}"])  # noqa: E731
+    threads = [threading.Thread(target=pl._run_before, args=(same(n), Path("p.ckpt"), "data", None)) for n in "ab"]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert most[0] == 1
+    other = pl.StageSpec("c", ["s.yaml"], before=["pairs", "--parent", "{parent}"])  # another parent: no waiting
+    threads = [threading.Thread(target=pl._run_before, args=(spec, Path(p), "data", None))
+               for spec, p in ((same("a"), "p.ckpt"), (other, "q.ckpt"))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert most[0] == 2
+
+
 def test_report_of_a_preference_stage_gives_its_pair_metrics_and_tool_scores_before_and_after(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
