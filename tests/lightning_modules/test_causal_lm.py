@@ -223,8 +223,35 @@ def test_compile_keeps_state_dict_keys():
     model = tiny_lm(compile=True)
     model.configure_model()
     assert hasattr(model.training_loss, "_torchdynamo_orig_callable")
-    assert hasattr(model.validation_loss, "_torchdynamo_orig_callable")
+    assert hasattr(model.validation_loss.compiled, "_torchdynamo_orig_callable")
     assert set(model.state_dict()) == {"model." + k for k in tiny_lm().build_model().state_dict()}
+
+
+def test_a_held_out_loaders_short_last_batch_is_scored_eagerly_not_recompiled(monkeypatch):
+    """Full batches of each kind (window length, mask or not) go through the compiled loss, a shorter one of a
+    kind already seen (a loader's last) through the eager one; the two give the same numbers."""
+    import lightning_modules.causal_lm as causal_lm
+
+    calls = []
+
+    def fake_compile(fn):
+        def compiled(*args):
+            calls.append(("compiled", tuple(args[0].shape), args[2] is not None))
+            return fn(*args)
+        return compiled
+
+    monkeypatch.setattr(causal_lm.torch, "compile", fake_compile)
+    model = tiny_lm(compile=True)
+    model.configure_model()
+    mask = lambda b, t: torch.ones(b, t, dtype=torch.long)  # noqa: E731
+    batches = [(4, 8, None), (4, 8, None), (2, 8, None), (4, 16, mask(4, 16)), (3, 16, mask(3, 16)), (3, 8, mask(3, 8))]
+    for b, t, m in batches:
+        ids = torch.randint(0, VOCAB, (b, t))
+        loss, n = model.validation_loss(ids, ids, m)
+        eager = causal_lm.cross_entropy(model.model(ids), ids, m)
+        torch.testing.assert_close((loss, n), eager)
+    assert calls == [("compiled", (4, 8), False), ("compiled", (4, 8), False), ("compiled", (4, 16), True),
+                     ("compiled", (3, 8), True)]  # (2, 8) and (3, 16): eager; (3, 8) with a mask: a new kind
 
 
 def test_generate_with_cache_equals_greedy_full_recompute():
