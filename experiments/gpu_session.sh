@@ -11,8 +11,9 @@
 #   setsid bash experiments/gpu_session.sh > runs/session.log 2>&1 &   # in the background, then poll $RESULTS
 # Environment: DEADLINE (seconds after the start when the comparisons and the study stop; default 1450),
 # VARIANTS (the recipe comparisons to run, in order), STUDY=0 (no study beside them), STUDY_DEVICES (the study's
-# workers, one GPU index each; default "0 0"), PIPELINE=0 (none of the first three steps: the time goes to the
-# comparisons and the study). The study writes under $RESULTS/staged_vs_joint (a path the device tool does not
+# workers, one GPU index each; default "0 0"), PIPELINE=0 (neither the pipeline nor the throughput benchmark:
+# after the decoding check the time goes to the comparisons, which need the pipeline's checkpoints on this
+# machine, and the study; `PIPELINE=0 VARIANTS= STUDY_DEVICES="0 0 0 0"` gives a fresh machine to the study). The study writes under $RESULTS/staged_vs_joint (a path the device tool does not
 # overwrite between calls, unlike the checkout's tracked experiments/results/), starting from the committed
 # results.json, so a later call of the same session skips the runs an earlier one finished.
 # How the device tool's calls poll it (each call at most 10 minutes; what is under $OUT comes back):
@@ -32,21 +33,21 @@ step() { echo "== $(date -u +%T) $*" | tee -a "$RESULTS/steps.txt"; "$@"; local 
   echo "== $(date -u +%T) exit $rc" | tee -a "$RESULTS/steps.txt"; }
 
 nvidia-smi --query-gpu=name,memory.total,memory.used,utilization.gpu --format=csv | tee "$RESULTS/card.txt"
+rm -f "$RESULTS/decoding_${date}_gpu_session.json"  # an earlier call's must not decide for this one
+step timeout -k 10 150 python3 -m experiments.benchmark_decoding --repeats 1 --tag "${date}_gpu_session"
+# the graph must give the eager static step's tokens in the float32 check; where not (or capture failed), eager
+if ! python3 -c "import json,sys; c=json.load(open('$RESULTS/decoding_${date}_gpu_session.json')).get('check') or {}; sys.exit(c.get('graph_rows_equal_static') != 1.0)"; then
+  export STAGEWISE_CUDA_GRAPHS=0
+  echo "== decoding without CUDA graphs" | tee -a "$RESULTS/steps.txt"
+fi
 if [ "${PIPELINE:-1}" != 0 ]; then
-  rm -f "$RESULTS/decoding_${date}_gpu_session.json"  # an earlier call's must not decide for this one
-  step timeout -k 10 150 python3 -m experiments.benchmark_decoding --repeats 1 --tag "${date}_gpu_session"
-  # the graph must give the eager static step's tokens in the float32 check; where not (or capture failed), eager
-  if ! python3 -c "import json,sys; c=json.load(open('$RESULTS/decoding_${date}_gpu_session.json')).get('check') or {}; sys.exit(c.get('graph_rows_equal_static') != 1.0)"; then
-    export STAGEWISE_CUDA_GRAPHS=0
-    echo "== decoding without CUDA graphs" | tee -a "$RESULTS/steps.txt"
-  fi
   step timeout -k 20 760 python3 -m experiments.gpu_pipeline --pack .gpu/packs/full/full.pack.json --timeout 580 \
     --results "$RESULTS/gpu_pipeline_$date"
   step timeout -k 20 240 python3 -m experiments.benchmark_throughput --sizes small_text small_tools --rows stagewise \
     --tag gpu_pipeline
 fi
 # together: the recipe comparisons (3 workers) and the study (2 workers), until the deadline
-VARIANTS=${VARIANTS:-preference joint_tools preference_lr2e6 preference_ipo tools_replay30}
+VARIANTS=${VARIANTS-preference joint_tools preference_lr2e6 preference_ipo tools_replay30}
 study="$RESULTS/staged_vs_joint"
 mkdir -p "$study"
 [ -f "$study/results.json" ] || cp experiments/results/staged_vs_joint/results.json "$study/" 2>/dev/null
