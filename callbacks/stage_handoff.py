@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +19,8 @@ from callbacks.best_checkpoint import BestCheckpoint
 from callbacks.precision import precision_label
 from callbacks.throughput import device_peak_flops, mfu, model_shape
 from datamodules.errors import StagewiseError, TokenizerMismatchError
-from datamodules.metric_names import STAGE_BOUNDARY, TRAIN_TOKENS_LOSS, val_losses, val_tokens_loss
+from datamodules.metric_names import (STAGE_BOUNDARY, TRAIN_TOKENS_LOSS, domain_of_val_loss, val_losses,
+                                      val_tokens_loss)
 from datamodules.shards import atomic_path
 from datamodules.stage_record import (
     checked_record, file_sha256, lineage_domains, read_checkpoint, stage_of_checkpoint, update_stage_record,
@@ -74,6 +76,7 @@ class StageHandoff(L.Callback):
         self.export_hf = export_hf
         self.log_every_n_steps = log_every_n_steps
         self.val_history: dict[str, dict[str, float]] = {}  # optimizer step -> per-domain val losses
+        self.val_metrics_history: dict[str, dict[str, float]] = {}  # optimizer step -> other val/<domain>/<what>
         self.parent: dict | None = None
         self.boundary_logged = False
         self._wall_before = 0.0  # wall time of earlier runs of this stage (before a resume)
@@ -187,6 +190,9 @@ class StageHandoff(L.Callback):
                 for domain, loss in losses.items():
                     tb.add_scalar(val_tokens_loss(domain), loss, global_step=tokens)
         self.val_history[str(trainer.global_step)] = losses
+        metrics = _val_metrics(trainer)
+        if metrics:
+            self.val_metrics_history[str(trainer.global_step)] = metrics
 
     def _best_checkpoint_callback(self, trainer: L.Trainer) -> ModelCheckpoint | None:
         best = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, BestCheckpoint) and cb.stage == self.stage]
@@ -278,6 +284,11 @@ class StageHandoff(L.Callback):
             # the text domains' validation window: the next stage validates on the same (see CorpusDataModule)
             "val_seq_len": getattr(trainer.datamodule, "val_seq_len", None) or getattr(trainer.datamodule, "seq_len", None),
         }
+        if self.val_metrics_history:  # e.g. val/preference/reward_accuracy: at the best checkpoint and at the end
+            last_step = max(self.val_metrics_history, key=int)
+            record["val_metrics"] = {"final": self.val_metrics_history[last_step],
+                                     "best": self.val_metrics_history.get(str(best_step),
+                                                                          self.val_metrics_history[last_step])}
         last = _last_checkpoint(trainer)
         if last is not None:
             record["last_checkpoint"] = str(last)
@@ -317,6 +328,7 @@ class StageHandoff(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "val_history": dict(self.val_history),
+            "val_metrics_history": dict(self.val_metrics_history),
             "parent": self.parent,
             "boundary_logged": self.boundary_logged,
             "wall_time_s": self.wall_time_s(),
@@ -324,6 +336,7 @@ class StageHandoff(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.val_history = dict(state_dict.get("val_history") or {})
+        self.val_metrics_history = dict(state_dict.get("val_metrics_history") or {})
         self.parent = state_dict.get("parent")
         self.boundary_logged = bool(state_dict.get("boundary_logged"))
         self._wall_before = float(state_dict.get("wall_time_s") or 0.0)  # _t0 stays: FSDP restores after on_fit_start
@@ -348,6 +361,18 @@ def _val_losses(trainer: L.Trainer) -> dict[str, float]:
     losses = val_losses(trainer.callback_metrics)
     domains = getattr(trainer.datamodule, "val_domains", None) or []
     return {d: losses[d] for d in domains if d in losses} | losses
+
+
+def _val_metrics(trainer: L.Trainer) -> dict[str, float]:
+    """The latest validation's ``val/<domain>/<what>`` scalars other than losses and perplexities (a preference
+    stage's reward accuracy and margin), by name (finite values only)."""
+    out = {}
+    for name, value in trainer.callback_metrics.items():
+        if domain_of_val_loss(name, metric=None) is None or name.endswith(("/loss", "/ppl")):
+            continue
+        if (not hasattr(value, "numel") or value.numel() == 1) and math.isfinite(float(value)):
+            out[name] = float(value)
+    return out
 
 
 def _experiment_name(trainer: L.Trainer) -> str | None:

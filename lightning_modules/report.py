@@ -91,9 +91,14 @@ def _preference(records: dict[str, dict], experiment_dir: Path, experiment_model
     for name, r in records.items():
         if PREFERENCE not in (r.get("losses") or {}).get("final", {}):
             continue
-        series = read_scalars(experiment_dir / name, f"val/{PREFERENCE}/")
-        at_best = {m: _at_step(series.get(f"val/{PREFERENCE}/{m}", []), r.get("best_step", math.inf))
-                   for m in ("reward_accuracy", "reward_margin", "loss")}
+        # at the best checkpoint: the record's values (val_metrics, losses), else the event files'
+        recorded = {**((r.get("val_metrics") or {}).get("best") or {})}
+        if ((r.get("losses") or {}).get("best") or {}).get(PREFERENCE) is not None:
+            recorded[f"val/{PREFERENCE}/loss"] = r["losses"]["best"][PREFERENCE]
+        tags = {m: f"val/{PREFERENCE}/{m}" for m in ("reward_accuracy", "reward_margin", "loss")}
+        series = read_scalars(experiment_dir / name, f"val/{PREFERENCE}/") if set(tags.values()) - set(recorded) else {}
+        at_best = {m: recorded[t] if t in recorded else _at_step(series.get(t, []), r.get("best_step", math.inf))
+                   for m, t in tags.items()}
         parent = (r.get("parent") or {}).get("stage")
         before = (records.get(parent) or read_stage_record(experiment_models, parent) or {}) if parent else {}
         lines.append(f"| {name} | {parent or '–'} | {_fmt(at_best['reward_accuracy'], 2)} | "

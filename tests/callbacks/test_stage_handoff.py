@@ -165,8 +165,10 @@ def test_resume_keeps_losses_and_wall_time():
     a = StageHandoff("code")
     a.val_history, a._wall_before = {"250": {"code": 1.5, "language": 2.0}}, 12.0
     b = StageHandoff("code")
+    a.val_metrics_history = {"250": {"val/preference/reward_accuracy": 0.75}}
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
     assert b.val_history == {"250": {"code": 1.5, "language": 2.0}}
+    assert b.val_metrics_history == {"250": {"val/preference/reward_accuracy": 0.75}}
     assert b.wall_time_s() == pytest.approx(12.0)
 
 
@@ -243,3 +245,19 @@ def test_the_records_throughput_tells_validation_time_from_training(tmp_path, mo
     # the second validation ends training: its 1000 s count to the end of training too
     assert 2000 <= throughput["validation_s"] < throughput["seconds"] < 2100
     assert throughput["training_tokens_per_s"] > 10 * throughput["tokens_per_s"]
+
+
+def test_the_record_keeps_other_validation_metrics_at_the_best_checkpoint_and_at_the_end(tmp_path, monkeypatch):
+    """A val/<domain>/<what> that is neither a loss nor a perplexity (a preference stage's reward accuracy) lands
+    in the record as val_metrics, at the best checkpoint's validation and at the last one."""
+    monkeypatch.chdir(tmp_path)
+
+    class Score(L.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            pl_module.log("val/language/score", float(trainer.global_step))
+
+    run_stage("language", ["language"], callbacks=[Score()])
+    record = read_stage_record("models", "language")
+    assert record["val_metrics"] == {"final": {"val/language/score": 6.0},
+                                     "best": {"val/language/score": float(record["best_step"])}}
+    assert not any(k.endswith(("/loss", "/ppl")) for k in record["val_metrics"]["final"])

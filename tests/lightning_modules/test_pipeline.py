@@ -262,3 +262,18 @@ def test_report_of_a_preference_stage_gives_its_pair_metrics_and_tool_scores_bef
     text = write_report("exp", ["tools", "preference"], models_dir=str(models), runs_dir=str(runs)).read_text()
     assert "| tools loss | tools json" in text and "preference loss" not in text  # pairs: their own section
     assert "| preference | tools | 0.75 | – | – | 0.50 / 0.25 / 0.12 → 0.50 / 0.25 / 0.38 |" in text
+
+
+def test_report_of_a_preference_stage_reads_its_pair_metrics_from_the_record_without_event_files(tmp_path):
+    """A record written by StageHandoff carries the best checkpoint's val/preference/* (val_metrics) and pair loss
+    (losses.best): the card needs no TensorBoard files (a GPU machine's results come back without them)."""
+    models, runs = tmp_path / "models", tmp_path / "runs"
+    scores = {"json_valid": 0.5, "name_accuracy": 0.25, "call_accuracy": 0.125}
+    update_stage_record(models / "exp", "tools", {"losses": {"final": {"tools": 2.0}}, "tools": scores})
+    update_stage_record(models / "exp", "preference", {
+        "parent": {"stage": "tools"}, "best_step": 20,
+        "losses": {"final": {"preference": 0.6}, "best": {"tools": 1.5, "preference": 0.25}}, "tools": scores,
+        "val_metrics": {"best": {"val/preference/reward_accuracy": 0.875, "val/preference/reward_margin": 1.5},
+                        "final": {"val/preference/reward_accuracy": 0.5}}})
+    text = write_report("exp", ["tools", "preference"], models_dir=str(models), runs_dir=str(runs)).read_text()
+    assert "| preference | tools | 0.88 | 1.500 | 0.250 |" in text

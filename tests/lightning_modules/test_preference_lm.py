@@ -172,3 +172,5 @@ def test_tiny_preference_stage_prefers_the_chosen_answers_of_heldout_pairs(pair_
     assert acc1 > 0.5 and series["reward_margin"][-1][1] > 0 and series["loss"][-1][1] < math.log(2)
     gap = [c[1] - r[1] for c, r in zip(series["chosen_logp"], series["rejected_logp"])]
     assert gap[-1] > gap[0]  # the policy itself now prefers the chosen answers more than its parent did
+    # the record carries the last validation's pair metrics too (the report card reads them there)
+    assert record["val_metrics"]["final"]["val/preference/reward_accuracy"] == pytest.approx(acc1)
