@@ -35,8 +35,8 @@ step() { echo "== $(date -u +%T) $*" | tee -a "$RESULTS/steps.txt"; "$@"; local 
 nvidia-smi --query-gpu=name,memory.total,memory.used,utilization.gpu --format=csv | tee "$RESULTS/card.txt"
 rm -f "$RESULTS/decoding_${date}_gpu_session.json"  # an earlier call's must not decide for this one
 step timeout -k 10 150 python3 -m experiments.benchmark_decoding --repeats 1 --tag "${date}_gpu_session"
-# the graph must give the eager static step's tokens in the float32 check; where not (or capture failed), eager
-if ! python3 -c "import json,sys; c=json.load(open('$RESULTS/decoding_${date}_gpu_session.json')).get('check') or {}; sys.exit(c.get('graph_rows_equal_static') != 1.0)"; then
+# the graph must be captured and give the eager static step's tokens in the float32 check; where not, eager
+if ! python3 -c "import json,sys; c=json.load(open('$RESULTS/decoding_${date}_gpu_session.json')).get('check') or {}; sys.exit(not (c.get('graph_captured') and c.get('graph_rows_equal_static') == 1.0))"; then
   export STAGEWISE_CUDA_GRAPHS=0
   echo "== decoding without CUDA graphs" | tee -a "$RESULTS/steps.txt"
 fi
@@ -46,7 +46,7 @@ if [ "${PIPELINE:-1}" != 0 ]; then
   step timeout -k 20 240 python3 -m experiments.benchmark_throughput --sizes small_text small_tools --rows stagewise \
     --tag gpu_pipeline
 fi
-# together: the recipe comparisons (3 workers) and the study (2 workers), until the deadline
+# together: the recipe comparisons (3 workers) and the study (STUDY_DEVICES workers), until the deadline
 VARIANTS=${VARIANTS-preference joint_tools preference_lr2e6 preference_ipo tools_replay30}
 study="$RESULTS/staged_vs_joint"
 mkdir -p "$study"

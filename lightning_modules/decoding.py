@@ -132,6 +132,11 @@ def _steps(model, cache, graph: bool):
         return eager
 
 
+captures = 0
+"""CUDA graphs of the decoding step captured in this process (how ``experiments/benchmark_decoding.py`` knows that
+its graph mode replayed a graph instead of decoding eagerly after a failed capture)."""
+
+
 def _graphed(model, cache, slot: torch.Tensor):
     B, device = cache.layers[0].k.shape[0], cache.layers[0].k.device
     static_token = torch.zeros(B, 1, dtype=torch.long, device=device)
@@ -157,6 +162,8 @@ def _graphed(model, cache, slot: torch.Tensor):
         cache.key_mask.copy_(key_mask)
         cache.lengths.copy_(lengths)
         slot.copy_(at)
+    global captures
+    captures += 1
 
     def replay(token: torch.Tensor, keep=(slot, cache)) -> torch.Tensor:
         # `keep`: the graph reads and writes `slot` and the cache by address; freed, their memory would go to

@@ -182,7 +182,7 @@ def _run_before(spec: StageSpec, parent: Path | None, data_dir: str, cwd: str | 
     paths it is given are relative to)."""
     args = [a.replace("{parent}", str(parent or "")).replace("{data_dir}", str(data_dir)) for a in spec.before]
     with _BEFORE_GUARD:
-        lock = _BEFORE_LOCKS.setdefault((str(cwd), *args), threading.Lock())
+        lock = _BEFORE_LOCKS.setdefault((str(Path(cwd or ".").resolve()), *args), threading.Lock())
     with lock:  # stages run side by side (recipe variants) that need the same step take turns: the later one
         console.print(f"[bold]{spec.name}[/] (before): stagewise " + " ".join(args))  # finds it up to date
         start = time.perf_counter()

@@ -178,16 +178,42 @@ def test_preference_variants_share_one_pairs_step_and_differ_in_their_settings()
     assert specs["preference_ipo"].args[-1] == "--model.init_args.loss_type=ipo"
 
 
-def test_the_decoding_benchmarks_graph_check_compares_graph_and_eager_static_tokens():
-    """The check the session script gates CUDA graphs on: float32, 8 left-padded prompts, 40 new tokens. On a CPU
-    both modes decode eagerly, so every row is equal; the report carries it for the script to read."""
-    from experiments.benchmark_decoding import graph_check
+def test_the_decoding_benchmarks_graph_check_compares_graph_and_eager_static_tokens(monkeypatch, tmp_path):
+    """The check the session script gates CUDA graphs on: float32, 8 left-padded prompts, 40 new tokens, whether a
+    graph was captured and the share of rows whose tokens equal the eager static step's; and the gate itself."""
+    import subprocess
+    import sys
+
+    import experiments.benchmark_decoding as bench
     from lightning_modules.causal_lm import CausalLM
 
     torch.manual_seed(0)
     model = CausalLM(size="tiny", vocab_size=128, model_overrides={"max_seq_len": 256})
     model.configure_model()
-    check = graph_check(model.eval(), 128)
+    check = bench.graph_check(model.eval(), 128)  # on a CPU both modes decode eagerly and nothing is captured
     assert check == {"prompts": 8, "prompt_tokens": check["prompt_tokens"], "new_tokens": 40, "precision": "float32",
-                     "graph_rows_equal_static": 1.0}
+                     "graph_captured": False, "graph_rows_equal_static": 1.0}
     assert 150 <= check["prompt_tokens"][0] <= check["prompt_tokens"][1] <= 200
+    real = bench.decode
+
+    def broken_graph(model, ids, mask, new, mode):  # a captured graph that garbles the first row's last token
+        out, seconds = real(model, ids, mask, new, mode)
+        if mode is True:
+            bench.decoding.captures += 1
+            out = out.clone()
+            out[0, -1] = (out[0, -1] + 1) % 128
+        return out, seconds
+
+    monkeypatch.setattr(bench, "decode", broken_graph)
+    assert bench.graph_check(model, 128)["graph_rows_equal_static"] == 0.875
+    # gpu_session.sh's gate: graphs only when captured and every row is equal
+    script = (ROOT / "experiments/gpu_session.sh").read_text()
+    gate = script[script.index('python3 -c "') + len('python3 -c "'):script.index('"; then')]
+    for found, graphs in (({"graph_captured": True, "graph_rows_equal_static": 1.0}, True),
+                          ({"graph_captured": False, "graph_rows_equal_static": 1.0}, False),
+                          ({"graph_captured": True, "graph_rows_equal_static": 0.875}, False),
+                          (None, False), ({"error": "RuntimeError: x"}, False)):
+        results = tmp_path
+        (results / "decoding_d_gpu_session.json").write_text(json.dumps({"check": found}))
+        code = gate.replace("$RESULTS", str(results)).replace("${date}", "d")
+        assert (subprocess.run([sys.executable, "-c", code]).returncode == 0) == graphs, found
