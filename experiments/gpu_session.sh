@@ -25,7 +25,8 @@ cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-runs/session}
 DEADLINE=${DEADLINE:-1450}
 mkdir -p "$RESULTS"
-export OUT=$PWD/$RESULTS PYTHONUNBUFFERED=1
+case $RESULTS in /*) OUT=$RESULTS ;; *) OUT=$PWD/$RESULTS ;; esac  # an absolute RESULTS as it is
+export OUT PYTHONUNBUFFERED=1
 date=$(date -u +%F)
 start=$(date +%s)
 left() { echo $(( DEADLINE - ($(date +%s) - start) )); }
