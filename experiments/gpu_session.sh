@@ -48,7 +48,7 @@ if [ "${PIPELINE:-1}" != 0 ]; then
     --tag gpu_pipeline
 fi
 # together: the recipe comparisons (3 workers) and the study (STUDY_DEVICES workers), until the deadline
-VARIANTS=${VARIANTS-preference joint_tools preference_lr2e6 preference_ipo tools_replay30}
+VARIANTS=${VARIANTS-preference joint_tools preference_lr2e6 tools_long preference_ipo tools_replay30}
 study="$RESULTS/staged_vs_joint"
 mkdir -p "$study"
 [ -f "$study/results.json" ] || cp experiments/results/staged_vs_joint/results.json "$study/" 2>/dev/null
