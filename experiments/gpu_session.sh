@@ -13,9 +13,10 @@
 # VARIANTS (the recipe comparisons to run, in order), STUDY=0 (no study beside them), STUDY_DEVICES (the study's
 # workers, one GPU index each; default "0 0"), PIPELINE=0 (neither the pipeline nor the throughput benchmark:
 # after the decoding check the time goes to the comparisons, which need the pipeline's checkpoints on this
-# machine, and the study; `PIPELINE=0 VARIANTS= STUDY_DEVICES="0 0 0 0"` gives a fresh machine to the study). The study writes under $RESULTS/staged_vs_joint (a path the device tool does not
-# overwrite between calls, unlike the checkout's tracked experiments/results/), starting from the committed
-# results.json, so a later call of the same session skips the runs an earlier one finished.
+# machine, and the study; `PIPELINE=0 VARIANTS= STUDY_DEVICES="0 0 0 0"` gives a fresh machine to the study).
+# The study writes under $RESULTS/staged_vs_joint (which the device tool does not overwrite between calls, unlike
+# the checkout's tracked experiments/results/), starting from the committed results.json, so a later call of the
+# same session skips the runs an earlier one finished.
 # How the device tool's calls poll it (each call at most 10 minutes; what is under $OUT comes back):
 #   for i in $(seq 1 28); do sleep 20; tar czf $OUT/session.tgz runs/session runs/session.log runs/gpu/*.log \
 #     runs/gpu/*/stderr.log runs/gpu/*/events.out.tfevents.* models/gpu/*/*.json 2>/dev/null
@@ -61,8 +62,10 @@ if [ "$rest" -gt 120 ]; then
   fi
   if [ "${STUDY:-1}" != 0 ]; then
     # shellcheck disable=SC2086
-    step timeout -k 20 $((rest - 20)) python3 -m experiments.staged_vs_joint --devices ${STUDY_DEVICES:-0 0} \
-      --time-budget $((rest - 240 > 0 ? rest - 240 : 1)) --work-dir runs/study --out "$study" &
+    # its results under $study only (that is under $OUT already: no second copy at $OUT's top)
+    OUT=$OUT/staged_vs_joint step timeout -k 20 $((rest - 20)) python3 -m experiments.staged_vs_joint \
+      --devices ${STUDY_DEVICES:-0 0} --time-budget $((rest - 240 > 0 ? rest - 240 : 1)) --work-dir runs/study \
+      --out "$study" &
   fi
   wait
 fi

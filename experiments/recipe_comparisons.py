@@ -98,6 +98,7 @@ def variants(config: dict) -> dict[str, tuple[StageSpec, str | None, str]]:
           if a.startswith(("--data.init_args.seq_len=", "--data.init_args.batch_size="))],
         f"--data.init_args.mixture={mixture}", "--best_checkpoint.monitor=val/tools/loss",
         "--trainer.callbacks+=callbacks.ToolCallEval"], parent="none")
+
     def preference(name: str, extra: list[str]) -> StageSpec:  # one set of pairs (the tool stage's) for all
         return StageSpec(name, ["configs/stages/preference.yaml", *line["tools"]["configs"][1:]], [
             "--trainer.max_steps=400", "--trainer.val_check_interval=100", "--model.init_args.lr=1e-5",

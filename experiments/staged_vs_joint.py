@@ -292,8 +292,8 @@ def main(argv: list[str] | None = None) -> dict:
             report.write(study, settings, plots=plots)
             if plots:
                 plotted[0] = study.elapsed()
-            if os.environ.get("OUT"):
-                target = Path(os.environ["OUT"])
+            target = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+            if target is not None and target.resolve() != args.out.resolve():  # --out may be $OUT itself
                 target.mkdir(parents=True, exist_ok=True)
                 for name in FILES:
                     if (args.out / name).is_file():

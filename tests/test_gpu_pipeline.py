@@ -213,7 +213,6 @@ def test_the_decoding_benchmarks_graph_check_compares_graph_and_eager_static_tok
                           ({"graph_captured": False, "graph_rows_equal_static": 1.0}, False),
                           ({"graph_captured": True, "graph_rows_equal_static": 0.875}, False),
                           (None, False), ({"error": "RuntimeError: x"}, False)):
-        results = tmp_path
-        (results / "decoding_d_gpu_session.json").write_text(json.dumps({"check": found}))
-        code = gate.replace("$RESULTS", str(results)).replace("${date}", "d")
+        (tmp_path / "decoding_d_gpu_session.json").write_text(json.dumps({"check": found}))
+        code = gate.replace("$RESULTS", str(tmp_path)).replace("${date}", "d")
         assert (subprocess.run([sys.executable, "-c", code]).returncode == 0) == graphs, found

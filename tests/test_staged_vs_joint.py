@@ -99,6 +99,7 @@ def test_every_condition_of_both_arms_end_to_end(corpora, tmp_path, monkeypatch)
 
     monkeypatch.setattr(study, "execute", refuse)
     before = (tmp_path / "out" / "results.json").read_text()
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))  # $OUT is --out itself (gpu_session.sh): no copy onto itself
     study.main(tiny_args(corpora, tmp_path))
     assert json.loads((tmp_path / "out" / "results.json").read_text())["runs"] == json.loads(before)["runs"]
 
