@@ -48,6 +48,10 @@ if [ "${PIPELINE:-1}" != 0 ]; then
   step timeout -k 20 240 python3 -m experiments.benchmark_throughput --sizes small_text small_tools --rows stagewise \
     --tag gpu_pipeline
 fi
+# the study reads data/full, which only the pipeline's first step unpacks: without the pipeline, unpack it here
+if [ "${STUDY:-1}" != 0 ] && [ ! -f data/full/tools/manifest.json ] && [ -f .gpu/packs/full/full.pack.json ]; then
+  step timeout -k 10 120 python3 -m lightning_modules unpack --pack .gpu/packs/full/full.pack.json --into data
+fi
 # together: the recipe comparisons (3 workers) and the study (STUDY_DEVICES workers), until the deadline
 VARIANTS=${VARIANTS-preference joint_tools preference_lr2e6 tools_long preference_ipo tools_replay30}
 study="$RESULTS/staged_vs_joint"

@@ -264,12 +264,19 @@ def command_of(run: Run, args: argparse.Namespace) -> str:
 
 
 def data_fingerprint(data_dir: Path) -> str:
-    """The prepared data's identity (the manifests' keys), so other data never counts as a finished run."""
-    keys = []
+    """The prepared data's identity, so other data never counts as a finished run: per domain its config key (the
+    config's settings and the tokenizer's sha256) and its documents and tokens per split. Not the manifests' own
+    keys: those hold the source files' mtimes, which a fresh install of the same packages changes (the data
+    prepared again on another machine had other keys and the same tokens)."""
+    parts = []
     for domain in DOMAINS:
         manifest = data_dir / domain / "manifest.json"
-        keys.append(json.loads(manifest.read_text()).get("key", "") if manifest.is_file() else "unprepared")
-    return hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:16]
+        if not manifest.is_file():
+            parts.append("unprepared")
+            continue
+        m = json.loads(manifest.read_text())
+        parts.append([m.get("config_key", ""), m.get("tokenizer_sha256", ""), m.get("documents"), m.get("tokens")])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def assign_keys(runs: list[Run], args: argparse.Namespace, fingerprint: str) -> None:
