@@ -680,9 +680,9 @@ class CausalLM(L.LightningModule):
         self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
         attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
         temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None,
-        static: bool | None = None,
+        static: bool | None = None, logits_processor=None,
     ) -> torch.Tensor:
         """Greedy (or sampled) continuation of prompts ``input_ids`` [B, T], all rows decoded together with a
         KV cache (:func:`lightning_modules.decoding.generate`, where the arguments are documented)."""
         return generate(self, input_ids, max_new_tokens, eos_token_id, attention_mask, pad_token_id,
-                        temperature, top_k, generator, static)
+                        temperature, top_k, generator, static, logits_processor)

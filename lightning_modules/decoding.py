@@ -39,7 +39,7 @@ def generate(
     module, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
     attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
     temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None,
-    static: bool | None = None,
+    static: bool | None = None, logits_processor=None,
 ) -> torch.Tensor:
     """Greedy (or sampled) continuation of prompts ``input_ids`` [B, T] by ``module`` (a ``CausalLM``), all
     rows decoded together with a KV cache.
@@ -58,6 +58,9 @@ def generate(
         static: Decode each token with ``Transformer.decode_step`` (static shapes), replayed as a CUDA graph on a
             GPU (``STAGEWISE_CUDA_GRAPHS=0`` replays none); default: on a GPU. Off: each token through
             ``forward`` with a growing cache. Same tokens either way, up to float rounding.
+        logits_processor: Called before each token is chosen as ``logits_processor(ids, scores)`` with every
+            token so far [B, T] and the next token's logits [B, V]; returns the logits to choose from
+            (transformers' ``LogitsProcessor`` signature; e.g. ``tool_constraint.ToolCallConstraint``).
 
     Returns:
         Prompt + new tokens [B, T + n]; greedily, row ``b`` equals its own unbatched continuation.
@@ -71,6 +74,9 @@ def generate(
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
     if attention_mask is not None and "key_mask" not in inspect.signature(model.layers[0].attn.attend).parameters:
+        if logits_processor is not None:
+            raise StagewiseError("a logits_processor needs the rows decoded together; this model's attention "
+                                 f"({type(model.layers[0].attn).__name__}.attend) takes no key_mask for padded rows")
         # an attention subclass without padding support: decode the rows one by one, unpadded
         news = [generate(module, ids[mask.bool()][None], max_new_tokens, eos_token_id, None, pad, temperature, top_k,
                          generator)[0, int(mask.sum()):]
@@ -87,7 +93,10 @@ def generate(
     out, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=module.device)
     all_done = []
     for i in range(max_new_tokens):
-        token = torch.where(done, pad, next_token(logits[:, -1], temperature, top_k, generator))
+        scores = logits[:, -1]
+        if logits_processor is not None:
+            scores = logits_processor(torch.cat(out, dim=1), scores)
+        token = torch.where(done, pad, next_token(scores, temperature, top_k, generator))
         done = done | torch.isin(token, stops)
         out.append(token[:, None])
         all_done.append(done.all())
@@ -177,13 +186,16 @@ def _graphed(model, cache, slot: torch.Tensor):
 
 @torch.no_grad()
 def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
-                         batch_size: int | None = None, max_prompt_tokens: int | None = None) -> list[list[int]]:
+                         batch_size: int | None = None, max_prompt_tokens: int | None = None,
+                         logits_processor_for=None) -> list[list[int]]:
     """Greedy new tokens after each prompt, up to and including its first stop id, decoded in batches.
 
     Prompts of similar length are batched together (left-padded, KV cache, :func:`generate`);
     each result equals the prompt's unbatched greedy continuation. A prompt is cut from the left to at most
     ``max_prompt_tokens`` and to leave room for ``max_new_tokens`` in the model's context. ``batch_size``
     (prompts decoded together; the results do not depend on it) defaults to 64 on a GPU, 16 elsewhere.
+    ``logits_processor_for(rows)``, given a batch's prompt indices in batch order, returns that batch's
+    ``logits_processor`` (:func:`generate`).
     """
     context = getattr(getattr(model, "config", None), "max_seq_len", None)
     if context:
@@ -203,8 +215,9 @@ def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int, s
         for b, i in enumerate(rows):
             input_ids[b, width - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[b, width - len(prompts[i]):] = 1
+        extra = {"logits_processor": logits_processor_for(rows)} if logits_processor_for is not None else {}
         out = model.generate(input_ids.to(device), max_new_tokens=max_new_tokens, eos_token_id=stop_ids or None,
-                             attention_mask=mask.to(device))
+                             attention_mask=mask.to(device), **extra)
         for b, i in enumerate(rows):
             new = out[b, width:].tolist()
             stop = next((k for k, t in enumerate(new) if t in stop_ids), None)

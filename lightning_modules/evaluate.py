@@ -78,6 +78,7 @@ def evaluate(
     decode_batch_size: int | None = None,
     accelerator: str = "auto",
     precision: str = "32-true",
+    constrained: bool = False,
 ) -> dict[str, Any]:
     """Held-out loss of a checkpoint on every prepared domain, and its tool-call scores.
 
@@ -98,9 +99,12 @@ def evaluate(
             elsewhere).
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
         precision: Lightning precision (``32-true``, ``bf16-mixed``...).
+        constrained: Also score the tool calls decoded with constrained names and argument keys (the offered
+            tools, their parameters: ``lightning_modules.tool_constraint``), under ``tools_constrained``.
 
     Returns:
-        ``{"checkpoint", "data_dir", "losses": {domain: loss}, "tools": {"seen": scores, "unseen": scores} or None}``.
+        ``{"checkpoint", "data_dir", "losses": {domain: loss}, "tools": {"seen": scores, "unseen": scores} or None}``
+        (and ``"tools_constrained"`` of the same shape with ``constrained``).
     """
     import lightning as L
 
@@ -139,19 +143,21 @@ def evaluate(
     # decoded 800 prompts on the host's CPU, for over 5 minutes each, before this line)
     model.to(trainer.strategy.root_device)
 
-    tools = None
+    tools, tools_constrained = None, None
     if "tools" in names:
         tok = load_tokenizer(dm.tokenizer_dir)
-        tools = {}
+        tools, tools_constrained = {}, {} if constrained else None
         for group, split in heldout_groups(root, "val").items():
             examples = load_heldout_examples(root, split, limit, tokenizer=tok)
-            with trainer.precision_plugin.forward_context():
-                # prompts cut to the training window, as the model saw them (and decoding time grows with them)
-                tools[group] = evaluate_tool_calls(model, tok, examples, max_new_tokens=max_new_tokens,
-                                                   batch_size=decode_batch_size,
-                                                   max_prompt_tokens=max(1, dm.seq_len - max_new_tokens))
+            for scores, constrain in [(tools, False)] + ([(tools_constrained, True)] if constrained else []):
+                with trainer.precision_plugin.forward_context():
+                    # prompts cut to the training window, as the model saw them (and decoding time grows with them)
+                    scores[group] = evaluate_tool_calls(model, tok, examples, max_new_tokens=max_new_tokens,
+                                                        batch_size=decode_batch_size,
+                                                        max_prompt_tokens=max(1, dm.seq_len - max_new_tokens),
+                                                        constrain=constrain)
     result = {"checkpoint": str(ckpt), "data_dir": str(root), "seq_len": dm.seq_len, "losses": losses,
-              "tools": tools}
+              "tools": tools, **({"tools_constrained": tools_constrained} if constrained else {})}
     _print(result)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -168,10 +174,11 @@ def _print(result: dict) -> None:
     table.add_column("value", justify="right")
     for domain, loss in result["losses"].items():
         table.add_row(f"{domain} loss", f"{loss:.4f}")
-    for group, scores in (result["tools"] or {}).items():
-        for key in ("json_valid", "name_accuracy", "call_accuracy"):
-            table.add_row(f"tools/{group}/{key}", f"{scores[key]:.3f}")
-        table.add_row(f"tools/{group} examples", str(scores["n"]))
+    for kind in ("tools", "tools_constrained"):
+        for group, scores in (result.get(kind) or {}).items():
+            for key in ("json_valid", "name_accuracy", "call_accuracy"):
+                table.add_row(f"{kind}/{group}/{key}", f"{scores[key]:.3f}")
+            table.add_row(f"{kind}/{group} examples", str(scores["n"]))
     Console().print(table)
 
 

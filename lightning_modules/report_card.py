@@ -94,10 +94,12 @@ def bytes_per_token(corpus_dir: str | Path, tokenizer, split: str = "val",
     return text_bytes / n
 
 
-def _tools(models_dir: Path, name: str, record: dict) -> dict | None:
+def _tools(models_dir: Path, name: str, record: dict, kind: str = "tools") -> dict | None:
+    """A run's tool scores per group: ``stagewise evaluate``'s (``kind``: ``tools``, or ``tools_constrained``
+    for its constrained decoding), else, for ``tools``, the fit's own from its record."""
     path = models_dir / name / EVAL_FILE
-    groups = (json.loads(path.read_text()).get("tools") if path.is_file() else None) or {}
-    if not groups:
+    groups = (json.loads(path.read_text()).get(kind) if path.is_file() else None) or {}
+    if not groups and kind == "tools":
         recorded = record.get("tools") or {}
         groups = {g: recorded[g] for g in ("seen", "unseen") if isinstance(recorded.get(g), dict)}
         if not groups and "call_accuracy" in recorded:  # a record from before the seen/unseen groups
@@ -118,6 +120,8 @@ def _entry(name: str, record: dict, models_dir: Path, own_stage_losses: dict[str
         "bits_per_byte": {d: bits_per_byte(loss, bpt[d]) for d, loss in losses.items() if bpt.get(d)},
         "forgetting": {d: losses[d] / base - 1 for d, base in own_stage_losses.items() if d in losses},
         "tools": _tools(models_dir, name, record),
+        # decoded with names among the offered tools and keys among their parameters (tool_constraint)
+        "tools_constrained": _tools(models_dir, name, record, "tools_constrained"),
         "tokens": (record.get("tokens") or {}).get("stage"),
         "total_tokens": (record.get("tokens") or {}).get("total"),
         "wall_time_s": record.get("wall_time_s"),
@@ -212,4 +216,11 @@ def card_markdown(card: dict) -> list[str]:
                   scores("unseen"), f"{e['tokens'] or 0:,}", f"{e['wall_time_s'] or 0:.0f}s",
                   f"{e['tokens_per_s']:,}" if e.get("tokens_per_s") else "–", pct(e.get("mfu")).lstrip("+")]
         lines.append("| " + " | ".join(cells) + " |")
+    constrained = {name: e["tools_constrained"] for name, e in rows.items() if e.get("tools_constrained")}
+    if constrained:
+        lines += ["", "Decoded with constrained names and argument keys (the offered tools and their parameters), "
+                  "json/name/call (n): " + "; ".join(
+                      f"{name} " + ", ".join(f"{g} " + " / ".join(num(s.get(k), 2) for k in SCORES[:3])
+                                             + f" ({s.get('n')})" for g, s in groups.items())
+                      for name, groups in constrained.items())]
     return lines

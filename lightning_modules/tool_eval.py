@@ -217,7 +217,7 @@ def prompt_ids_of(tokenizer, example: dict) -> list[int]:
 
 def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: int = 128,
                         limit: int | None = None, num_samples: int = 3, batch_size: int | None = None,
-                        max_prompt_tokens: int | None = None) -> dict:
+                        max_prompt_tokens: int | None = None, constrain: bool = False) -> dict:
     """Generate the call for each example (greedy, KV cache, batched) and score it against the expected call.
 
     Args:
@@ -234,12 +234,15 @@ def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: 
         max_prompt_tokens: Keep only the last this many prompt tokens (the request and the last tool
             schemas). Decoding cost grows with the prompt: match the training window (``seq_len`` less
             the answer) to see prompts as the model saw them. Default: as many as the context holds.
+        constrain: Decode each call's function name among the prompt's offered tools and its arguments' keys
+            among that tool's parameters (``lightning_modules.tool_constraint``); the scores then say
+            ``"constrained": true``.
 
     Returns:
         The scores of :func:`score_calls` plus ``samples``.
     """
     examples = examples[:limit] if limit is not None else examples
-    predictions = predict_calls(model, tokenizer, examples, max_new_tokens, batch_size, max_prompt_tokens)
+    predictions = predict_calls(model, tokenizer, examples, max_new_tokens, batch_size, max_prompt_tokens, constrain)
     predicted, expected, samples = [], [], []
     for ex, (prompt, text, calls) in zip(examples, predictions):
         want = ex["tool_calls"] if "prompt_ids" in ex else scored_turn(ex)[1]
@@ -249,16 +252,25 @@ def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: 
             tail = tokenizer.decode(prompt[-48:], skip_special_tokens=False)
             samples.append({"prompt_tail": tail, "generated": text, "expected": want[0] if len(want) == 1 else want,
                             "correct": turns_equal(calls, want)})
-    return {**score_calls(predicted, expected), "samples": samples}
+    return {**score_calls(predicted, expected), **({"constrained": True} if constrain else {}), "samples": samples}
 
 
 def predict_calls(model, tokenizer, examples: list[dict], max_new_tokens: int = 128, batch_size: int | None = None,
-                  max_prompt_tokens: int | None = None) -> list[tuple[list[int], str, list[dict] | None]]:
+                  max_prompt_tokens: int | None = None,
+                  constrain: bool = False) -> list[tuple[list[int], str, list[dict] | None]]:
     """Each example's prompt ids, the generated turn's text and the calls parsed from it (None if none
     parses): greedy, batched, with the KV cache (arguments as in :func:`evaluate_tool_calls`)."""
     prompts = [prompt_ids_of(tokenizer, ex) for ex in examples]
+    processor_for = None
+    if constrain:
+        from lightning_modules.tool_constraint import ToolCallConstraint, offered_tools, token_pieces
+
+        pieces = token_pieces(tokenizer)
+        # the tools of the whole prompt (the request's), also where the model's window cuts its start
+        tools = [offered_tools(tokenizer.decode(p, skip_special_tokens=False)) for p in prompts]
+        processor_for = lambda rows: ToolCallConstraint(pieces, [tools[i] for i in rows])  # noqa: E731
     with decoding_threads(model):  # CausalLM.generate switches to eval mode and back
         generated = greedy_continuations(model, prompts, max_new_tokens, stop_token_ids(tokenizer), batch_size,
-                                         max_prompt_tokens)
+                                         max_prompt_tokens, processor_for)
     texts = [tokenizer.decode(new, skip_special_tokens=False) for new in generated]
     return [(prompt, text, parse_tool_calls(text)) for prompt, text in zip(prompts, texts)]

@@ -129,3 +129,35 @@ def test_stagewise_generate_from_the_checkpoint_and_from_the_export(trained, mon
     assert sampled[0] == sampled[1]  # sampling follows the seed
     raw = generate(str(ckpt), "What is", max_new_tokens=5)  # a plain continuation, no chat template
     assert raw["tool_calls"] is None and len(raw["text"]) > 0
+
+
+def test_the_tool_constraint_works_as_a_transformers_logits_processor(trained, monkeypatch):
+    """transformers' generate with our ToolCallConstraint: the right calls stay right, and a request for a tool
+    the prompt does not offer gets a call of one it does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
+
+    from lightning_modules.tool_constraint import ToolCallConstraint, offered_tools, token_pieces
+
+    root, ckpt = trained
+    monkeypatch.chdir(root)
+    if not (root / "models" / "tools_hf").exists():
+        main(["export", "--ckpt", str(ckpt), "--out", "models/tools_hf"])
+    tok = AutoTokenizer.from_pretrained("models/tools_hf")
+    model = AutoModelForCausalLM.from_pretrained("models/tools_hf").eval()
+
+    def call(messages, tools, constrain: bool):
+        inputs = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, return_dict=True,
+                                         return_tensors="pt")
+        prompt = tok.decode(inputs["input_ids"][0], skip_special_tokens=False)
+        processors = LogitsProcessorList(
+            [ToolCallConstraint(token_pieces(tok), [offered_tools(prompt)])] if constrain else [])
+        with decoding_threads(model):
+            out = model.generate(**inputs, max_new_tokens=100, do_sample=False, logits_processor=processors)
+        return parse_tool_calls(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=False))
+
+    for ex in EXAMPLES:
+        assert call(ex["messages"], [get_weather, get_time], constrain=True) == ex["tool_calls"]
+    weather = EXAMPLES[0]["messages"]
+    assert call(weather, [get_time], constrain=False)[0]["name"] == "get_weather"  # not offered: free, it calls it
+    constrained = call(weather, [get_time], constrain=True)
+    assert [c["name"] for c in constrained] == ["get_time"] and set(constrained[0]["arguments"]) <= {"city"}

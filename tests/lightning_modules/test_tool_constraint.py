@@ -1,0 +1,124 @@
+"""Constrained tool-call decoding: names among the offered tools, argument keys among the tool's parameters."""
+
+import json
+
+import pytest
+import torch
+
+from datamodules.tokenizer import load_tokenizer, render_tool_prompt
+from lightning_modules.tool_constraint import ToolCallConstraint, offered_tools, token_pieces
+from lightning_modules.tool_eval import evaluate_tool_calls, load_heldout_examples, parse_tool_call
+from tests.lightning_modules.test_tool_eval import TOOLS, prepare_tiny, tool_examples
+
+SCHEMAS = {t["name"]: t["parameters"] for t in TOOLS}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepare_tiny(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def tok(data_dir):
+    return load_tokenizer(data_dir / "tokenizer")
+
+
+def test_offered_tools_are_read_from_the_rendered_prompt(tok):
+    prompt = tok.decode(render_tool_prompt(tok, tool_examples()[0]), skip_special_tokens=False)
+    assert offered_tools(prompt) == SCHEMAS
+    assert offered_tools("<|user|>no tools here<|end|>") == {}
+
+
+class Scripted:
+    """Logits that want one fixed text: each token scores by how much of the text it would continue from the
+    row's text so far (the same character offset, also after the row was made to leave the text)."""
+
+    def __init__(self, tok, want: str):
+        self.tok, self.want = tok, want
+        self.text = [tok.decode([i], skip_special_tokens=False) for i in range(len(tok))]
+
+    def scores(self, done: str) -> torch.Tensor:
+        rest = self.want[len(done):]
+        s = torch.full((len(self.text),), -1.0)
+        for i, piece in enumerate(self.text):
+            if piece and rest.startswith(piece):
+                s[i] = len(piece)
+            elif piece and piece[0] == rest[:1]:
+                s[i] = 0.0  # the right next character at least
+        return s
+
+
+def decode(tok, want: str, tools: dict, steps: int = 80) -> str:
+    """Greedy decoding of ``Scripted(want)`` under the constraint, from a prompt of three tokens."""
+    model = Scripted(tok, want)
+    constraint = ToolCallConstraint(token_pieces(tok), [tools])
+    ids, new = torch.tensor([[1, 2, 3]]), []
+    end = tok.convert_tokens_to_ids("<|end|>")
+    for _ in range(steps):
+        done = tok.decode(new, skip_special_tokens=False)
+        token = int(constraint(ids, model.scores(done)[None]).argmax())
+        new.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        if token == end:
+            break
+    return tok.decode(new, skip_special_tokens=False)
+
+
+def test_a_misspelled_function_name_becomes_an_offered_one(tok):
+    free = decode(tok, '<|tool_call|>{"name": "get_wether", "arguments": {"city": "Oslo"}}<|/tool_call|><|end|>', {})
+    assert parse_tool_call(free)["name"] == "get_wether"  # without tools to keep to, the text as wanted
+    text = decode(tok, '<|tool_call|>{"name": "get_wether", "arguments": {"city": "Oslo"}}<|/tool_call|><|end|>',
+                  SCHEMAS)
+    assert text.startswith('<|tool_call|>{"name": "get_weather", "arguments": ')
+
+
+def test_argument_keys_are_the_tools_parameters_each_once(tok):
+    pieces = token_pieces(tok)
+    constraint = ToolCallConstraint(pieces, [SCHEMAS])
+    row = constraint.rows[0]
+    for piece in ['<|tool_call|>', '{"name": "get_weather", "arguments": ', '{']:
+        row.feed(piece)
+
+    def texts(allowed):
+        return {pieces.text[i] for i in allowed}
+
+    first = texts(row.allowed(pieces))
+    # every allowed token keeps the text on '"city": ', '"days": ' or '}' (or completes one and goes on)
+    targets = ['"city": ', '"days": ', "}"]
+    assert first and all(any(t.startswith(p) or p.startswith(t) for t in targets) for p in first)
+    assert "}" in first or any(p.startswith("}") for p in first)
+    row.feed('"city": "Oslo"')
+    assert row.allowed(pieces) is None  # a value: free
+    row.feed(",")
+    after_comma = texts(row.allowed(pieces))
+    assert after_comma and all(' "days": '.startswith(p) or p.startswith(' "days": ') for p in after_comma)
+    row.feed(' "days": 3}')
+    assert row.allowed(pieces) is None and row.arguments.used == ["city", "days"]
+
+
+def test_constrained_decoding_of_a_tiny_model_calls_offered_tools_with_their_parameters(data_dir, tok):
+    """A random tiny model prompted into a call: constrained, it names an offered tool, batched or not."""
+    from lightning_modules.causal_lm import CausalLM
+
+    torch.manual_seed(0)
+    model = CausalLM(size="tiny", vocab_size=len(tok), model_overrides={"n_layers": 1, "max_seq_len": 512})
+    model.configure_model()
+    examples = load_heldout_examples(data_dir, "val", tokenizer=tok)
+    call_open = tok.convert_tokens_to_ids("<|tool_call|>")
+    prompted = [dict(e, prompt_ids=e["prompt_ids"] + [call_open]) for e in examples]
+    free = evaluate_tool_calls(model, tok, prompted, max_new_tokens=24, batch_size=4)
+    assert "constrained" not in free
+    constrained = evaluate_tool_calls(model, tok, prompted, max_new_tokens=24, batch_size=4, constrain=True)
+    assert constrained["constrained"] is True
+    for sample in constrained["samples"]:
+        head = sample["generated"].split(", \"arguments\": ", 1)[0]
+        assert head.startswith('{"name": "') and json.loads(head + "}")["name"] in SCHEMAS
+    # batching does not change what is decoded
+    one = evaluate_tool_calls(model, tok, prompted, max_new_tokens=24, batch_size=1, constrain=True)
+    assert [s["generated"] for s in one["samples"]] == [s["generated"] for s in constrained["samples"]]
+
+
+def test_rows_count_must_match(tok):
+    constraint = ToolCallConstraint(token_pieces(tok), [SCHEMAS])
+    with pytest.raises(ValueError, match="1 rows"):
+        constraint(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, len(tok)))
