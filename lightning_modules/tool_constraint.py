@@ -88,7 +88,7 @@ _PIECES: dict[int, tuple[object, TokenPieces]] = {}
 
 
 def token_pieces(tokenizer) -> TokenPieces:
-    """:class:`TokenPieces` of ``tokenizer``, built once per tokenizer object (a second or so at vocab 8192)."""
+    """:class:`TokenPieces` of ``tokenizer``, built once per tokenizer object (0.04 s at vocab 8192 on this project's CPU)."""
     held = _PIECES.get(id(tokenizer))
     if held is None or held[0] is not tokenizer:
         held = _PIECES[id(tokenizer)] = (tokenizer, TokenPieces(tokenizer))
@@ -108,11 +108,13 @@ class _Arguments:
         self._key_start = 0
 
     def feed(self, chars: str) -> None:
-        for ch in chars:
-            i = len(self.text)
-            self.text += ch
+        start = len(self.text)
+        self.text += chars
+        if self.closed:
+            return
+        for i, ch in enumerate(chars, start):
             if self.closed:
-                continue
+                break
             if self.in_string:
                 if self.escape:
                     self.escape = False
