@@ -49,7 +49,8 @@ arms, 3 seeds, the sweep) ~1.07B tokens. At the one measured rate (770K tokens/s
 stage, ``small`` at this shape, one process alone on an H200, 39.3M tokens to a held-out language loss of 3.14
 at LR 1.5e-3; ``experiments/results/gpu_pipeline_2026-12-01_run1/records/language/stage.json``) that is ~23 min
 of training plus ~40 s of start-up and compilation per run. Measured since: five workers on one H200 trained 41
-runs (752M tokens) in 761 s, 0.99M tokens/s together (commit 0505edf, results.json's commands). ``--plan`` prints the estimate; once runs have finished, their times scale it.
+runs (752M tokens) in 761 s, 0.99M tokens/s together (commit 0505edf, results.json's commands). ``--plan`` prints
+the estimate; once runs have finished, their times scale it.
 
 Writes ``--out``: ``results.json``, ``results.md`` (per-condition mean ± std, the sweep, the stability gap,
 verdicts per claim and arm by the rules it states, what has not run yet), ``quality_vs_time.png``,

@@ -201,26 +201,21 @@ def card_markdown(card: dict) -> list[str]:
                                                             "wall", "tokens/s", "MFU"]
     lines = [f"Report card: {card['card']}, commit {str(card.get('commit'))[:10]}, {card['date']}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    def scores(s: dict | None) -> str:  # one group's json / name / call (n)
+        return " / ".join(num(s.get(k), 2) for k in SCORES[:3]) + f" ({s.get('n')})" if s else "–"
+
     for name, e in rows.items():
         tools = e.get("tools") or {}
-
-        def scores(group: str) -> str:
-            s = tools.get(group)
-            if not s:
-                return "–"
-            return " / ".join(num(s.get(k), 2) for k in SCORES[:3]) + f" ({s.get('n')})"
-
         cells = [name] + [f"{num(e['losses'].get(d))} ({num(e['bits_per_byte'].get(d), 3)})" if d in e["losses"] else "–"
                           for d in domains]
-        cells += [", ".join(f"{d} {pct(v)}" for d, v in e["forgetting"].items()) or "–", scores("seen"),
-                  scores("unseen"), f"{e['tokens'] or 0:,}", f"{e['wall_time_s'] or 0:.0f}s",
+        cells += [", ".join(f"{d} {pct(v)}" for d, v in e["forgetting"].items()) or "–", scores(tools.get("seen")),
+                  scores(tools.get("unseen")), f"{e['tokens'] or 0:,}", f"{e['wall_time_s'] or 0:.0f}s",
                   f"{e['tokens_per_s']:,}" if e.get("tokens_per_s") else "–", pct(e.get("mfu")).lstrip("+")]
         lines.append("| " + " | ".join(cells) + " |")
     constrained = {name: e["tools_constrained"] for name, e in rows.items() if e.get("tools_constrained")}
     if constrained:
         lines += ["", "Decoded with constrained names and argument keys (the offered tools and their parameters), "
                   "json/name/call (n): " + "; ".join(
-                      f"{name} " + ", ".join(f"{g} " + " / ".join(num(s.get(k), 2) for k in SCORES[:3])
-                                             + f" ({s.get('n')})" for g, s in groups.items())
+                      f"{name} " + ", ".join(f"{g} {scores(s)}" for g, s in groups.items())
                       for name, groups in constrained.items())]
     return lines

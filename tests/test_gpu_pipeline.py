@@ -47,6 +47,11 @@ def test_the_gpu_pipeline_runs_shrunk_and_writes_its_report_card(tmp_path, tool_
     # the card's tool scores are the evaluate step's (not the fit's own, which would pass for them on this data)
     evaluated = json.loads((results / "records" / "tools" / "eval.json").read_text())["tools"]
     assert tools["tools"] == {g: {k: s[k] for k in SCORES} for g, s in evaluated.items()}
+    # and evaluate's second decoding, with constrained names and keys, is on the card beside them
+    constrained = json.loads((results / "records" / "tools" / "eval.json").read_text())["tools_constrained"]
+    assert all(s["constrained"] for s in constrained.values()) and constrained.keys() == evaluated.keys()
+    assert tools["tools_constrained"] == {g: {k: s[k] for k in SCORES} for g, s in constrained.items()}
+    assert "Decoded with constrained names" in (results / "report.md").read_text()
 
 
 @pytest.mark.slow

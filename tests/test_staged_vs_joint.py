@@ -349,3 +349,20 @@ def test_the_stability_gap_of_an_entry():
     gap = results.stability(entry)
     assert gap["gap"] == pytest.approx(0.5) and gap["peak_at_tokens"] == 10
     assert gap["final_rise"] == pytest.approx(0.1) and gap["recovered"] == pytest.approx(0.8)
+
+
+def test_the_data_fingerprint_is_the_datas_content_not_where_its_sources_were_installed(tmp_path):
+    """The same data prepared again on a fresh machine (other source mtimes, so other manifest keys) counts as
+    the same data; other documents or tokens do not."""
+    def prepared(root: Path, key: str, train_tokens: int) -> Path:
+        for domain in plan_module.DOMAINS:
+            (root / domain).mkdir(parents=True, exist_ok=True)
+            (root / domain / "manifest.json").write_text(json.dumps({
+                "key": key, "config_key": f"config-{domain}", "tokenizer_sha256": "t",
+                "documents": {"train": 10, "val": 2}, "tokens": {"train": train_tokens, "val": 50}}))
+        return root
+
+    here = plan_module.data_fingerprint(prepared(tmp_path / "a", "mtimes-here", 1000))
+    assert plan_module.data_fingerprint(prepared(tmp_path / "b", "mtimes-there", 1000)) == here
+    assert plan_module.data_fingerprint(prepared(tmp_path / "c", "mtimes-here", 1001)) != here
+    assert plan_module.data_fingerprint(tmp_path / "none") != here

@@ -1,13 +1,14 @@
 """Constrained tool-call decoding: names among the offered tools, argument keys among the tool's parameters."""
 
 import json
+import re
 
 import pytest
 import torch
 
 from datamodules.tokenizer import load_tokenizer, render_tool_prompt
 from lightning_modules.tool_constraint import ToolCallConstraint, offered_tools, token_pieces
-from lightning_modules.tool_eval import evaluate_tool_calls, load_heldout_examples, parse_tool_call
+from lightning_modules.tool_eval import evaluate_tool_calls, load_heldout_examples, parse_tool_call, predict_calls
 from tests.lightning_modules.test_tool_eval import TOOLS, prepare_tiny, tool_examples
 
 SCHEMAS = {t["name"]: t["parameters"] for t in TOOLS}
@@ -70,6 +71,11 @@ def test_a_misspelled_function_name_becomes_an_offered_one(tok):
     text = decode(tok, '<|tool_call|>{"name": "get_wether", "arguments": {"city": "Oslo"}}<|/tool_call|><|end|>',
                   SCHEMAS)
     assert text.startswith('<|tool_call|>{"name": "get_weather", "arguments": ')
+    # a misspelled parameter: free as wanted, constrained one of the tool's
+    want = '<|tool_call|>{"name": "get_weather", "arguments": {"ciyt": "Oslo"}}<|/tool_call|><|end|>'
+    assert parse_tool_call(decode(tok, want, {}))["arguments"] == {"ciyt": "Oslo"}
+    keys = re.findall(r'(?:\{|, )"(\w+)": ', decode(tok, want, SCHEMAS).split('"arguments": ', 1)[1])
+    assert keys and set(keys) <= {"city", "days"}
 
 
 def test_argument_keys_are_the_tools_parameters_each_once(tok):
@@ -97,7 +103,8 @@ def test_argument_keys_are_the_tools_parameters_each_once(tok):
 
 
 def test_constrained_decoding_of_a_tiny_model_calls_offered_tools_with_their_parameters(data_dir, tok):
-    """A random tiny model prompted into a call: constrained, it names an offered tool, batched or not."""
+    """A random tiny model prompted into a call: constrained, every call names an offered tool (and any keys it
+    writes are that tool's), batched or not; free, it does not."""
     from lightning_modules.causal_lm import CausalLM
 
     torch.manual_seed(0)
@@ -106,16 +113,22 @@ def test_constrained_decoding_of_a_tiny_model_calls_offered_tools_with_their_par
     examples = load_heldout_examples(data_dir, "val", tokenizer=tok)
     call_open = tok.convert_tokens_to_ids("<|tool_call|>")
     prompted = [dict(e, prompt_ids=e["prompt_ids"] + [call_open]) for e in examples]
-    free = evaluate_tool_calls(model, tok, prompted, max_new_tokens=24, batch_size=4)
-    assert "constrained" not in free
-    constrained = evaluate_tool_calls(model, tok, prompted, max_new_tokens=24, batch_size=4, constrain=True)
-    assert constrained["constrained"] is True
-    for sample in constrained["samples"]:
-        head = sample["generated"].split(", \"arguments\": ", 1)[0]
-        assert head.startswith('{"name": "') and json.loads(head + "}")["name"] in SCHEMAS
-    # batching does not change what is decoded
-    one = evaluate_tool_calls(model, tok, prompted, max_new_tokens=24, batch_size=1, constrain=True)
-    assert [s["generated"] for s in one["samples"]] == [s["generated"] for s in constrained["samples"]]
+
+    def heads(texts):  # the call's text up to its arguments, as JSON
+        return [json.loads(t.split(', "arguments": ', 1)[0] + "}") if ', "arguments": ' in t else None for t in texts]
+
+    free = [text for _, text, _ in predict_calls(model, tok, prompted, max_new_tokens=24, batch_size=4)]
+    assert not all(h is not None and h["name"] in SCHEMAS for h in heads(free))
+    constrained = predict_calls(model, tok, prompted, max_new_tokens=24, batch_size=4, constrain=True)
+    texts = [text for _, text, _ in constrained]
+    assert len(texts) == len(examples) == 6
+    assert all(h is not None and h["name"] in SCHEMAS for h in heads(texts))
+    for text, head in zip(texts, heads(texts)):
+        keys = re.findall(r'(?:\{|, )"(\w+)": ', text.split(', "arguments": ', 1)[1])
+        assert set(keys) <= set(SCHEMAS[head["name"]]["properties"])  # top-level keys (values here hold no keys)
+    one = predict_calls(model, tok, prompted, max_new_tokens=24, batch_size=1, constrain=True)
+    assert [t for _, t, _ in one] == texts  # batching does not change what is decoded
+    assert evaluate_tool_calls(model, tok, prompted, max_new_tokens=24, constrain=True)["constrained"] is True
 
 
 def test_rows_count_must_match(tok):
