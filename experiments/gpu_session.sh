@@ -11,7 +11,8 @@
 #   setsid bash experiments/gpu_session.sh > runs/session.log 2>&1 &   # in the background, then poll $RESULTS
 # Environment: DEADLINE (seconds after the start when the comparisons and the study stop; default 1450),
 # VARIANTS (the recipe comparisons to run, in order), STUDY=0 (no study beside them), STUDY_DEVICES (the study's
-# workers, one GPU index each; default "0 0"), PIPELINE=0 (neither the pipeline nor the throughput benchmark:
+# workers, one GPU index each; default "0 0"), BENCH_SIZES (the throughput benchmark's sizes, default
+# "small_text small_tools"; set and empty: no benchmark), PIPELINE=0 (neither the pipeline nor the throughput benchmark:
 # after the decoding check the time goes to the comparisons, which need the pipeline's checkpoints on this
 # machine, and the study; `PIPELINE=0 VARIANTS= STUDY_DEVICES="0 0 0 0"` gives a fresh machine to the study).
 # The study writes under $RESULTS/staged_vs_joint (which the device tool does not overwrite between calls, unlike
@@ -45,15 +46,16 @@ fi
 if [ "${PIPELINE:-1}" != 0 ]; then
   step timeout -k 20 760 python3 -m experiments.gpu_pipeline --pack .gpu/packs/full/full.pack.json --timeout 580 \
     --results "$RESULTS/gpu_pipeline_$date"
-  step timeout -k 20 240 python3 -m experiments.benchmark_throughput --sizes small_text small_tools --rows stagewise \
-    --tag gpu_pipeline
+  # shellcheck disable=SC2086
+  [ -n "${BENCH_SIZES-x}" ] && step timeout -k 20 240 python3 -m experiments.benchmark_throughput \
+    --sizes ${BENCH_SIZES:-small_text small_tools} --rows stagewise --tag gpu_pipeline
 fi
 # the study reads data/full, which only the pipeline's first step unpacks: without the pipeline, unpack it here
 if [ "${STUDY:-1}" != 0 ] && [ ! -f data/full/tools/manifest.json ] && [ -f .gpu/packs/full/full.pack.json ]; then
   step timeout -k 10 120 python3 -m lightning_modules unpack --pack .gpu/packs/full/full.pack.json --into data
 fi
 # together: the recipe comparisons (3 workers) and the study (STUDY_DEVICES workers), until the deadline
-VARIANTS=${VARIANTS-preference joint_tools preference_lr2e6 tools_long preference_ipo tools_replay30}
+VARIANTS=${VARIANTS-preference_lr2e6 joint_tools tools_long preference_ipo preference}
 study="$RESULTS/staged_vs_joint"
 mkdir -p "$study"
 [ -f "$study/results.json" ] || cp experiments/results/staged_vs_joint/results.json "$study/" 2>/dev/null

@@ -28,6 +28,7 @@ from pathlib import Path
 from datamodules.preference import PREFERENCE
 from datamodules.shards import open_split
 from datamodules.stage_record import read_stage_record
+from lightning_modules.tool_eval import ERRORS
 
 EVAL_FILE = "eval.json"  # beside stage.json: `stagewise evaluate --out models/<experiment>/<stage>/eval.json`
 SCORES = ("json_valid", "name_accuracy", "call_accuracy", "n")
@@ -107,7 +108,9 @@ def _tools(models_dir: Path, name: str, record: dict, kind: str = "tools") -> di
         n = recorded.get("n")
         for g, scores in groups.items():
             scores.setdefault("n", n.get(g) if isinstance(n, dict) else n)
-    out = {g: {k: s.get(k) for k in SCORES} for g, s in groups.items()}
+    # the wrong turns by reason (tool_eval.error_kind), where the evaluation counted them
+    out = {g: {**{k: s.get(k) for k in SCORES}, **({"errors": s["errors"]} if s.get("errors") else {})}
+           for g, s in groups.items()}
     return out or None
 
 
@@ -218,4 +221,10 @@ def card_markdown(card: dict) -> list[str]:
                   "json/name/call (n): " + "; ".join(
                       f"{name} " + ", ".join(f"{g} {scores(s)}" for g, s in groups.items())
                       for name, groups in constrained.items())]
+    errors = [f"{name} {'constrained' if kind == 'tools_constrained' else 'free'} " + ", ".join(f"{g} " + " / ".join(str(s["errors"].get(r, 0)) for r in ERRORS)
+                                        for g, s in (e.get(kind) or {}).items() if s.get("errors"))
+              for name, e in rows.items() for kind in ("tools", "tools_constrained")
+              if any(s.get("errors") for s in (e.get(kind) or {}).values())]
+    if errors:
+        lines += ["", "Wrong calls by reason (" + " / ".join(ERRORS) + "): " + "; ".join(errors)]
     return lines

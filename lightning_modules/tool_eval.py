@@ -139,6 +139,39 @@ def score_calls(predicted: list[list[dict] | dict | None], expected: list[list[d
     }
 
 
+ERRORS = ("no_call", "call_count", "name_not_offered", "wrong_name", "missing_argument", "extra_argument",
+          "wrong_value")
+
+
+def error_kind(predicted: list[dict] | dict | None, expected: list[dict] | dict,
+               offered: set[str] | None = None) -> str | None:
+    """Why a turn is wrong (None when it is right), the first reason of :data:`ERRORS` in order: no parseable
+    call, another number of calls, a function the prompt does not offer (only where ``offered`` is given), another
+    offered function, then, call by call, an expected argument left out, an argument the expected call does not
+    have, an argument's value."""
+    predicted, expected = _turn(predicted), _turn(expected)
+    if not predicted:
+        return "no_call"
+    if len(predicted) != len(expected):
+        return "call_count"
+    for p, e in zip(predicted, expected):
+        if p.get("name") != e.get("name"):
+            return "name_not_offered" if offered is not None and p.get("name") not in offered else "wrong_name"
+    for p, e in zip(predicted, expected):
+        got, want = p.get("arguments") or {}, e.get("arguments") or {}
+        if not isinstance(got, dict) or not isinstance(want, dict):
+            if _canonical(got) != _canonical(want):
+                return "wrong_value"
+            continue
+        if set(want) - set(got):
+            return "missing_argument"
+        if set(got) - set(want):
+            return "extra_argument"
+        if any(_canonical(got[k]) != _canonical(want[k]) for k in want):
+            return "wrong_value"
+    return None
+
+
 # --------------------------------------------------------------------------------------------- examples
 def load_heldout_examples(data_dir: str | Path = "data", split: str = "val", limit: int | None = None,
                           corpus: str = "tools", tokenizer=None) -> list[dict]:
@@ -239,20 +272,32 @@ def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: 
             ``"constrained": true``.
 
     Returns:
-        The scores of :func:`score_calls` plus ``samples``.
+        The scores of :func:`score_calls`, ``errors`` (the wrong turns counted by :func:`error_kind`'s reason;
+        a prompt that lists no tools counts a wrong name as ``wrong_name``), ``samples`` and ``wrong_samples``
+        (the first wrong turn of each reason).
     """
     examples = examples[:limit] if limit is not None else examples
     predictions = predict_calls(model, tokenizer, examples, max_new_tokens, batch_size, max_prompt_tokens, constrain)
-    predicted, expected, samples = [], [], []
+    from lightning_modules.tool_constraint import offered_tools  # it imports this module
+
+    predicted, expected, samples, wrong, errors = [], [], [], {}, dict.fromkeys(ERRORS, 0)
     for ex, (prompt, text, calls) in zip(examples, predictions):
         want = ex["tool_calls"] if "prompt_ids" in ex else scored_turn(ex)[1]
+        tools = set(offered_tools(tokenizer.decode(prompt, skip_special_tokens=False))) or None
         predicted.append(calls)
         expected.append(want)
-        if len(samples) < num_samples:
-            tail = tokenizer.decode(prompt[-48:], skip_special_tokens=False)
-            samples.append({"prompt_tail": tail, "generated": text, "expected": want[0] if len(want) == 1 else want,
-                            "correct": turns_equal(calls, want)})
-    return {**score_calls(predicted, expected), **({"constrained": True} if constrain else {}), "samples": samples}
+        kind = error_kind(calls, want, tools)
+        if kind is not None:
+            errors[kind] += 1
+        if len(samples) < num_samples or (kind is not None and kind not in wrong):
+            sample = {"prompt_tail": tokenizer.decode(prompt[-48:], skip_special_tokens=False), "generated": text,
+                      "expected": want[0] if len(want) == 1 else want, "correct": kind is None}
+            if len(samples) < num_samples:
+                samples.append(sample)
+            if kind is not None:
+                wrong.setdefault(kind, sample)
+    return {**score_calls(predicted, expected), **({"constrained": True} if constrain else {}),
+            "errors": errors, "samples": samples, "wrong_samples": wrong}
 
 
 def predict_calls(model, tokenizer, examples: list[dict], max_new_tokens: int = 128, batch_size: int | None = None,

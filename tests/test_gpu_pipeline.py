@@ -46,12 +46,18 @@ def test_the_gpu_pipeline_runs_shrunk_and_writes_its_report_card(tmp_path, tool_
     assert (results / "report.md").is_file()
     # the card's tool scores are the evaluate step's (not the fit's own, which would pass for them on this data)
     evaluated = json.loads((results / "records" / "tools" / "eval.json").read_text())["tools"]
-    assert tools["tools"] == {g: {k: s[k] for k in SCORES} for g, s in evaluated.items()}
+    # (with the wrong calls counted by reason, which the markdown lists)
+    assert tools["tools"] == {g: {**{k: s[k] for k in SCORES}, "errors": s["errors"]} for g, s in evaluated.items()}
+    assert all(sum(s["errors"].values()) == round(s["n"] * (1 - s["call_accuracy"])) for s in evaluated.values())
     # and evaluate's second decoding, with constrained names and keys, is on the card beside them
     constrained = json.loads((results / "records" / "tools" / "eval.json").read_text())["tools_constrained"]
     assert all(s["constrained"] for s in constrained.values()) and constrained.keys() == evaluated.keys()
-    assert tools["tools_constrained"] == {g: {k: s[k] for k in SCORES} for g, s in constrained.items()}
-    assert "Decoded with constrained names" in (results / "report.md").read_text()
+    assert tools["tools_constrained"] == {g: {**{k: s[k] for k in SCORES}, "errors": s["errors"]}
+                                          for g, s in constrained.items()}
+    report = (results / "report.md").read_text()
+    assert "Decoded with constrained names" in report and "Wrong calls by reason" in report
+    # constrained, no call names a function its prompt does not offer
+    assert all(s["errors"]["name_not_offered"] == 0 for s in constrained.values())
 
 
 @pytest.mark.slow

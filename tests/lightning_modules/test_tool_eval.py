@@ -2,7 +2,7 @@
 
 import pytest
 
-from lightning_modules.tool_eval import parse_tool_call, score_calls
+from lightning_modules.tool_eval import ERRORS, error_kind, parse_tool_call, score_calls
 
 CALL = {"name": "s3_list_objects", "arguments": {"bucket": "logs", "max_keys": 10, "prefix": "2024/"}}
 
@@ -199,12 +199,17 @@ def test_evaluate_scores_generated_calls(data_dir):
     tok = load_tokenizer(data_dir / "tokenizer")
     examples = load_heldout_examples(data_dir, "val", limit=4)
     answers = {tuple(e["prompt_ids"]): e["answer"] for e in examples}
-    wrong = dict(examples[1]["tool_calls"][0], name="get_weather")
+    wrong = dict(examples[1]["tool_calls"][0], name="delete_everything")
     answers[tuple(examples[1]["prompt_ids"])] = f"<|tool_call|>{json.dumps(wrong)}<|/tool_call|><|end|>"
     answers[tuple(examples[2]["prompt_ids"])] = '<|tool_call|>{"name": "get_wea'  # cut off: not JSON
     scores = evaluate_tool_calls(Oracle(tok, answers), tok, examples, batch_size=3)
     assert {k: scores[k] for k in ("n", "json_valid", "name_accuracy", "call_accuracy")} == {
         "n": 4, "json_valid": 0.75, "name_accuracy": 0.5, "call_accuracy": 0.5}
+    # examples[1] calls a function its prompt does not offer; examples[2] calls nothing that parses
+    assert "delete_everything" not in load_tokenizer(data_dir / "tokenizer").decode(examples[1]["prompt_ids"])
+    assert {k: v for k, v in scores["errors"].items() if v} == {"name_not_offered": 1, "no_call": 1}
+    assert set(scores["errors"]) == set(ERRORS)
+    assert scores["wrong_samples"]["no_call"]["generated"].startswith('<|tool_call|>{"name": "get_wea')
     first = scores["samples"][0]
     # generation stops at the end of the turn, <|end|> included
     assert first["correct"] and first["generated"] == examples[0]["answer"] and first["generated"].endswith("<|end|>")
@@ -412,3 +417,23 @@ def test_decoding_model_under_fsdp_decodes_a_copy_of_the_gathered_weights_on_ran
     assert decoding_model(_Ranks("ddp", rank0=True), model) is model
     assert decoding_model(_Ranks("ddp", rank0=False), model) is None
     assert len(gathers) == 2
+
+
+def test_error_kind_gives_the_first_reason_a_turn_is_wrong():
+    want = {"name": "s3_get_object", "arguments": {"Bucket": "b", "Key": "k"}}
+    call = lambda **kw: {"name": kw.pop("name", "s3_get_object"), "arguments": kw}  # noqa: E731
+    offered = {"s3_get_object", "s3_put_object"}
+    assert error_kind(call(Bucket="b", Key="k"), want, offered) is None
+    assert error_kind({"name": "s3_get_object", "arguments": {"Key": "k", "Bucket": "b"}}, [want]) is None
+    assert error_kind(None, want, offered) == "no_call"
+    assert error_kind([], want, offered) == "no_call"
+    assert error_kind([call(Bucket="b", Key="k")] * 2, want, offered) == "call_count"
+    assert error_kind(call(name="s3_put_object", Bucket="b", Key="k"), want, offered) == "wrong_name"
+    assert error_kind(call(name="s3_delete_object", Bucket="b", Key="k"), want, offered) == "name_not_offered"
+    assert error_kind(call(name="s3_delete_object", Bucket="b", Key="k"), want) == "wrong_name"  # nothing offered
+    # a missing argument is the reason even where another one is extra, and an extra one before a wrong value
+    assert error_kind(call(Bucket="b", Other=1), want, offered) == "missing_argument"
+    assert error_kind(call(Bucket="b", Key="k", Range="r"), want, offered) == "extra_argument"
+    assert error_kind(call(Bucket="b", Key="x"), want, offered) == "wrong_value"
+    assert error_kind(call(Bucket="b", Key="k"), {**want, "arguments": {"Bucket": "b", "Key": "k"}}) is None
+    assert error_kind({"name": "f", "arguments": {"n": "1"}}, {"name": "f", "arguments": {"n": 1}}) == "wrong_value"
