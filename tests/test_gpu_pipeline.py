@@ -85,7 +85,8 @@ def test_recipe_comparisons_run_shrunk_beside_the_pipeline(tmp_path, tool_data_d
     assert set(result["baselines"]) == {"code_noreplay", "preference"}
     assert result["baselines"]["code_noreplay"]["forgetting"].keys() == {"language"}
     evaluated = json.loads((tmp_path / "models/gpu/preference/eval.json").read_text())["tools"]
-    assert result["baselines"]["preference"]["tools"] == {g: {k: s[k] for k in SCORES} for g, s in evaluated.items()}
+    assert result["baselines"]["preference"]["tools"] == {g: {**{k: s[k] for k in SCORES}, "errors": s["errors"]}
+                                                          for g, s in evaluated.items()}
     rows = [line for line in (tmp_path / "rc" / "results.md").read_text().splitlines() if line.startswith("| ")]
     assert {row.split(" | ")[0][2:] for row in rows} >= {"language", "code", "tools", "code_noreplay", "preference"}
 
