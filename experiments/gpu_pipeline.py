@@ -1,8 +1,9 @@
 """The GPU pipeline in one command, for a GPU machine that keeps nothing between runs.
 
 Unpacks the prepared data (``stagewise pack``), runs ``stagewise pipeline -c configs/pipelines/gpu.yaml``
-(the staged path and its baseline), scores the tool-calling stages on every held-out example of the seen
-and the unseen services (``stagewise evaluate``, decoding freely and again with constrained names and keys),
+(the staged path, then its baselines), scores the tool-calling stages on every held-out example of the seen
+and the unseen services (``stagewise evaluate``, decoding freely and again with constrained names and keys;
+the staged path's before the baselines train, so a machine lost during them keeps those scores),
 writes the report card (``stagewise report``) and copies
 the results into ``experiments/results/gpu_pipeline_<date>/`` and, where ``$OUT`` is set, a tarball of them
 under ``$OUT`` after every step, so a command cut short by its time limit still returns what it finished.
@@ -169,6 +170,13 @@ def main(argv: list[str] | None = None) -> None:
 
     if "unpack" in args.steps and args.pack and not (work / data_dir / "tools" / "manifest.json").is_file():
         step(stagewise("unpack", "--pack", args.pack, "--into", str(Path(data_dir).parent)))
+    def evaluate(stages: list[str]) -> None:
+        for stage in stages:
+            cmd = evaluation(models, experiment, stage, data_dir, args.max_new_tokens, args.eval_limit)
+            if cmd:
+                step(cmd)
+        collect(results, experiment, models, runs, log)
+
     if "pipeline" in args.steps:
         cmd = stagewise("pipeline", "-c", args.config, "--experiment", experiment, "--data_dir", data_dir,
                         "--report", "false")
@@ -176,14 +184,19 @@ def main(argv: list[str] | None = None) -> None:
             cmd += ["--stage_args", json.dumps(args.stage_args)]
         if not config.get("data"):
             cmd += ["--data", "null"]
-        step(cmd, args.timeout)
+        budget = args.timeout
+        if "evaluate" in args.steps and config.get("baselines"):
+            # the staged path first, then its tool scores, then the baselines (the second call skips the finished
+            # stages): a machine taken back during the baselines has scored the staged model already
+            start = time.perf_counter()
+            step([*cmd, "--baselines", "[]"], budget)
+            budget = max(1.0, budget - (time.perf_counter() - start))
+            collect(results, experiment, models, runs, log)
+            evaluate([s["name"] for s in config["stages"] if s["name"] in args.evaluate])
+        step(cmd, budget)
         collect(results, experiment, models, runs, log)
     if "evaluate" in args.steps:
-        for stage in args.evaluate:
-            cmd = evaluation(models, experiment, stage, data_dir, args.max_new_tokens, args.eval_limit)
-            if cmd:
-                step(cmd)
-        collect(results, experiment, models, runs, log)
+        evaluate(args.evaluate)
     if "report" in args.steps:
         names = [s["name"] for s in config["stages"]]
         baselines = [b["name"] for b in config.get("baselines") or []]

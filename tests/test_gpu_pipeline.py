@@ -43,6 +43,14 @@ def test_the_gpu_pipeline_runs_shrunk_and_writes_its_report_card(tmp_path, tool_
     assert {s["n"] for s in tools["tools"].values()} == {3}  # --eval-limit reaches `stagewise evaluate`
     assert card["stages"]["code"]["forgetting"].keys() == {"language"} and tools["tokens_per_s"] > 0
     assert tools["mfu"] is None  # no MFU on a CPU
+    # the staged path, its tool scores, then the baseline (a machine lost during the baseline keeps the scores)
+    commands = [line for line in (tmp_path / "runs" / "gpu" / "gpu_pipeline.log").read_text().splitlines()
+                if line.startswith("$ ")]
+    kinds = [next(w for w in ("pipeline", "evaluate", "report") if f"lightning_modules {w}" in c) for c in commands]
+    assert kinds == ["pipeline", "evaluate", "pipeline", "report"], commands
+    assert "--baselines '[]'" in commands[0] and "--baselines" not in commands[2]
+    models = tmp_path / "models" / "gpu"
+    assert (models / "tools" / "eval.json").stat().st_mtime < (models / "joint" / "stage.json").stat().st_mtime
     assert (results / "report.md").is_file()
     # the card's tool scores are the evaluate step's (not the fit's own, which would pass for them on this data)
     evaluated = json.loads((results / "records" / "tools" / "eval.json").read_text())["tools"]
