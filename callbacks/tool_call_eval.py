@@ -61,12 +61,17 @@ class ToolCallEval(L.Callback):
             model sees in training (decoding time grows with the prompt).
         test_examples: Examples scored per group by ``stagewise test`` (default: every one of the test split
             and of the unseen split).
+        constrained: Also decode each request with the function's name among its offered tools and the
+            arguments' keys among that tool's parameters (``lightning_modules.tool_constraint``; twice the
+            decoding time), logged as ``tools/<group>/constrained/<score>`` and recorded under ``constrained``
+            beside the free scores of the same validation.
     """
 
     def __init__(self, data_dir: str = "data", num_examples: int = 100, max_new_tokens: int = 128,
                  every_n_validations: int = 1, stage: str = "tools", models_dir: str = "models",
                  split: str = "val", monitor: str | None = None, batch_size: int | None = None,
-                 max_prompt_tokens: int | None = None, test_examples: int | None = None) -> None:
+                 max_prompt_tokens: int | None = None, test_examples: int | None = None,
+                 constrained: bool = False) -> None:
         self.data_dir = data_dir
         self.num_examples = num_examples
         self.max_new_tokens = max_new_tokens
@@ -78,6 +83,7 @@ class ToolCallEval(L.Callback):
         self.batch_size = batch_size
         self.max_prompt_tokens = max_prompt_tokens
         self.test_examples = test_examples
+        self.constrained = constrained
         self.history: list[dict[str, Any]] = []
         self._examples: dict[str, list[dict]] | None = None
         self._tokenizer = None
@@ -97,10 +103,10 @@ class ToolCallEval(L.Callback):
         return {group: load_heldout_examples(data_dir, group_split, limit, tokenizer=self._tokenizer)
                 for group, group_split in heldout_groups(data_dir, split).items()}
 
-    def _score(self, trainer: L.Trainer, pl_module: L.LightningModule, examples: dict[str, list[dict]] | None
-               ) -> tuple[dict[str, dict], dict[str, dict]]:
-        """Rank 0 decodes and scores each group (``examples`` are read there; None on the other ranks); returns
-        the scores every rank receives and rank 0's full results (with samples)."""
+    def _score(self, trainer: L.Trainer, pl_module: L.LightningModule, examples: dict[str, list[dict]] | None,
+               constrain: bool = False) -> tuple[dict[str, dict], dict[str, dict]]:
+        """Rank 0 decodes and scores each group (``examples`` are read there; None on the other ranks), freely or
+        ``constrain``-ed; returns the scores every rank receives and rank 0's full results (with samples)."""
         results: dict[str, dict] = {}
         model = decoding_model(trainer, pl_module)  # every rank: collective under FSDP; None off rank 0
         if model is not None:
@@ -108,7 +114,8 @@ class ToolCallEval(L.Callback):
                 for group, group_examples in examples.items():
                     results[group] = evaluate_tool_calls(model, self._tokenizer, group_examples, self.max_new_tokens,
                                                          batch_size=self.batch_size,
-                                                         max_prompt_tokens=self._prompt_tokens(trainer))
+                                                         max_prompt_tokens=self._prompt_tokens(trainer),
+                                                         constrain=constrain)
         scores = trainer.strategy.broadcast({g: {k: r[k] for k in SCORES} for g, r in results.items()}, src=0)
         return scores, results
 
@@ -121,10 +128,14 @@ class ToolCallEval(L.Callback):
         monitor = self._monitor(trainer)
         entry = {"step": trainer.global_step, "tokens": int(getattr(pl_module, "total_tokens", trainer.global_step)),
                  **scores}
+        flat = {tool_score(k, g): v for g, group in scores.items() for k, v in group.items()}
+        if self.constrained:
+            entry["constrained"], _ = self._score(trainer, pl_module, self._examples, constrain=True)
+            flat.update({tool_score(k, f"{g}/constrained"): v for g, group in entry["constrained"].items()
+                         for k, v in group.items()})
         if monitor in trainer.callback_metrics:
             entry[monitor] = float(trainer.callback_metrics[monitor])
         self.history.append(entry)
-        flat = {tool_score(k, g): v for g, group in scores.items() for k, v in group.items()}
         for name, value in flat.items():
             trainer.callback_metrics[name] = torch.tensor(value)
         for logger in trainer.loggers:
@@ -160,6 +171,7 @@ class ToolCallEval(L.Callback):
         return {
             **at_best["seen"],  # the seen scores, flat, as the report reads them
             **{group: at_best[group] for group in GROUPS if group in at_best},
+            **({"constrained": at_best["constrained"]} if "constrained" in at_best else {}),
             "step": at_best["step"],
             "tokens": at_best["tokens"],
             "split": self.split,

@@ -97,14 +97,17 @@ def bytes_per_token(corpus_dir: str | Path, tokenizer, split: str = "val",
 
 def _tools(models_dir: Path, name: str, record: dict, kind: str = "tools") -> dict | None:
     """A run's tool scores per group: ``stagewise evaluate``'s (``kind``: ``tools``, or ``tools_constrained``
-    for its constrained decoding), else, for ``tools``, the fit's own from its record."""
+    for its constrained decoding), else the fit's own from its record."""
     path = models_dir / name / EVAL_FILE
     groups = (json.loads(path.read_text()).get(kind) if path.is_file() else None) or {}
-    if not groups and kind == "tools":
+    if not groups:  # the fit's own (ToolCallEval's): free, or constrained where it decoded so as well
         recorded = record.get("tools") or {}
-        groups = {g: recorded[g] for g in ("seen", "unseen") if isinstance(recorded.get(g), dict)}
-        if not groups and "call_accuracy" in recorded:  # a record from before the seen/unseen groups
-            groups = {"seen": recorded}
+        if kind == "tools":
+            groups = {g: recorded[g] for g in ("seen", "unseen") if isinstance(recorded.get(g), dict)}
+            if not groups and "call_accuracy" in recorded:  # a record from before the seen/unseen groups
+                groups = {"seen": recorded}
+        else:
+            groups = {g: dict(s) for g, s in (recorded.get("constrained") or {}).items()}
         n = recorded.get("n")
         for g, scores in groups.items():
             scores.setdefault("n", n.get(g) if isinstance(n, dict) else n)

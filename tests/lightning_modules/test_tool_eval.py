@@ -310,7 +310,7 @@ def tool_stage(data_dir, tmp_path_factory):
             callbacks=[ModelCheckpoint(dirpath="models", filename="tools_model_best", monitor="val/tools/loss",
                                        auto_insert_metric_name=False, enable_version_counter=False),
                        StageHandoff("tools"),
-                       ToolCallEval(data_dir=str(data_dir), num_examples=6, max_new_tokens=16),
+                       ToolCallEval(data_dir=str(data_dir), num_examples=6, max_new_tokens=16, constrained=True),
                        TextSamples(max_new_tokens=4)],
             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", use_distributed_sampler=False,
         )
@@ -333,6 +333,16 @@ def test_tool_call_eval_logs_scores_and_records_them(tool_stage):
     best = min(tools["history"], key=lambda e: e["val/tools/loss"])
     assert tools["step"] == best["step"] and tools["call_accuracy"] == best["seen"]["call_accuracy"]
     assert tools["unseen"] == best["unseen"]
+    # constrained=True: the same validations decoded again with names and keys held to the offered tools
+    for group in ("seen", "unseen"):
+        for name in ("json_valid", "name_accuracy", "call_accuracy"):
+            assert [e.step for e in acc.Scalars(f"tools/{group}/constrained/{name}")] == [2, 4]
+    assert tools["constrained"] == best["constrained"] and set(tools["constrained"]) == {"seen", "unseen"}
+    # the report card takes them where no `stagewise evaluate` ran
+    from lightning_modules.report_card import _tools
+
+    card = _tools(run / "models", "tools", read_stage_record(run / "models", "tools"), "tools_constrained")
+    assert card == {g: {**best["constrained"][g], "n": tools["n"][g]} for g in ("seen", "unseen")}
 
 
 def test_tool_stage_exports_the_best_checkpoint(tool_stage):
