@@ -179,6 +179,8 @@ def _print(result: dict) -> None:
             for key in ("json_valid", "name_accuracy", "call_accuracy"):
                 table.add_row(f"{kind}/{group}/{key}", f"{scores[key]:.3f}")
             table.add_row(f"{kind}/{group} examples", str(scores["n"]))
+            wrong = ", ".join(f"{k} {v}" for k, v in (scores.get("errors") or {}).items() if v)
+            table.add_row(f"{kind}/{group} wrong calls", wrong or "none")
     Console().print(table)
 
 
