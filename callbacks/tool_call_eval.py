@@ -62,8 +62,8 @@ class ToolCallEval(L.Callback):
         test_examples: Examples scored per group by ``stagewise test`` (default: every one of the test split
             and of the unseen split).
         constrained: Also decode each request with the function's name among its offered tools and the
-            arguments' keys among that tool's parameters (``lightning_modules.tool_constraint``; twice the
-            decoding time), logged as ``tools/<group>/constrained/<score>`` and recorded under ``constrained``
+            arguments' keys among that tool's parameters (``lightning_modules.tool_constraint``; a second
+            decoding), logged as ``tools/<group>/constrained/<score>`` and recorded under ``constrained``
             beside the free scores of the same validation.
     """
 

@@ -25,11 +25,14 @@ from datamodules.errors import StagewiseError, TokenizerMismatchError
 from datamodules.tool_examples import conversation, scored_turn
 
 BOS, EOS, PAD, END = "<|bos|>", "<|eos|>", "<|pad|>", "<|end|>"
+USER = "<|user|>"
+TOOLS_OPEN, TOOLS_CLOSE = "<|tools|>", "<|/tools|>"
+CALL_OPEN, CALL_CLOSE = "<|tool_call|>", "<|/tool_call|>"
 SPECIAL_TOKENS = [
     BOS, EOS, PAD,
-    "<|system|>", "<|user|>", "<|assistant|>", END,
-    "<|tools|>", "<|/tools|>",
-    "<|tool_call|>", "<|/tool_call|>",
+    "<|system|>", USER, "<|assistant|>", END,
+    TOOLS_OPEN, TOOLS_CLOSE,
+    CALL_OPEN, CALL_CLOSE,
     "<|tool_response|>", "<|/tool_response|>",
 ]
 

@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if "unpack" in args.steps and args.pack and not (work / data_dir / "tools" / "manifest.json").is_file():
         step(stagewise("unpack", "--pack", args.pack, "--into", str(Path(data_dir).parent)))
+
     def evaluate(stages: list[str]) -> None:
         for stage in stages:
             cmd = evaluation(models, experiment, stage, data_dir, args.max_new_tokens, args.eval_limit)

@@ -29,13 +29,12 @@ import statistics
 import sys
 from pathlib import Path
 
-from datamodules.tokenizer import load_tokenizer
+from datamodules.tokenizer import END, USER, load_tokenizer
 from lightning_modules.report_card import current_commit
 from lightning_modules.tool_constraint import offered_tools
-from lightning_modules.tool_eval import END, heldout_groups, load_heldout_examples
+from lightning_modules.tool_eval import heldout_groups, load_heldout_examples
 
 ROOT = Path(__file__).resolve().parents[1]
-USER = "<|user|>"
 
 
 def leaves(value):

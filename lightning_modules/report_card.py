@@ -224,10 +224,13 @@ def card_markdown(card: dict) -> list[str]:
                   "json/name/call (n): " + "; ".join(
                       f"{name} " + ", ".join(f"{g} {scores(s)}" for g, s in groups.items())
                       for name, groups in constrained.items())]
-    errors = [f"{name} {'constrained' if kind == 'tools_constrained' else 'free'} " + ", ".join(f"{g} " + " / ".join(str(s["errors"].get(r, 0)) for r in ERRORS)
-                                        for g, s in (e.get(kind) or {}).items() if s.get("errors"))
-              for name, e in rows.items() for kind in ("tools", "tools_constrained")
-              if any(s.get("errors") for s in (e.get(kind) or {}).values())]
+    errors = []  # each run's wrong calls by reason, per decoding and group
+    for name, e in rows.items():
+        for kind, label in (("tools", "free"), ("tools_constrained", "constrained")):
+            counted = {g: s["errors"] for g, s in (e.get(kind) or {}).items() if s.get("errors")}
+            if counted:
+                errors.append(f"{name} {label} " + ", ".join(
+                    f"{g} " + " / ".join(str(c.get(r, 0)) for r in ERRORS) for g, c in counted.items()))
     if errors:
         lines += ["", "Wrong calls by reason (" + " / ".join(ERRORS) + "): " + "; ".join(errors)]
     return lines

@@ -28,9 +28,7 @@ from typing import Iterable
 
 import torch
 
-from lightning_modules.tool_eval import CALL_CLOSE, CALL_OPEN, END
-
-TOOLS_OPEN, TOOLS_CLOSE = "<|tools|>", "<|/tools|>"
+from datamodules.tokenizer import CALL_CLOSE, CALL_OPEN, END, TOOLS_CLOSE, TOOLS_OPEN
 
 
 def offered_tools(prompt_text: str) -> dict[str, dict]:

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from datamodules.errors import StagewiseError
+from datamodules.tokenizer import CALL_CLOSE, CALL_OPEN, END
 from datamodules.tool_examples import scored_turn
 from lightning_modules.decoding import decoding_threads, greedy_continuations
 
-CALL_OPEN, CALL_CLOSE, END = "<|tool_call|>", "<|/tool_call|>", "<|end|>"
 
 
 # --------------------------------------------------------------------------------------------- parsing
@@ -149,6 +149,8 @@ def error_kind(predicted: list[dict] | dict | None, expected: list[dict] | dict,
     call, another number of calls, a function the prompt does not offer (only where ``offered`` is given), another
     offered function, then, call by call, an expected argument left out, an argument the expected call does not
     have, an argument's value."""
+    if turns_equal(predicted, expected):  # the same test as call_accuracy's, so the counts add up to its misses
+        return None
     predicted, expected = _turn(predicted), _turn(expected)
     if not predicted:
         return "no_call"
@@ -157,19 +159,13 @@ def error_kind(predicted: list[dict] | dict | None, expected: list[dict] | dict,
     for p, e in zip(predicted, expected):
         if p.get("name") != e.get("name"):
             return "name_not_offered" if offered is not None and p.get("name") not in offered else "wrong_name"
-    for p, e in zip(predicted, expected):
-        got, want = p.get("arguments") or {}, e.get("arguments") or {}
-        if not isinstance(got, dict) or not isinstance(want, dict):
-            if _canonical(got) != _canonical(want):
-                return "wrong_value"
-            continue
-        if set(want) - set(got):
+    for p, e in zip(predicted, expected):  # parsed calls' arguments are objects (_as_call)
+        got, want = set(p.get("arguments") or {}), set(e.get("arguments") or {})
+        if want - got:
             return "missing_argument"
-        if set(got) - set(want):
+        if got - want:
             return "extra_argument"
-        if any(_canonical(got[k]) != _canonical(want[k]) for k in want):
-            return "wrong_value"
-    return None
+    return "wrong_value"
 
 
 # --------------------------------------------------------------------------------------------- examples
@@ -277,16 +273,16 @@ def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: 
         (the first wrong turn of each reason).
     """
     examples = examples[:limit] if limit is not None else examples
-    predictions = predict_calls(model, tokenizer, examples, max_new_tokens, batch_size, max_prompt_tokens, constrain)
-    from lightning_modules.tool_constraint import offered_tools  # it imports this module
-
+    prompts = [prompt_ids_of(tokenizer, ex) for ex in examples]  # rendered once, for the decoding and the errors
+    tools = offered_tools_of(tokenizer, prompts)
+    predictions = predict_calls(model, tokenizer, [{"prompt_ids": p} for p in prompts], max_new_tokens, batch_size,
+                                max_prompt_tokens, constrain, tools)
     predicted, expected, samples, wrong, errors = [], [], [], {}, dict.fromkeys(ERRORS, 0)
-    for ex, (prompt, text, calls) in zip(examples, predictions):
+    for ex, offered, (prompt, text, calls) in zip(examples, tools, predictions):
         want = ex["tool_calls"] if "prompt_ids" in ex else scored_turn(ex)[1]
-        tools = set(offered_tools(tokenizer.decode(prompt, skip_special_tokens=False))) or None
         predicted.append(calls)
         expected.append(want)
-        kind = error_kind(calls, want, tools)
+        kind = error_kind(calls, want, set(offered) or None)
         if kind is not None:
             errors[kind] += 1
         if len(samples) < num_samples or (kind is not None and kind not in wrong):
@@ -300,19 +296,27 @@ def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: 
             "errors": errors, "samples": samples, "wrong_samples": wrong}
 
 
+def offered_tools_of(tokenizer, prompts: list[list[int]]) -> list[dict[str, dict]]:
+    """The tools each prompt offers (``tool_constraint.offered_tools`` of its whole text: the request's tools, also
+    where decoding cuts the prompt's start to the model's window)."""
+    from lightning_modules.tool_constraint import offered_tools  # it imports this module
+
+    return [offered_tools(tokenizer.decode(p, skip_special_tokens=False)) for p in prompts]
+
+
 def predict_calls(model, tokenizer, examples: list[dict], max_new_tokens: int = 128, batch_size: int | None = None,
-                  max_prompt_tokens: int | None = None,
-                  constrain: bool = False) -> list[tuple[list[int], str, list[dict] | None]]:
+                  max_prompt_tokens: int | None = None, constrain: bool = False,
+                  tools: list[dict[str, dict]] | None = None) -> list[tuple[list[int], str, list[dict] | None]]:
     """Each example's prompt ids, the generated turn's text and the calls parsed from it (None if none
-    parses): greedy, batched, with the KV cache (arguments as in :func:`evaluate_tool_calls`)."""
+    parses): greedy, batched, with the KV cache (arguments as in :func:`evaluate_tool_calls`; ``tools``: each
+    prompt's :func:`offered_tools_of`, where the caller has them already)."""
     prompts = [prompt_ids_of(tokenizer, ex) for ex in examples]
     processor_for = None
     if constrain:
-        from lightning_modules.tool_constraint import ToolCallConstraint, offered_tools, token_pieces
+        from lightning_modules.tool_constraint import ToolCallConstraint, token_pieces
 
         pieces = token_pieces(tokenizer)
-        # the tools of the whole prompt (the request's), also where the model's window cuts its start
-        tools = [offered_tools(tokenizer.decode(p, skip_special_tokens=False)) for p in prompts]
+        tools = tools if tools is not None else offered_tools_of(tokenizer, prompts)
         processor_for = lambda rows: ToolCallConstraint(pieces, [tools[i] for i in rows])  # noqa: E731
     with decoding_threads(model):  # CausalLM.generate switches to eval mode and back
         generated = greedy_continuations(model, prompts, max_new_tokens, stop_token_ids(tokenizer), batch_size,

@@ -297,10 +297,20 @@ from datamodules.datamodule import ToolDataModule  # noqa: E402
 from lightning_modules.causal_lm import CausalLM  # noqa: E402
 
 
+DECODINGS: list[bool] = []  # ToolCallEval's evaluate_tool_calls calls in tool_stage, by their `constrain`
+
+
 @pytest.fixture(scope="module")
 def tool_stage(data_dir, tmp_path_factory):
+    import callbacks.tool_call_eval as tool_call_eval
+
+    def recorded(*args, constrain=False, **kwargs):
+        DECODINGS.append(constrain)
+        return evaluate_tool_calls(*args, constrain=constrain, **kwargs)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path_factory.mktemp("run"))
+        mp.setattr(tool_call_eval, "evaluate_tool_calls", recorded)
         dm = ToolDataModule(data_dir=str(data_dir), seq_len=32, batch_size=2)
         model = CausalLM(size="tiny", vocab_size=dm.vocab_size, tokenizer_sha256=dm.tokenizer_sha256,
                          model_overrides={"n_layers": 1, "max_seq_len": 256}, warmup_steps=1)
@@ -338,6 +348,16 @@ def test_tool_call_eval_logs_scores_and_records_them(tool_stage):
         for name in ("json_valid", "name_accuracy", "call_accuracy"):
             assert [e.step for e in acc.Scalars(f"tools/{group}/constrained/{name}")] == [2, 4]
     assert tools["constrained"] == best["constrained"] and set(tools["constrained"]) == {"seen", "unseen"}
+    # they are the constrained decoding's scores (the final weights are the last evaluation's), not the free ones
+    model, tok = trainer.lightning_module, load_tokenizer(trainer.datamodule.tokenizer_dir)
+    final = tools["history"][-1]
+    for group, split in (("seen", "val"), ("unseen", "unseen")):
+        examples = load_heldout_examples(trainer.datamodule.data_dir, split, 6, tokenizer=tok)
+        for constrain, recorded in ((True, final["constrained"][group]), (False, final[group])):
+            direct = evaluate_tool_calls(model, tok, examples, 16, max_prompt_tokens=16, constrain=constrain)
+            assert {k: direct[k] for k in recorded} == recorded, (group, constrain)
+    # each of the 2 evaluations decoded both groups freely, then both constrained
+    assert DECODINGS == [False, False, True, True] * 2
     # the report card takes them where no `stagewise evaluate` ran
     from lightning_modules.report_card import _tools
 
