@@ -283,6 +283,8 @@ class StageHandoff(L.Callback):
             "optimizer_from": getattr(pl_module, "optimizer_from", None),
             # the text domains' validation window: the next stage validates on the same (see CorpusDataModule)
             "val_seq_len": getattr(trainer.datamodule, "val_seq_len", None) or getattr(trainer.datamodule, "seq_len", None),
+            # and on as many of each domain's held-out windows (None: all of them)
+            "val_max_windows": getattr(trainer.datamodule, "val_max_windows", None),
         }
         if self.val_metrics_history:  # e.g. val/preference/reward_accuracy: at the best checkpoint and at the end
             last_step = max(self.val_metrics_history, key=int)

@@ -33,6 +33,7 @@ import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks import BestCheckpoint, ForgettingMonitor, StageHandoff
 from datamodules.errors import StagewiseError
@@ -201,8 +202,11 @@ def apply_stage(config: Namespace, stage: Stage, subcommand: str, resuming: bool
     record = _start_from(config.model.get("init_args") or config.model, stage, fitting, check=fitting and not resuming)
     lineage = None if record is None else lineage_domains(record)  # None: no record, the lineage is unknown
     data = config.data.get("init_args") or config.data
-    if "val_seq_len" in data and data.val_seq_len is None and (record or {}).get("val_seq_len"):
-        data.val_seq_len = record["val_seq_len"]  # held-out losses of a lineage compare at one window length
+    for key in ("val_seq_len", "val_max_windows"):  # a lineage's held-out losses: the same windows in every stage
+        if key in data and data[key] is None and (record or {}).get(key):
+            data[key] = record[key]
+    if record is not None and fitting:
+        _warn_batch_limited_validation(config.trainer, stage)
     if "corpus" in data:
         data.corpus = stage.domain
     trained = [stage.domain] + (list(data.mixture) if isinstance(data.get("mixture"), (dict, Namespace)) else [])
@@ -211,6 +215,19 @@ def apply_stage(config: Namespace, stage: Stage, subcommand: str, resuming: bool
     _name_callbacks(config, stage)
     if config.forgetting.domains is None and lineage is not None:  # unknown lineage: every other validated domain
         config.forgetting.domains = [d for d in lineage if d != stage.domain]
+
+
+def _warn_batch_limited_validation(trainer: Namespace, stage: Stage) -> None:
+    """Warn when ``limit_val_batches`` cuts a stage's validation that continues a lineage: how many windows it
+    scores then depends on the batch size, so its held-out losses and the forgetting against its parent's may
+    come from other windows (run 7's preference stage, at 4 pairs a batch, scored 200 of 448 language windows)."""
+    limit = trainer.get("limit_val_batches")
+    if limit is None or limit == 1.0 or isinstance(limit, bool):
+        return
+    rank_zero_warn(f"stage '{stage.name}': trainer.limit_val_batches={limit} validates a number of batches, so its "
+                   "held-out windows depend on data.batch_size and may differ from its parent stage's; forgetting then "
+                   "compares other windows. Cap validation with data.init_args.val_max_windows instead (inherited "
+                   "along a lineage).")
 
 
 def _place_run(trainer: Namespace, stage: Stage, subcommand: str) -> None:

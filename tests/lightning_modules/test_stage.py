@@ -92,6 +92,26 @@ def test_precedence_of_explicit_values_and_of_the_stage(tmp_path, monkeypatch, c
     assert callback(cli, StageHandoff).models_dir == "M/b" and cli.model.hparams.init_from == "M/b/language_model_best.ckpt"
 
 
+def test_a_stage_validates_on_its_parents_windows_whatever_its_batch_size(tmp_path, monkeypatch, corpora):
+    """The parent's window length and window cap carry over, so a stage at another batch size scores the same
+    held-out windows; a batch cap (limit_val_batches) on a stage with a parent is warned about."""
+    monkeypatch.chdir(tmp_path)
+    models = Path("models/default")
+    finished_stage(models, "language", ["language"])
+    update_stage_record(models, "language", {"val_seq_len": 24, "val_max_windows": 6})
+    for batch in (4, 1):
+        cli = built("-c", stage("code"), "-c", TINY, f"--data.init_args.data_dir={corpora}",
+                    "--data.init_args.seq_len=16", f"--data.init_args.batch_size={batch}")
+        assert (cli.datamodule.val_seq_len, cli.datamodule.val_max_windows) == (24, 6)
+        windows = [loader.dataset for loader in cli.datamodule.val_dataloader()]
+        assert [(len(w), w.seq_len) for w in windows] == [(6, 24), (6, 24)]  # language, code: the parent's windows
+    explicit = built("-c", stage("code"), "-c", TINY, f"--data.init_args.data_dir={corpora}",
+                     "--data.init_args.val_max_windows=3")
+    assert explicit.datamodule.val_max_windows == 3  # an explicit value beats the parent's
+    with pytest.warns(UserWarning, match="limit_val_batches=2 validates a number of batches"):
+        built("-c", stage("code"), "-c", TINY, f"--data.init_args.data_dir={corpora}", "--trainer.limit_val_batches=2")
+
+
 def test_the_joint_baseline_is_a_stage_from_scratch_on_a_mixture(tmp_path, monkeypatch, corpora):
     monkeypatch.chdir(tmp_path)
     cli = built("-c", str(CONFIGS / "baselines" / "joint.yaml"), "-c", TINY, f"--data.init_args.data_dir={corpora}")
