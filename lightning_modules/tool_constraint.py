@@ -1,15 +1,22 @@
-"""Constrained decoding of tool calls: the function's name is one of the offered tools, and the arguments'
-top-level keys are among that tool's parameters.
+"""Constrained decoding of tool calls: the function's name is one of the offered tools, the arguments'
+top-level keys are among that tool's parameters, its required parameters are all named, and the call's JSON is
+closed before the call ends.
 
 This follows the strict modes of serving stacks (OpenAI's ``strict`` function calling, vLLM's guided decoding):
-the request's tool schemas decide which tokens may come next. Here that covers only the two places where a
-small model's calls go wrong most often, and it needs no grammar library. Everything else, argument values
-included, is decoded freely. At each step a row is either free or at a point where the text must continue
+the request's tool schemas decide which tokens may come next. Here that covers only the places where a small
+model's calls went wrong most often (run 7, ``experiments/results/gpu_pipeline_2026-12-02_run7``: names not on
+offer, left-out arguments, calls that do not parse), and it needs no grammar library. Everything else, argument
+values and nested objects included, is decoded freely. At each step a row is either free or at a point where the text must continue
 one of a few known strings:
 
 - after ``<|tool_call|>``: ``{"name": "<one offered name>", "arguments": `` (as the chat template renders it);
 - at a key of the arguments object (right after its ``{``, or after a ``,`` at its top level):
-  ``"<parameter>": `` for a parameter not used yet, or ``}`` right after the ``{``.
+  ``"<parameter>": `` for a parameter not used yet, or ``}`` right after the ``{`` when the tool requires none.
+
+Two closing rules forbid tokens rather than allow them. While the tool's ``required`` parameters are not all
+named, no token may close the arguments object (a ``}`` that would take it to depth 0, a ``"}`` that ends a value
+and the object at once included). And until the call's JSON is closed (the arguments object and the ``}`` after
+it), no special token may come, so the call cannot end (``<|/tool_call|>``, ``<|end|>``) before it closes.
 
 The tokens allowed there are those whose text keeps the row on one of those strings, or completes one and
 runs past it. They are found by looking up prefixes in the vocabulary, not by scanning all of it. A row
@@ -57,11 +64,16 @@ class TokenPieces:
         self.text: list[str] = []
         self.exact: dict[str, list[int]] = defaultdict(list)  # a token's text -> tokens with that text
         self.starting: dict[str, list[int]] = defaultdict(list)  # a prefix -> tokens whose text starts with it
+        # the lowest depth each token's text reaches from 0, read outside (row 0) or inside (row 1) a string
+        self.dip = torch.zeros(2, self.vocab_size, dtype=torch.int16)
+        self.special = sorted(i for i in special if 0 <= i < self.vocab_size)  # <|/tool_call|> and <|end|> among them
         for i in range(self.vocab_size):
             piece = tokenizer.decode([i], skip_special_tokens=False)
             self.text.append(piece)
             if i in special or not piece or "\ufffd" in piece:  # special, or a byte of a longer character
                 continue
+            if "}" in piece or "]" in piece:
+                self.dip[0, i], self.dip[1, i] = _dip(piece, False), _dip(piece, True)
             self.exact[piece].append(i)
             for k in range(1, len(piece) + 1):
                 self.starting[piece[:k]].append(i)
@@ -80,6 +92,29 @@ class TokenPieces:
                 allowed.update(self.exact.get(rest[:k], ()))
             allowed.update(self.starting.get(rest, ()))  # the rest exactly, or the rest and more
         return allowed if live else None
+
+
+def _dip(text: str, in_string: bool) -> int:
+    """The lowest depth ``text`` reaches (0 or below: it closes what was open) from depth 0, read from inside a
+    JSON string or not."""
+    depth = low = 0
+    escape = False
+    for ch in text:
+        if in_string:
+            if escape:
+                escape = False
+            elif ch == "\\":
+                escape = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            low = min(low, depth)
+    return low
 
 
 _PIECES: dict[int, tuple[object, TokenPieces]] = {}
@@ -104,6 +139,7 @@ class _Arguments:
         self.after_open = False  # that anchor directly follows the object's "{" (so "}" may close it)
         self.used: list[str] = []
         self._key_start = 0
+        self.closed_at: int | None = None  # index in ``text`` of the "}" that closed the object
 
     def feed(self, chars: str) -> None:
         start = len(self.text)
@@ -135,7 +171,7 @@ class _Arguments:
             elif ch in "}]":
                 self.depth -= 1
                 if self.depth <= 0:
-                    self.closed, self.anchor = True, None
+                    self.closed, self.anchor, self.closed_at = True, None, i
             elif ch == "," and self.depth == 1:
                 self.anchor, self.after_open, self.expect_key = i + 1, False, True
             elif ch == ":" and self.depth == 1:
@@ -148,8 +184,15 @@ class _Arguments:
             return None
         keys = [json.dumps(k) + ": " for k in properties if k not in self.used]
         if self.after_open:
-            return keys + ["}"]
+            return keys + ([] if self.missing(parameters) else ["}"])
         return [" " + k for k in keys]
+
+    def missing(self, parameters: dict) -> list[str]:
+        """The tool's required parameters (those it also lists as properties) not named yet."""
+        required, properties = parameters.get("required"), parameters.get("properties")
+        if not isinstance(required, list) or not isinstance(properties, dict):
+            return []
+        return [k for k in required if isinstance(k, str) and k in properties and k not in self.used]
 
 
 class _Row:
@@ -179,6 +222,22 @@ class _Row:
                 self.arguments.feed(self.call[len(self.names[self.tool]):])
         elif self.arguments is not None:
             self.arguments.feed(piece)
+
+    def forbidden(self, pieces: TokenPieces) -> torch.Tensor | None:
+        """The closing rules (module docstring): a bool mask [V] of the tokens that may not come next, or None."""
+        if self.call is None or self.tool is None or self.arguments is None:
+            return None
+        args = self.arguments
+        if args.closed:
+            if "}" in args.text[args.closed_at + 1:]:  # the call's own object is closed too: it may end
+                return None
+            mask = torch.zeros(pieces.vocab_size, dtype=torch.bool)
+        elif args.depth >= 1 and args.missing(self.tools[self.tool]):
+            mask = (args.depth + pieces.dip[int(args.in_string)].int()) <= 0
+        else:
+            mask = torch.zeros(pieces.vocab_size, dtype=torch.bool)
+        mask[pieces.special] = True  # no special token inside the call's JSON, so it cannot end before it closes
+        return mask
 
     def allowed(self, pieces: TokenPieces) -> set[int] | None:
         if self.call is None or not self.tools:
@@ -214,21 +273,27 @@ class ToolCallConstraint:
             raise ValueError(f"ToolCallConstraint was built for {len(self.rows)} rows, called with {input_ids.shape[0]}")
         new = input_ids[:, self.seen:].tolist()
         self.seen = input_ids.shape[1]
-        masks = {}
+        keep, width = {}, scores.shape[1]  # row -> bool [V]: the tokens it may take
         for b, (row, tokens) in enumerate(zip(self.rows, new)):
             for t in tokens:
                 row.feed(self.pieces.text[t] if 0 <= t < len(self.pieces.text) else "")
-            allowed = row.allowed(self.pieces)
+            allowed, forbidden = row.allowed(self.pieces), row.forbidden(self.pieces)
+            mask = None
             if allowed:  # an empty set (no token continues) is left free rather than forced to nonsense
-                masks[b] = allowed
-        if not masks:
+                mask = torch.zeros(width, dtype=torch.bool)
+                mask[[i for i in allowed if i < width]] = True
+            if forbidden is not None and forbidden.any():
+                n = min(width, len(forbidden))  # a model's padded vocabulary: its extra ids are not forbidden
+                free = torch.ones(width, dtype=torch.bool)
+                free[:n] = ~forbidden[:n]
+                mask = free if mask is None else mask & free
+            if mask is not None and mask.any():  # never a row with no token left
+                keep[b] = mask
+        if not keep:
             return scores
-        self.constrained_steps += len(masks)
-        rows = sorted(masks)
-        keep = torch.zeros(len(rows), scores.shape[1], dtype=torch.bool)
-        for r, b in enumerate(rows):
-            keep[r, [i for i in masks[b] if i < scores.shape[1]]] = True
+        self.constrained_steps += len(keep)
+        rows = sorted(keep)
         index = torch.tensor(rows, device=scores.device)
         out = scores.clone()
-        out[index] = scores[index].masked_fill(~keep.to(scores.device), float("-inf"))
+        out[index] = scores[index].masked_fill(~torch.stack([keep[b] for b in rows]).to(scores.device), float("-inf"))
         return out

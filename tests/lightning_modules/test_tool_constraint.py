@@ -49,9 +49,22 @@ class Scripted:
         return s
 
 
-def decode(tok, want: str, tools: dict, steps: int = 80) -> str:
-    """Greedy decoding of ``Scripted(want)`` under the constraint, from a prompt of three tokens."""
-    model = Scripted(tok, want)
+class Preferring:
+    """Logits that want one text and, where the constraint forbids what it wants, a second one (alone once the
+    text has left the first)."""
+
+    def __init__(self, tok, first: str, second: str):
+        self.first, self.second = Scripted(tok, first), Scripted(tok, second)
+
+    def scores(self, done: str) -> torch.Tensor:
+        if not self.first.want.startswith(done):
+            return self.second.scores(done)
+        return 100 * self.first.scores(done) + self.second.scores(done)
+
+
+def decode(tok, want: str, tools: dict, steps: int = 80, model=None) -> str:
+    """Greedy decoding of ``Scripted(want)`` (or of ``model``) under the constraint, from a prompt of three tokens."""
+    model = model or Scripted(tok, want)
     constraint = ToolCallConstraint(token_pieces(tok), [tools])
     ids, new = torch.tensor([[1, 2, 3]]), []
     end = tok.convert_tokens_to_ids("<|end|>")
@@ -89,10 +102,11 @@ def test_argument_keys_are_the_tools_parameters_each_once(tok):
         return {pieces.text[i] for i in allowed}
 
     first = texts(row.allowed(pieces))
-    # every allowed token keeps the text on '"city": ', '"days": ' or '}' (or completes one and goes on)
-    targets = ['"city": ', '"days": ', "}"]
+    # every allowed token keeps the text on '"city": ' or '"days": ' (or completes one and goes on); not on '}':
+    # city is required
+    targets = ['"city": ', '"days": ']
     assert first and all(any(t.startswith(p) or p.startswith(t) for t in targets) for p in first)
-    assert "}" in first or any(p.startswith("}") for p in first)
+    assert not any(p.startswith("}") for p in first)
     row.feed('"city": "Oslo"')
     assert row.allowed(pieces) is None  # a value: free
     row.feed(",")
@@ -100,6 +114,47 @@ def test_argument_keys_are_the_tools_parameters_each_once(tok):
     assert after_comma and all(' "days": '.startswith(p) or p.startswith(' "days": ') for p in after_comma)
     row.feed(' "days": 3}')
     assert row.allowed(pieces) is None and row.arguments.used == ["city", "days"]
+
+
+def test_the_arguments_close_only_with_every_required_parameter_and_the_call_ends_only_when_closed(tok):
+    pieces = token_pieces(tok)
+    row = ToolCallConstraint(pieces, [SCHEMAS]).rows[0]
+    closing = [i for i, p in enumerate(pieces.text) if p.startswith("}")]  # }, }}, ...
+    closing_a_value = [i for i, p in enumerate(pieces.text) if p.startswith('"}')]  # from inside a string
+    enders = [tok.convert_tokens_to_ids(t) for t in ("<|/tool_call|>", "<|end|>")]
+    assert closing and closing_a_value
+    for piece in ['<|tool_call|>', '{"name": "convert_currency", "arguments": ', '{']:
+        row.feed(piece)
+    first = {pieces.text[i] for i in row.allowed(pieces)}
+    assert first and not any(p.startswith("}") for p in first)  # "to" and "amount" are required: no empty object
+    row.feed('"amount": 5')
+    forbidden = row.forbidden(pieces)
+    assert forbidden[closing].all() and forbidden[enders].all()  # "to" is still missing
+    assert not forbidden[[i for i, p in enumerate(pieces.text) if p == ","]].any()
+    row.feed(', "to": "EU')  # inside the last required value: a token that ends it and the object is fine now
+    forbidden = row.forbidden(pieces)
+    assert not forbidden[closing + closing_a_value].any() and forbidden[enders].all()
+    before = ToolCallConstraint(pieces, [SCHEMAS]).rows[0]  # the same inside a value while "to" is missing
+    for piece in ['<|tool_call|>', '{"name": "convert_currency", "arguments": ', '{"amount": 5, "note": "EU']:
+        before.feed(piece)
+    assert before.forbidden(pieces)[closing_a_value].all() and not before.forbidden(pieces)[closing].any()
+    row.feed('R"}')  # the arguments are closed, the call's own object is not
+    assert row.forbidden(pieces)[enders].all() and not row.forbidden(pieces)[closing].any()
+    row.feed("}")
+    assert row.forbidden(pieces) is None
+    weather = ToolCallConstraint(pieces, [SCHEMAS]).rows[0]  # get_weather requires city only
+    for piece in ['<|tool_call|>', '{"name": "get_weather", "arguments": ', '{"city": "Oslo"']:
+        weather.feed(piece)
+    assert not weather.forbidden(pieces)[closing].any()
+
+
+def test_a_call_that_would_leave_out_a_required_argument_names_it(tok):
+    without = '<|tool_call|>{"name": "convert_currency", "arguments": {"amount": 5}}<|/tool_call|><|end|>'
+    with_it = '<|tool_call|>{"name": "convert_currency", "arguments": {"amount": 5, "to": "EUR"}}<|/tool_call|><|end|>'
+    model = Preferring(tok, without, with_it)
+    assert parse_tool_call(decode(tok, "", {}, model=model)) == {"name": "convert_currency", "arguments": {"amount": 5}}
+    assert parse_tool_call(decode(tok, "", SCHEMAS, model=model)) == {"name": "convert_currency",
+                                                                      "arguments": {"amount": 5, "to": "EUR"}}
 
 
 def test_constrained_decoding_of_a_tiny_model_calls_offered_tools_with_their_parameters(data_dir, tok):
