@@ -2,7 +2,7 @@
 
 Unpacks the prepared data (``stagewise pack``), runs ``stagewise pipeline -c configs/pipelines/gpu.yaml``
 (the staged path, then its baselines), scores the tool-calling stages on every held-out example of the seen
-and the unseen services (``stagewise evaluate``, decoding freely and again with constrained names and keys;
+and the unseen services (``stagewise evaluate``, decoding freely, with constrained names and keys, and strictly;
 the staged path's before the baselines train, so a machine lost during them keeps those scores),
 writes the report card (``stagewise report``) and copies
 the results into ``experiments/results/gpu_pipeline_<date>/`` and, where ``$OUT`` is set, a tarball of them
@@ -106,6 +106,7 @@ def evaluation(models: Path, experiment: str, stage: str, data_dir: str | Path, 
     rel = lambda p: str(p.relative_to(models.parent))  # noqa: E731
     return stagewise("evaluate", "--ckpt", rel(ckpt), "--data_dir", str(data_dir), "--domains", "[tools]",
                      "--max_new_tokens", str(max_new_tokens), "--out", rel(out), "--constrained", "true",
+                     "--strict", "true",
                      *(["--limit", str(limit)] if limit else []),
                      "--precision", "bf16-mixed" if machine_card() != "cpu" else "32-true")
 

@@ -79,6 +79,7 @@ def evaluate(
     accelerator: str = "auto",
     precision: str = "32-true",
     constrained: bool = False,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """Held-out loss of a checkpoint on every prepared domain, and its tool-call scores.
 
@@ -101,10 +102,12 @@ def evaluate(
         precision: Lightning precision (``32-true``, ``bf16-mixed``...).
         constrained: Also score the tool calls decoded with constrained names and argument keys (the offered
             tools, their parameters: ``lightning_modules.tool_constraint``), under ``tools_constrained``.
+        strict: Also score them decoded with the constraint's closing rules as well (every required parameter
+            named, the call's JSON closed before it ends), under ``tools_strict``.
 
     Returns:
         ``{"checkpoint", "data_dir", "losses": {domain: loss}, "tools": {"seen": scores, "unseen": scores} or None}``
-        (and ``"tools_constrained"`` of the same shape with ``constrained``).
+        (and ``"tools_constrained"`` of the same shape with ``constrained``, ``"tools_strict"`` with ``strict``).
     """
     import lightning as L
 
@@ -143,21 +146,23 @@ def evaluate(
     # decoded 800 prompts on the host's CPU, for over 5 minutes each, before this line)
     model.to(trainer.strategy.root_device)
 
-    tools, tools_constrained = None, None
+    # the decodings scored: free, then each constrained one asked for (the result's key -> evaluate_tool_calls's constrain)
+    decodings = {"tools": False, **({"tools_constrained": True} if constrained else {}),
+                 **({"tools_strict": "strict"} if strict else {})}
+    scored: dict[str, dict | None] = dict.fromkeys(decodings)
     if "tools" in names:
         tok = load_tokenizer(dm.tokenizer_dir)
-        tools, tools_constrained = {}, {} if constrained else None
+        scored = {kind: {} for kind in decodings}
         for group, split in heldout_groups(root, "val").items():
             examples = load_heldout_examples(root, split, limit, tokenizer=tok)
-            for scores, constrain in [(tools, False)] + ([(tools_constrained, True)] if constrained else []):
+            for kind, constrain in decodings.items():
                 with trainer.precision_plugin.forward_context():
                     # prompts cut to the training window, as the model saw them (and decoding time grows with them)
-                    scores[group] = evaluate_tool_calls(model, tok, examples, max_new_tokens=max_new_tokens,
-                                                        batch_size=decode_batch_size,
-                                                        max_prompt_tokens=max(1, dm.seq_len - max_new_tokens),
-                                                        constrain=constrain)
-    result = {"checkpoint": str(ckpt), "data_dir": str(root), "seq_len": dm.seq_len, "losses": losses,
-              "tools": tools, **({"tools_constrained": tools_constrained} if constrained else {})}
+                    scored[kind][group] = evaluate_tool_calls(model, tok, examples, max_new_tokens=max_new_tokens,
+                                                              batch_size=decode_batch_size,
+                                                              max_prompt_tokens=max(1, dm.seq_len - max_new_tokens),
+                                                              constrain=constrain)
+    result = {"checkpoint": str(ckpt), "data_dir": str(root), "seq_len": dm.seq_len, "losses": losses, **scored}
     _print(result)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +179,7 @@ def _print(result: dict) -> None:
     table.add_column("value", justify="right")
     for domain, loss in result["losses"].items():
         table.add_row(f"{domain} loss", f"{loss:.4f}")
-    for kind in ("tools", "tools_constrained"):
+    for kind in ("tools", "tools_constrained", "tools_strict"):
         for group, scores in (result.get(kind) or {}).items():
             for key in ("json_valid", "name_accuracy", "call_accuracy"):
                 table.add_row(f"{kind}/{group}/{key}", f"{scores[key]:.3f}")

@@ -96,8 +96,9 @@ def bytes_per_token(corpus_dir: str | Path, tokenizer, split: str = "val",
 
 
 def _tools(models_dir: Path, name: str, record: dict, kind: str = "tools") -> dict | None:
-    """A run's tool scores per group: ``stagewise evaluate``'s (``kind``: ``tools``, or ``tools_constrained``
-    for its constrained decoding), else the fit's own from its record."""
+    """A run's tool scores per group: ``stagewise evaluate``'s (``kind``: ``tools``, ``tools_constrained`` for its
+    constrained decoding, ``tools_strict`` for its strict one), else the fit's own from its record (free or
+    constrained: ``ToolCallEval`` does not decode strictly)."""
     path = models_dir / name / EVAL_FILE
     groups = (json.loads(path.read_text()).get(kind) if path.is_file() else None) or {}
     if not groups:  # the fit's own (ToolCallEval's): free, or constrained where it decoded so as well
@@ -106,7 +107,7 @@ def _tools(models_dir: Path, name: str, record: dict, kind: str = "tools") -> di
             groups = {g: recorded[g] for g in ("seen", "unseen") if isinstance(recorded.get(g), dict)}
             if not groups and "call_accuracy" in recorded:  # a record from before the seen/unseen groups
                 groups = {"seen": recorded}
-        else:
+        elif kind == "tools_constrained":
             groups = {g: dict(s) for g, s in (recorded.get("constrained") or {}).items()}
         n = recorded.get("n")
         for g, scores in groups.items():
@@ -126,8 +127,10 @@ def _entry(name: str, record: dict, models_dir: Path, own_stage_losses: dict[str
         "bits_per_byte": {d: bits_per_byte(loss, bpt[d]) for d, loss in losses.items() if bpt.get(d)},
         "forgetting": {d: losses[d] / base - 1 for d, base in own_stage_losses.items() if d in losses},
         "tools": _tools(models_dir, name, record),
-        # decoded with names among the offered tools and keys among their parameters (tool_constraint)
+        # decoded with names among the offered tools and keys among their parameters (tool_constraint), and
+        # strictly (also every required parameter, the call's JSON closed): `stagewise evaluate`'s only
         "tools_constrained": _tools(models_dir, name, record, "tools_constrained"),
+        "tools_strict": _tools(models_dir, name, record, "tools_strict"),
         "tokens": (record.get("tokens") or {}).get("stage"),
         "total_tokens": (record.get("tokens") or {}).get("total"),
         "wall_time_s": record.get("wall_time_s"),
@@ -218,15 +221,19 @@ def card_markdown(card: dict) -> list[str]:
                   scores(tools.get("unseen")), f"{e['tokens'] or 0:,}", f"{e['wall_time_s'] or 0:.0f}s",
                   f"{e['tokens_per_s']:,}" if e.get("tokens_per_s") else "–", pct(e.get("mfu")).lstrip("+")]
         lines.append("| " + " | ".join(cells) + " |")
-    constrained = {name: e["tools_constrained"] for name, e in rows.items() if e.get("tools_constrained")}
-    if constrained:
-        lines += ["", "Decoded with constrained names and argument keys (the offered tools and their parameters), "
-                  "json/name/call (n): " + "; ".join(
-                      f"{name} " + ", ".join(f"{g} {scores(s)}" for g, s in groups.items())
-                      for name, groups in constrained.items())]
+    decodings = (("tools_constrained", "constrained", "Decoded with constrained names and argument keys (the offered "
+                  "tools and their parameters)"),
+                 ("tools_strict", "strict", "Decoded strictly (also every required parameter named, the call's JSON "
+                  "closed before it ends)"))
+    for kind, _, title in decodings:
+        constrained = {name: e[kind] for name, e in rows.items() if e.get(kind)}
+        if constrained:
+            lines += ["", f"{title}, json/name/call (n): " + "; ".join(
+                f"{name} " + ", ".join(f"{g} {scores(s)}" for g, s in groups.items())
+                for name, groups in constrained.items())]
     errors = []  # each run's wrong calls by reason, per decoding and group
     for name, e in rows.items():
-        for kind, label in (("tools", "free"), ("tools_constrained", "constrained")):
+        for kind, label in (("tools", "free"), *((kind, label) for kind, label, _ in decodings)):
             counted = {g: s["errors"] for g, s in (e.get(kind) or {}).items() if s.get("errors")}
             if counted:
                 errors.append(f"{name} {label} " + ", ".join(

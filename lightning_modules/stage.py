@@ -222,7 +222,7 @@ def _warn_batch_limited_validation(trainer: Namespace, stage: Stage) -> None:
     scores then depends on the batch size, so its held-out losses and the forgetting against its parent's may
     come from other windows (run 7's preference stage, at 4 pairs a batch, scored 200 of 448 language windows)."""
     limit = trainer.get("limit_val_batches")
-    if limit is None or limit == 1.0 or isinstance(limit, bool):
+    if limit is None or limit == 0 or (isinstance(limit, float) and limit == 1.0):  # 0: off; an int 1 is one batch
         return
     rank_zero_warn(f"stage '{stage.name}': trainer.limit_val_batches={limit} validates a number of batches, so its "
                    "held-out windows depend on data.batch_size and may differ from its parent stage's; forgetting then "

@@ -1,6 +1,6 @@
-"""Constrained decoding of tool calls: the function's name is one of the offered tools, the arguments'
-top-level keys are among that tool's parameters, its required parameters are all named, and the call's JSON is
-closed before the call ends.
+"""Constrained decoding of tool calls: the function's name is one of the offered tools and the arguments'
+top-level keys are among that tool's parameters; with ``strict``, also its required parameters are all named and
+the call's JSON is closed before the call ends.
 
 This follows the strict modes of serving stacks (OpenAI's ``strict`` function calling, vLLM's guided decoding):
 the request's tool schemas decide which tokens may come next. Here that covers only the places where a small
@@ -11,9 +11,12 @@ one of a few known strings:
 
 - after ``<|tool_call|>``: ``{"name": "<one offered name>", "arguments": `` (as the chat template renders it);
 - at a key of the arguments object (right after its ``{``, or after a ``,`` at its top level):
-  ``"<parameter>": `` for a parameter not used yet, or ``}`` right after the ``{`` when the tool requires none.
+  ``"<parameter>": `` for a parameter not used yet, or ``}`` right after the ``{`` (with ``strict``, only when
+  the tool requires none).
 
-Two closing rules forbid tokens rather than allow them. While the tool's ``required`` parameters are not all
+With ``strict``, two closing rules forbid tokens rather than allow them (measured apart: on the CPU demo's tiny tool
+model they lowered parseable calls from 0.64 to 0.42 of 50, since a call held open runs on into the token limit;
+``experiments/results/demo_tool_stage_2026-12-01.md``). While the tool's ``required`` parameters are not all
 named, no token may close the arguments object (a ``}`` that would take it to depth 0, a ``"}`` that ends a value
 and the object at once included). And until the call's JSON is closed (the arguments object and the ``}`` after
 it), no special token may come, so the call cannot end (``<|/tool_call|>``, ``<|end|>``) before it closes.
@@ -177,14 +180,14 @@ class _Arguments:
             elif ch == ":" and self.depth == 1:
                 self.expect_key = False
 
-    def targets(self, parameters: dict) -> list[str] | None:
+    def targets(self, parameters: dict, strict: bool = False) -> list[str] | None:
         """The strings the text after the anchor must follow (None: no key expected now, or no schema to check)."""
         properties = parameters.get("properties")
         if self.anchor is None or self.closed or not isinstance(properties, dict):
             return None
         keys = [json.dumps(k) + ": " for k in properties if k not in self.used]
         if self.after_open:
-            return keys + ([] if self.missing(parameters) else ["}"])
+            return keys + ([] if strict and self.missing(parameters) else ["}"])
         return [" " + k for k in keys]
 
     def missing(self, parameters: dict) -> list[str]:
@@ -198,8 +201,8 @@ class _Arguments:
 class _Row:
     """One row's generated text and, inside a call, which tool it names and where its arguments stand."""
 
-    def __init__(self, tools: dict[str, dict]):
-        self.tools = tools
+    def __init__(self, tools: dict[str, dict], strict: bool = False):
+        self.tools, self.strict = tools, strict
         self.names = {name: '{"name": ' + json.dumps(name) + ', "arguments": ' for name in tools}
         self.call: str | None = None  # the text since the last <|tool_call|>, while inside that call
         self.tool: str | None = None
@@ -225,7 +228,7 @@ class _Row:
 
     def forbidden(self, pieces: TokenPieces) -> torch.Tensor | None:
         """The closing rules (module docstring): a bool mask [V] of the tokens that may not come next, or None."""
-        if self.call is None or self.tool is None or self.arguments is None:
+        if not self.strict or self.call is None or self.tool is None or self.arguments is None:
             return None
         args = self.arguments
         if args.closed:
@@ -244,7 +247,7 @@ class _Row:
             return None
         if self.tool is None:
             return pieces.continuing(self.call, self.names.values())
-        targets = self.arguments.targets(self.tools[self.tool]) if self.arguments is not None else None
+        targets = self.arguments.targets(self.tools[self.tool], self.strict) if self.arguments is not None else None
         if targets is None:
             return None
         return pieces.continuing(self.arguments.text[self.arguments.anchor:], targets)
@@ -257,14 +260,15 @@ class ToolCallConstraint:
         pieces: :class:`TokenPieces` of the model's tokenizer.
         tools: Per row of the batch, ``{name: parameters schema}`` (:func:`offered_tools` of its prompt); an
             empty dict leaves that row free.
+        strict: Also the closing rules: every required parameter named, the call's JSON closed before it ends.
 
     Call it once per decoding step with every token so far (``input_ids`` [B, T], the prompt's included: a
     prompt may end inside a call) and the next token's scores [B, V]. It returns the scores with the tokens that
     would leave the offered tools set to ``-inf``. ``constrained_steps`` counts the row-steps it restricted.
     """
 
-    def __init__(self, pieces: TokenPieces, tools: list[dict[str, dict]]):
-        self.pieces, self.rows = pieces, [_Row(t) for t in tools]
+    def __init__(self, pieces: TokenPieces, tools: list[dict[str, dict]], strict: bool = False):
+        self.pieces, self.rows = pieces, [_Row(t, strict) for t in tools]
         self.seen = 0  # tokens of input_ids already fed to the rows (the prompt's too: it may end in a call)
         self.constrained_steps = 0
 

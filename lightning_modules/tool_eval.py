@@ -246,7 +246,7 @@ def prompt_ids_of(tokenizer, example: dict) -> list[int]:
 
 def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: int = 128,
                         limit: int | None = None, num_samples: int = 3, batch_size: int | None = None,
-                        max_prompt_tokens: int | None = None, constrain: bool = False) -> dict:
+                        max_prompt_tokens: int | None = None, constrain: bool | str = False) -> dict:
     """Generate the call for each example (greedy, KV cache, batched) and score it against the expected call.
 
     Args:
@@ -265,7 +265,8 @@ def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: 
             the answer) to see prompts as the model saw them. Default: as many as the context holds.
         constrain: Decode each call's function name among the prompt's offered tools and its arguments' keys
             among that tool's parameters (``lightning_modules.tool_constraint``); the scores then say
-            ``"constrained": true``.
+            ``"constrained": true``. ``"strict"``: also the constraint's closing rules (every required parameter
+            named, the call's JSON closed before it ends); the scores say ``"strict": true`` too.
 
     Returns:
         The scores of :func:`score_calls`, ``errors`` (the wrong turns counted by :func:`error_kind`'s reason;
@@ -292,7 +293,8 @@ def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: 
                 samples.append(sample)
             if kind is not None:
                 wrong.setdefault(kind, sample)
-    return {**score_calls(predicted, expected), **({"constrained": True} if constrain else {}),
+    marks = {"constrained": True, **({"strict": True} if constrain == "strict" else {})} if constrain else {}
+    return {**score_calls(predicted, expected), **marks,
             "errors": errors, "samples": samples, "wrong_samples": wrong}
 
 
@@ -305,7 +307,7 @@ def offered_tools_of(tokenizer, prompts: list[list[int]]) -> list[dict[str, dict
 
 
 def predict_calls(model, tokenizer, examples: list[dict], max_new_tokens: int = 128, batch_size: int | None = None,
-                  max_prompt_tokens: int | None = None, constrain: bool = False,
+                  max_prompt_tokens: int | None = None, constrain: bool | str = False,
                   tools: list[dict[str, dict]] | None = None) -> list[tuple[list[int], str, list[dict] | None]]:
     """Each example's prompt ids, the generated turn's text and the calls parsed from it (None if none
     parses): greedy, batched, with the KV cache (arguments as in :func:`evaluate_tool_calls`; ``tools``: each
@@ -317,7 +319,8 @@ def predict_calls(model, tokenizer, examples: list[dict], max_new_tokens: int = 
 
         pieces = token_pieces(tokenizer)
         tools = tools if tools is not None else offered_tools_of(tokenizer, prompts)
-        processor_for = lambda rows: ToolCallConstraint(pieces, [tools[i] for i in rows])  # noqa: E731
+        strict = constrain == "strict"
+        processor_for = lambda rows: ToolCallConstraint(pieces, [tools[i] for i in rows], strict)  # noqa: E731
     with decoding_threads(model):  # CausalLM.generate switches to eval mode and back
         generated = greedy_continuations(model, prompts, max_new_tokens, stop_token_ids(tokenizer), batch_size,
                                          max_prompt_tokens, processor_for)

@@ -66,6 +66,11 @@ def test_the_gpu_pipeline_runs_shrunk_and_writes_its_report_card(tmp_path, tool_
     assert "Decoded with constrained names" in report and "Wrong calls by reason" in report
     # constrained, no call names a function its prompt does not offer
     assert all(s["errors"]["name_not_offered"] == 0 for s in constrained.values())
+    # and the third, strict decoding (required parameters, closed JSON), is on the card too
+    strict = json.loads((results / "records" / "tools" / "eval.json").read_text())["tools_strict"]
+    assert all(s["strict"] for s in strict.values()) and strict.keys() == evaluated.keys()
+    assert tools["tools_strict"] == {g: {**{k: s[k] for k in SCORES}, "errors": s["errors"]} for g, s in strict.items()}
+    assert "Decoded strictly" in report
 
 
 @pytest.mark.slow

@@ -62,10 +62,10 @@ class Preferring:
         return 100 * self.first.scores(done) + self.second.scores(done)
 
 
-def decode(tok, want: str, tools: dict, steps: int = 80, model=None) -> str:
+def decode(tok, want: str, tools: dict, steps: int = 80, model=None, strict: bool = False) -> str:
     """Greedy decoding of ``Scripted(want)`` (or of ``model``) under the constraint, from a prompt of three tokens."""
     model = model or Scripted(tok, want)
-    constraint = ToolCallConstraint(token_pieces(tok), [tools])
+    constraint = ToolCallConstraint(token_pieces(tok), [tools], strict)
     ids, new = torch.tensor([[1, 2, 3]]), []
     end = tok.convert_tokens_to_ids("<|end|>")
     for _ in range(steps):
@@ -102,11 +102,11 @@ def test_argument_keys_are_the_tools_parameters_each_once(tok):
         return {pieces.text[i] for i in allowed}
 
     first = texts(row.allowed(pieces))
-    # every allowed token keeps the text on '"city": ' or '"days": ' (or completes one and goes on); not on '}':
-    # city is required
-    targets = ['"city": ', '"days": ']
+    # every allowed token keeps the text on '"city": ', '"days": ' or '}' (or completes one and goes on)
+    targets = ['"city": ', '"days": ', "}"]
     assert first and all(any(t.startswith(p) or p.startswith(t) for t in targets) for p in first)
-    assert not any(p.startswith("}") for p in first)
+    assert "}" in first or any(p.startswith("}") for p in first)
+    assert row.forbidden(pieces) is None  # the closing rules are strict decoding's
     row.feed('"city": "Oslo"')
     assert row.allowed(pieces) is None  # a value: free
     row.feed(",")
@@ -116,9 +116,9 @@ def test_argument_keys_are_the_tools_parameters_each_once(tok):
     assert row.allowed(pieces) is None and row.arguments.used == ["city", "days"]
 
 
-def test_the_arguments_close_only_with_every_required_parameter_and_the_call_ends_only_when_closed(tok):
+def test_strictly_the_arguments_close_only_with_every_required_parameter_and_the_call_ends_only_when_closed(tok):
     pieces = token_pieces(tok)
-    row = ToolCallConstraint(pieces, [SCHEMAS]).rows[0]
+    row = ToolCallConstraint(pieces, [SCHEMAS], strict=True).rows[0]
     closing = [i for i, p in enumerate(pieces.text) if p.startswith("}")]  # }, }}, ...
     closing_a_value = [i for i, p in enumerate(pieces.text) if p.startswith('"}')]  # from inside a string
     enders = [tok.convert_tokens_to_ids(t) for t in ("<|/tool_call|>", "<|end|>")]
@@ -134,7 +134,7 @@ def test_the_arguments_close_only_with_every_required_parameter_and_the_call_end
     row.feed(', "to": "EU')  # inside the last required value: a token that ends it and the object is fine now
     forbidden = row.forbidden(pieces)
     assert not forbidden[closing + closing_a_value].any() and forbidden[enders].all()
-    before = ToolCallConstraint(pieces, [SCHEMAS]).rows[0]  # the same inside a value while "to" is missing
+    before = ToolCallConstraint(pieces, [SCHEMAS], strict=True).rows[0]  # inside a value while "to" is missing
     for piece in ['<|tool_call|>', '{"name": "convert_currency", "arguments": ', '{"amount": 5, "note": "EU']:
         before.feed(piece)
     assert before.forbidden(pieces)[closing_a_value].all() and not before.forbidden(pieces)[closing].any()
@@ -142,19 +142,21 @@ def test_the_arguments_close_only_with_every_required_parameter_and_the_call_end
     assert row.forbidden(pieces)[enders].all() and not row.forbidden(pieces)[closing].any()
     row.feed("}")
     assert row.forbidden(pieces) is None
-    weather = ToolCallConstraint(pieces, [SCHEMAS]).rows[0]  # get_weather requires city only
+    weather = ToolCallConstraint(pieces, [SCHEMAS], strict=True).rows[0]  # get_weather requires city only
     for piece in ['<|tool_call|>', '{"name": "get_weather", "arguments": ', '{"city": "Oslo"']:
         weather.feed(piece)
     assert not weather.forbidden(pieces)[closing].any()
 
 
-def test_a_call_that_would_leave_out_a_required_argument_names_it(tok):
+def test_strictly_a_call_that_would_leave_out_a_required_argument_names_it(tok):
     without = '<|tool_call|>{"name": "convert_currency", "arguments": {"amount": 5}}<|/tool_call|><|end|>'
     with_it = '<|tool_call|>{"name": "convert_currency", "arguments": {"amount": 5, "to": "EUR"}}<|/tool_call|><|end|>'
     model = Preferring(tok, without, with_it)
-    assert parse_tool_call(decode(tok, "", {}, model=model)) == {"name": "convert_currency", "arguments": {"amount": 5}}
-    assert parse_tool_call(decode(tok, "", SCHEMAS, model=model)) == {"name": "convert_currency",
-                                                                      "arguments": {"amount": 5, "to": "EUR"}}
+    left_out = {"name": "convert_currency", "arguments": {"amount": 5}}
+    assert parse_tool_call(decode(tok, "", {}, model=model)) == left_out
+    assert parse_tool_call(decode(tok, "", SCHEMAS, model=model)) == left_out  # names and keys only: as wanted
+    assert parse_tool_call(decode(tok, "", SCHEMAS, model=model, strict=True)) == {
+        "name": "convert_currency", "arguments": {"amount": 5, "to": "EUR"}}
 
 
 def test_constrained_decoding_of_a_tiny_model_calls_offered_tools_with_their_parameters(data_dir, tok):
@@ -184,6 +186,8 @@ def test_constrained_decoding_of_a_tiny_model_calls_offered_tools_with_their_par
     one = predict_calls(model, tok, prompted, max_new_tokens=24, batch_size=1, constrain=True)
     assert [t for _, t, _ in one] == texts  # batching does not change what is decoded
     assert evaluate_tool_calls(model, tok, prompted, max_new_tokens=24, constrain=True)["constrained"] is True
+    strict = evaluate_tool_calls(model, tok, prompted, max_new_tokens=24, constrain="strict")
+    assert strict["constrained"] is True and strict["strict"] is True
 
 
 def test_rows_count_must_match(tok):
