@@ -46,7 +46,7 @@ if ! python3 -c "import json,sys; c=json.load(open('$RESULTS/decoding_${date}_gp
   echo "== decoding without CUDA graphs" | tee -a "$RESULTS/steps.txt"
 fi
 if [ "${PIPELINE:-1}" != 0 ]; then
-  step timeout -k 20 760 python3 -m experiments.gpu_pipeline --pack .gpu/packs/full/full.pack.json --timeout 580 \
+  step timeout -k 20 760 python3 -m experiments.gpu_pipeline --pack .gpu/packs/full/full.pack.json --timeout 600 \
     --results "$RESULTS/gpu_pipeline_$date"
   # shellcheck disable=SC2086
   [ -n "${BENCH_SIZES-x}" ] && step timeout -k 20 240 python3 -m experiments.benchmark_throughput \
@@ -57,7 +57,9 @@ if [ "${STUDY:-1}" != 0 ] && [ ! -f data/full/tools/manifest.json ] && [ -f .gpu
   step timeout -k 10 120 python3 -m lightning_modules unpack --pack .gpu/packs/full/full.pack.json --into data
 fi
 # together: the recipe comparisons (3 workers) and the study (STUDY_DEVICES workers), until the deadline
-VARIANTS=${VARIANTS-preference_lr2e6 joint_tools tools_long preference_ipo preference}
+# stage 4 first (its three share one set of pairs; their held-out windows now match the tool stage's), then the
+# second baseline; tools_long (twice the 5,200 tool steps) only where a session has the time
+VARIANTS=${VARIANTS-preference preference_lr2e6 preference_ipo joint_tools}
 study="$RESULTS/staged_vs_joint"
 mkdir -p "$study"
 [ -f "$study/results.json" ] || cp experiments/results/staged_vs_joint/results.json "$study/" 2>/dev/null
