@@ -91,7 +91,7 @@ def variants(config: dict) -> dict[str, tuple[StageSpec, str | None, str]]:
     mixture = "{" + ", ".join(f"{d}: {t / total:.3f}" for d, t in tokens.items()) + "}"
     joint_line = (config.get("baselines") or [{}])[0]
     # 8 validations, the last at the end (run 7's interval of 500 left the last 400 of 4,400 steps unscored): the
-    # step count rounded to a multiple of 8 (4,400 at this pipeline's budget)
+    # step count rounded to a multiple of 8 (7,000 at this pipeline's budget)
     interval = max(1, round(total / tools["window_tokens"] / 8))
     joint = StageSpec("joint_tools", ["configs/baselines/joint.yaml", *line["tools"]["configs"][1:]], [
         f"--trainer.max_steps={8 * interval}", f"--trainer.val_check_interval={interval}",
@@ -104,7 +104,8 @@ def variants(config: dict) -> dict[str, tuple[StageSpec, str | None, str]]:
 
     def preference(name: str, extra: list[str]) -> StageSpec:  # one set of pairs (the tool stage's) for all
         # 2,000 training requests: a pair each, of which 400 steps x 4 pairs use 1,600 (4,000 took 242 s in run 4).
-        # Two validations: each scores every held-out window of the three domains at 4 pairs a batch (280 batches)
+        # Two validations: each scores every held-out window of the three domains and the 300 held-out pairs at 4 a
+        # batch (about 355 batches on data/full)
         return StageSpec(name, ["configs/stages/preference.yaml", *line["tools"]["configs"][1:]], [
             "--trainer.max_steps=400", "--trainer.val_check_interval=200", "--model.init_args.lr=1e-5",
             "--data.init_args.seq_len=4096", "--data.init_args.batch_size=4", *extra],

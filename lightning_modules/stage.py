@@ -205,6 +205,9 @@ def apply_stage(config: Namespace, stage: Stage, subcommand: str, resuming: bool
     for key in ("val_seq_len", "val_max_windows"):  # a lineage's held-out losses: the same windows in every stage
         if key in data and data[key] is None and (record or {}).get(key):
             data[key] = record[key]
+        elif fitting and key in data and key in (record or {}) and data[key] != record[key]:
+            rank_zero_warn(f"stage '{stage.name}': data.{key}={data[key]} but its parent validated with "
+                           f"{record[key]}: their held-out windows differ, so forgetting compares other windows")
     if record is not None and fitting:
         _warn_batch_limited_validation(config.trainer, stage)
     if "corpus" in data:

@@ -67,8 +67,11 @@ class TokenPieces:
         self.text: list[str] = []
         self.exact: dict[str, list[int]] = defaultdict(list)  # a token's text -> tokens with that text
         self.starting: dict[str, list[int]] = defaultdict(list)  # a prefix -> tokens whose text starts with it
-        # the lowest depth each token's text reaches from 0, read outside (row 0) or inside (row 1) a string
-        self.dip = torch.zeros(2, self.vocab_size, dtype=torch.int16)
+        # the lowest depth each token's text reaches from 0, read outside a string (row 0), inside one (row 1) or
+        # inside one right after a backslash (row 2); and whether, read from depth 0 outside a string, it opens
+        # an object and closes it again (``{}``: an arguments object closed as soon as it opens)
+        self.dip = torch.zeros(3, self.vocab_size, dtype=torch.int16)
+        self.reopens = torch.zeros(self.vocab_size, dtype=torch.bool)
         self.special = sorted(i for i in special if 0 <= i < self.vocab_size)  # <|/tool_call|> and <|end|> among them
         for i in range(self.vocab_size):
             piece = tokenizer.decode([i], skip_special_tokens=False)
@@ -76,7 +79,8 @@ class TokenPieces:
             if i in special or not piece or "\ufffd" in piece:  # special, or a byte of a longer character
                 continue
             if "}" in piece or "]" in piece:
-                self.dip[0, i], self.dip[1, i] = _dip(piece, False), _dip(piece, True)
+                (self.dip[0, i], self.reopens[i]), (self.dip[1, i], _), (self.dip[2, i], _) = (
+                    _dip(piece, False), _dip(piece, True), _dip(piece, True, escape=True))
             self.exact[piece].append(i)
             for k in range(1, len(piece) + 1):
                 self.starting[piece[:k]].append(i)
@@ -97,11 +101,12 @@ class TokenPieces:
         return allowed if live else None
 
 
-def _dip(text: str, in_string: bool) -> int:
+def _dip(text: str, in_string: bool, escape: bool = False) -> tuple[int, bool]:
     """The lowest depth ``text`` reaches (0 or below: it closes what was open) from depth 0, read from inside a
-    JSON string or not."""
+    JSON string (right after a backslash: ``escape``) or not; and whether it comes back to depth 0 after going
+    above it (it opens something and closes it)."""
     depth = low = 0
-    escape = False
+    reopens = False
     for ch in text:
         if in_string:
             if escape:
@@ -117,7 +122,8 @@ def _dip(text: str, in_string: bool) -> int:
         elif ch in "}]":
             depth -= 1
             low = min(low, depth)
-    return low
+            reopens = reopens or depth == 0
+    return low, reopens
 
 
 _PIECES: dict[int, tuple[object, TokenPieces]] = {}
@@ -143,6 +149,7 @@ class _Arguments:
         self.used: list[str] = []
         self._key_start = 0
         self.closed_at: int | None = None  # index in ``text`` of the "}" that closed the object
+        self.opened = False  # its "{" came (else the arguments are not an object, and a "}" closes the call)
 
     def feed(self, chars: str) -> None:
         start = len(self.text)
@@ -170,7 +177,7 @@ class _Arguments:
             elif ch in "{[":
                 self.depth += 1
                 if ch == "{" and self.depth == 1:
-                    self.anchor, self.after_open, self.expect_key = i + 1, True, True
+                    self.anchor, self.after_open, self.expect_key, self.opened = i + 1, True, True, True
             elif ch in "}]":
                 self.depth -= 1
                 if self.depth <= 0:
@@ -226,17 +233,32 @@ class _Row:
         elif self.arguments is not None:
             self.arguments.feed(piece)
 
+    def _closes_too_soon(self, call: str) -> bool:
+        """Whether the call text ``call`` has closed its arguments object while a required parameter is missing."""
+        tool = next((n for n, head in self.names.items() if call.startswith(head)), None)
+        if tool is None:
+            return False
+        arguments = _Arguments()
+        arguments.feed(call[len(self.names[tool]):])
+        return arguments.closed and arguments.opened and bool(arguments.missing(self.tools[tool]))
+
     def forbidden(self, pieces: TokenPieces) -> torch.Tensor | None:
         """The closing rules (module docstring): a bool mask [V] of the tokens that may not come next, or None."""
         if not self.strict or self.call is None or self.tool is None or self.arguments is None:
             return None
         args = self.arguments
         if args.closed:
-            if "}" in args.text[args.closed_at + 1:]:  # the call's own object is closed too: it may end
+            # the call's own object is closed too (or the arguments were no object and their "}" closed it): it may end
+            if not args.opened or "}" in args.text[args.closed_at + 1:]:
                 return None
             mask = torch.zeros(pieces.vocab_size, dtype=torch.bool)
-        elif args.depth >= 1 and args.missing(self.tools[self.tool]):
-            mask = (args.depth + pieces.dip[int(args.in_string)].int()) <= 0
+        elif not args.missing(self.tools[self.tool]):
+            mask = torch.zeros(pieces.vocab_size, dtype=torch.bool)
+        elif args.depth >= 1:
+            state = 2 if args.escape else int(args.in_string)
+            mask = (args.depth + pieces.dip[state].int()) <= 0
+        elif not args.in_string:  # before the object's "{": no "{}" in one token
+            mask = pieces.reopens.clone()
         else:
             mask = torch.zeros(pieces.vocab_size, dtype=torch.bool)
         mask[pieces.special] = True  # no special token inside the call's JSON, so it cannot end before it closes
@@ -246,7 +268,10 @@ class _Row:
         if self.call is None or not self.tools:
             return None
         if self.tool is None:
-            return pieces.continuing(self.call, self.names.values())
+            allowed = pieces.continuing(self.call, self.names.values())
+            if self.strict and allowed:  # nor a token that ends the head and closes the arguments at once (` {}`)
+                allowed = {i for i in allowed if not self._closes_too_soon(self.call + pieces.text[i])} or allowed
+            return allowed
         targets = self.arguments.targets(self.tools[self.tool], self.strict) if self.arguments is not None else None
         if targets is None:
             return None
@@ -290,7 +315,8 @@ class ToolCallConstraint:
                 n = min(width, len(forbidden))  # a model's padded vocabulary: its extra ids are not forbidden
                 free = torch.ones(width, dtype=torch.bool)
                 free[:n] = ~forbidden[:n]
-                mask = free if mask is None else mask & free
+                # where no allowed token is also free, the allowed ones (names, keys) still hold
+                mask = free if mask is None else (mask & free if (mask & free).any() else mask)
             if mask is not None and mask.any():  # never a row with no token left
                 keep[b] = mask
         if not keep:

@@ -105,9 +105,10 @@ def test_a_stage_validates_on_its_parents_windows_whatever_its_batch_size(tmp_pa
         assert (cli.datamodule.val_seq_len, cli.datamodule.val_max_windows) == (24, 6)
         windows = [loader.dataset for loader in cli.datamodule.val_dataloader()]
         assert [(len(w), w.seq_len) for w in windows] == [(6, 24), (6, 24)]  # language, code: the parent's windows
-    explicit = built("-c", stage("code"), "-c", TINY, f"--data.init_args.data_dir={corpora}",
-                     "--data.init_args.val_max_windows=3")
-    assert explicit.datamodule.val_max_windows == 3  # an explicit value beats the parent's
+    with pytest.warns(UserWarning, match="val_max_windows=3 but its parent validated with 6"):
+        explicit = built("-c", stage("code"), "-c", TINY, f"--data.init_args.data_dir={corpora}",
+                         "--data.init_args.val_max_windows=3")
+    assert explicit.datamodule.val_max_windows == 3  # an explicit value beats the parent's, with a warning
     with pytest.warns(UserWarning, match="limit_val_batches=2 validates a number of batches"):
         built("-c", stage("code"), "-c", TINY, f"--data.init_args.data_dir={corpora}", "--trainer.limit_val_batches=2")
 

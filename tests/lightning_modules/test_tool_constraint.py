@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from datamodules.tokenizer import load_tokenizer, render_tool_prompt
-from lightning_modules.tool_constraint import ToolCallConstraint, offered_tools, token_pieces
+from lightning_modules.tool_constraint import ToolCallConstraint, _dip, offered_tools, token_pieces
 from lightning_modules.tool_eval import evaluate_tool_calls, load_heldout_examples, parse_tool_call, predict_calls
 from tests.lightning_modules.test_tool_eval import TOOLS, prepare_tiny, tool_examples
 
@@ -146,6 +146,28 @@ def test_strictly_the_arguments_close_only_with_every_required_parameter_and_the
     for piece in ['<|tool_call|>', '{"name": "get_weather", "arguments": ', '{"city": "Oslo"']:
         weather.feed(piece)
     assert not weather.forbidden(pieces)[closing].any()
+
+
+def test_strictly_no_empty_arguments_in_one_token_scalar_arguments_end_and_escapes_are_read(tok):
+    # a token's depth profile: its lowest depth, and whether it opens and closes again ("{}" in one token)
+    assert _dip("}", False) == (-1, False) and _dip(" {}", False) == (0, True) and _dip("{}}", False) == (-1, True)
+    assert _dip('"}', True) == (-1, False) and _dip('"}', True, escape=True) == (0, False)  # \" stays in the string
+    pieces = token_pieces(tok)
+    row = ToolCallConstraint(pieces, [SCHEMAS], strict=True).rows[0]
+    row.feed("<|tool_call|>")
+    head = '{"name": "get_weather", "arguments": '
+    assert row._closes_too_soon(head + "{}") and row._closes_too_soon(head + " {}}")  # city is required
+    assert not row._closes_too_soon(head + '{"city": "Oslo"}') and not row._closes_too_soon(head + "{")
+    quote_close = [i for i, p in enumerate(pieces.text) if p == '"}']
+    for ending, closes in (('"a', True), ('"a\\', False)):  # in a value, "} ends it and the object; after \\ not
+        currency = ToolCallConstraint(pieces, [SCHEMAS], strict=True).rows[0]  # "to" is still missing
+        for piece in ["<|tool_call|>", '{"name": "convert_currency", "arguments": ', '{"amount": 5, "note": ' + ending]:
+            currency.feed(piece)
+        assert bool(currency.forbidden(pieces)[quote_close].all()) is closes
+    scalar = ToolCallConstraint(pieces, [SCHEMAS], strict=True).rows[0]
+    for piece in ["<|tool_call|>", head, "null}"]:  # arguments that are no object: their "}" closes the call
+        scalar.feed(piece)
+    assert scalar.forbidden(pieces) is None
 
 
 def test_strictly_a_call_that_would_leave_out_a_required_argument_names_it(tok):
