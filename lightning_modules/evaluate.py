@@ -21,7 +21,7 @@ from datamodules.errors import StagewiseError, TokenizerMismatchError
 from datamodules.metric_names import val_loss
 from datamodules.stage_record import read_checkpoint as _read_checkpoint
 from lightning_modules.causal_lm import CausalLM
-from lightning_modules.tool_eval import evaluate_tool_calls, heldout_groups, load_heldout_examples
+from lightning_modules.tool_eval import DECODINGS, evaluate_tool_calls, heldout_groups, load_heldout_examples
 
 KNOWN_ORDER = ("language", "code", "tools")
 
@@ -146,9 +146,9 @@ def evaluate(
     # decoded 800 prompts on the host's CPU, for over 5 minutes each, before this line)
     model.to(trainer.strategy.root_device)
 
-    # the decodings scored: free, then each constrained one asked for (the result's key -> evaluate_tool_calls's constrain)
-    decodings = {"tools": False, **({"tools_constrained": True} if constrained else {}),
-                 **({"tools_strict": "strict"} if strict else {})}
+    # the decodings scored: free, then each constrained one asked for
+    asked = {"tools": True, "tools_constrained": constrained, "tools_strict": strict}
+    decodings = {kind: constrain for kind, constrain in DECODINGS.items() if asked[kind]}
     scored: dict[str, dict | None] = dict.fromkeys(decodings)
     if "tools" in names:
         tok = load_tokenizer(dm.tokenizer_dir)
@@ -179,7 +179,7 @@ def _print(result: dict) -> None:
     table.add_column("value", justify="right")
     for domain, loss in result["losses"].items():
         table.add_row(f"{domain} loss", f"{loss:.4f}")
-    for kind in ("tools", "tools_constrained", "tools_strict"):
+    for kind in DECODINGS:
         for group, scores in (result.get(kind) or {}).items():
             for key in ("json_valid", "name_accuracy", "call_accuracy"):
                 table.add_row(f"{kind}/{group}/{key}", f"{scores[key]:.3f}")

@@ -28,7 +28,7 @@ from pathlib import Path
 from datamodules.preference import PREFERENCE
 from datamodules.shards import open_split
 from datamodules.stage_record import read_stage_record
-from lightning_modules.tool_eval import ERRORS
+from lightning_modules.tool_eval import DECODINGS, ERRORS
 
 EVAL_FILE = "eval.json"  # beside stage.json: `stagewise evaluate --out models/<experiment>/<stage>/eval.json`
 SCORES = ("json_valid", "name_accuracy", "call_accuracy", "n")
@@ -126,11 +126,9 @@ def _entry(name: str, record: dict, models_dir: Path, own_stage_losses: dict[str
         "losses": losses,
         "bits_per_byte": {d: bits_per_byte(loss, bpt[d]) for d, loss in losses.items() if bpt.get(d)},
         "forgetting": {d: losses[d] / base - 1 for d, base in own_stage_losses.items() if d in losses},
-        "tools": _tools(models_dir, name, record),
-        # decoded with names among the offered tools and keys among their parameters (tool_constraint), and
-        # strictly (also every required parameter, the call's JSON closed): `stagewise evaluate`'s only
-        "tools_constrained": _tools(models_dir, name, record, "tools_constrained"),
-        "tools_strict": _tools(models_dir, name, record, "tools_strict"),
+        # free, with names among the offered tools and keys among their parameters (tool_constraint), and strictly
+        # (also every required parameter, the call's JSON closed: `stagewise evaluate`'s only)
+        **{kind: _tools(models_dir, name, record, kind) for kind in DECODINGS},
         "tokens": (record.get("tokens") or {}).get("stage"),
         "total_tokens": (record.get("tokens") or {}).get("total"),
         "wall_time_s": record.get("wall_time_s"),
@@ -221,19 +219,19 @@ def card_markdown(card: dict) -> list[str]:
                   scores(tools.get("unseen")), f"{e['tokens'] or 0:,}", f"{e['wall_time_s'] or 0:.0f}s",
                   f"{e['tokens_per_s']:,}" if e.get("tokens_per_s") else "–", pct(e.get("mfu")).lstrip("+")]
         lines.append("| " + " | ".join(cells) + " |")
-    decodings = (("tools_constrained", "constrained", "Decoded with constrained names and argument keys (the offered "
-                  "tools and their parameters)"),
-                 ("tools_strict", "strict", "Decoded strictly (also every required parameter named, the call's JSON "
-                  "closed before it ends)"))
-    for kind, _, title in decodings:
-        constrained = {name: e[kind] for name, e in rows.items() if e.get(kind)}
-        if constrained:
+    for kind, title in (("tools_constrained", "Decoded with constrained names and argument keys (the offered tools "
+                                              "and their parameters)"),
+                        ("tools_strict", "Decoded strictly (also every required parameter named, the call's JSON "
+                                         "closed before it ends)")):
+        decoded = {name: e[kind] for name, e in rows.items() if e.get(kind)}
+        if decoded:
             lines += ["", f"{title}, json/name/call (n): " + "; ".join(
                 f"{name} " + ", ".join(f"{g} {scores(s)}" for g, s in groups.items())
-                for name, groups in constrained.items())]
+                for name, groups in decoded.items())]
+    labels = {"tools": "free", "tools_constrained": "constrained", "tools_strict": "strict"}
     errors = []  # each run's wrong calls by reason, per decoding and group
     for name, e in rows.items():
-        for kind, label in (("tools", "free"), *((kind, label) for kind, label, _ in decodings)):
+        for kind, label in labels.items():
             counted = {g: s["errors"] for g, s in (e.get(kind) or {}).items() if s.get("errors")}
             if counted:
                 errors.append(f"{name} {label} " + ", ".join(

@@ -6,17 +6,18 @@ This follows the strict modes of serving stacks (OpenAI's ``strict`` function ca
 the request's tool schemas decide which tokens may come next. Here that covers only the places where a small
 model's calls went wrong most often (run 7, ``experiments/results/gpu_pipeline_2026-12-02_run7``: names not on
 offer, left-out arguments, calls that do not parse), and it needs no grammar library. Everything else, argument
-values and nested objects included, is decoded freely. At each step a row is either free or at a point where the text must continue
-one of a few known strings:
+values and nested objects included, is decoded freely. At each step a row is either free or at a point where the
+text must continue one of a few known strings:
 
 - after ``<|tool_call|>``: ``{"name": "<one offered name>", "arguments": `` (as the chat template renders it);
 - at a key of the arguments object (right after its ``{``, or after a ``,`` at its top level):
   ``"<parameter>": `` for a parameter not used yet, or ``}`` right after the ``{`` (with ``strict``, only when
   the tool requires none).
 
-With ``strict``, two closing rules forbid tokens rather than allow them (measured apart: on the CPU demo's tiny tool
-model they lowered parseable calls from 0.64 to 0.42 of 50, since a call held open runs on into the token limit;
-``experiments/results/demo_tool_stage_2026-12-01.md``). While the tool's ``required`` parameters are not all
+With ``strict``, two closing rules forbid tokens rather than allow them. They are an option because a call held
+open can run on into the token limit: the CPU demo's tiny tool model, which has not learned which tool a request
+wants, parsed 0.42 of 50 strictly against 0.64 (``experiments/results/demo_tool_stage_2026-12-01.md``); whether
+they help a trained model is not measured yet. While the tool's ``required`` parameters are not all
 named, no token may close the arguments object (a ``}`` that would take it to depth 0, a ``"}`` that ends a value
 and the object at once included). And until the call's JSON is closed (the arguments object and the ``}`` after
 it), no special token may come, so the call cannot end (``<|/tool_call|>``, ``<|end|>``) before it closes.
@@ -72,7 +73,9 @@ class TokenPieces:
         # an object and closes it again (``{}``: an arguments object closed as soon as it opens)
         self.dip = torch.zeros(3, self.vocab_size, dtype=torch.int16)
         self.reopens = torch.zeros(self.vocab_size, dtype=torch.bool)
-        self.special = sorted(i for i in special if 0 <= i < self.vocab_size)  # <|/tool_call|> and <|end|> among them
+        # no special token inside a call's JSON (<|/tool_call|> and <|end|> among them): part of every strict mask
+        self.special = torch.zeros(self.vocab_size, dtype=torch.bool)
+        self.special[[i for i in special if 0 <= i < self.vocab_size]] = True
         for i in range(self.vocab_size):
             piece = tokenizer.decode([i], skip_special_tokens=False)
             self.text.append(piece)
@@ -226,16 +229,20 @@ class _Row:
             return
         self.call += piece
         if self.tool is None:
-            self.tool = next((n for n, head in self.names.items() if self.call.startswith(head)), None)
+            self.tool = self._tool_of(self.call)
             if self.tool is not None:
                 self.arguments = _Arguments()
                 self.arguments.feed(self.call[len(self.names[self.tool]):])
         elif self.arguments is not None:
             self.arguments.feed(piece)
 
+    def _tool_of(self, call: str) -> str | None:
+        """The offered tool whose head (``{"name": ..., "arguments": ``) the call text starts with, if any."""
+        return next((n for n, head in self.names.items() if call.startswith(head)), None)
+
     def _closes_too_soon(self, call: str) -> bool:
         """Whether the call text ``call`` has closed its arguments object while a required parameter is missing."""
-        tool = next((n for n, head in self.names.items() if call.startswith(head)), None)
+        tool = self._tool_of(call)
         if tool is None:
             return False
         arguments = _Arguments()
@@ -249,20 +256,12 @@ class _Row:
         args = self.arguments
         if args.closed:
             # the call's own object is closed too (or the arguments were no object and their "}" closed it): it may end
-            if not args.opened or "}" in args.text[args.closed_at + 1:]:
-                return None
-            mask = torch.zeros(pieces.vocab_size, dtype=torch.bool)
-        elif not args.missing(self.tools[self.tool]):
-            mask = torch.zeros(pieces.vocab_size, dtype=torch.bool)
-        elif args.depth >= 1:
-            state = 2 if args.escape else int(args.in_string)
-            mask = (args.depth + pieces.dip[state].int()) <= 0
-        elif not args.in_string:  # before the object's "{": no "{}" in one token
-            mask = pieces.reopens.clone()
-        else:
-            mask = torch.zeros(pieces.vocab_size, dtype=torch.bool)
-        mask[pieces.special] = True  # no special token inside the call's JSON, so it cannot end before it closes
-        return mask
+            return None if not args.opened or "}" in args.text[args.closed_at + 1:] else pieces.special
+        if not args.missing(self.tools[self.tool]) or (args.depth == 0 and args.in_string):
+            return pieces.special  # open, nothing required missing (or arguments that are a string): just not end
+        if args.depth >= 1:  # no token that takes the object to depth 0
+            return pieces.special | ((args.depth + pieces.dip[2 if args.escape else int(args.in_string)].int()) <= 0)
+        return pieces.special | pieces.reopens  # before the object's "{": no "{}" in one token
 
     def allowed(self, pieces: TokenPieces) -> set[int] | None:
         if self.call is None or not self.tools:
@@ -315,8 +314,8 @@ class ToolCallConstraint:
                 n = min(width, len(forbidden))  # a model's padded vocabulary: its extra ids are not forbidden
                 free = torch.ones(width, dtype=torch.bool)
                 free[:n] = ~forbidden[:n]
-                # where no allowed token is also free, the allowed ones (names, keys) still hold
-                mask = free if mask is None else (mask & free if (mask & free).any() else mask)
+                both = free if mask is None else mask & free
+                mask = both if mask is None or both.any() else mask  # else the allowed ones (names, keys) still hold
             if mask is not None and mask.any():  # never a row with no token left
                 keep[b] = mask
         if not keep:

@@ -298,6 +298,10 @@ def evaluate_tool_calls(model, tokenizer, examples: list[dict], max_new_tokens: 
             "errors": errors, "samples": samples, "wrong_samples": wrong}
 
 
+# The decodings `stagewise evaluate` scores, by the result's key: evaluate_tool_calls's ``constrain`` for each
+DECODINGS = {"tools": False, "tools_constrained": True, "tools_strict": "strict"}
+
+
 def offered_tools_of(tokenizer, prompts: list[list[int]]) -> list[dict[str, dict]]:
     """The tools each prompt offers (``tool_constraint.offered_tools`` of its whole text: the request's tools, also
     where decoding cuts the prompt's start to the model's window)."""

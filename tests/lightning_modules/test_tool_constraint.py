@@ -181,7 +181,7 @@ def test_strictly_a_call_that_would_leave_out_a_required_argument_names_it(tok):
         "name": "convert_currency", "arguments": {"amount": 5, "to": "EUR"}}
 
 
-def test_constrained_decoding_of_a_tiny_model_calls_offered_tools_with_their_parameters(data_dir, tok):
+def test_constrained_decoding_of_a_tiny_model_calls_offered_tools_with_their_parameters(data_dir, tok, monkeypatch):
     """A random tiny model prompted into a call: constrained, every call names an offered tool (and any keys it
     writes are that tool's), batched or not; free, it does not."""
     from lightning_modules.causal_lm import CausalLM
@@ -208,8 +208,22 @@ def test_constrained_decoding_of_a_tiny_model_calls_offered_tools_with_their_par
     one = predict_calls(model, tok, prompted, max_new_tokens=24, batch_size=1, constrain=True)
     assert [t for _, t, _ in one] == texts  # batching does not change what is decoded
     assert evaluate_tool_calls(model, tok, prompted, max_new_tokens=24, constrain=True)["constrained"] is True
+    import lightning_modules.tool_constraint as tool_constraint
+
+    built = []  # the `strict` each decoding's constraint was built with
+
+    class Spy(ToolCallConstraint):
+        def __init__(self, pieces, tools, strict=False):
+            built.append(strict)
+            super().__init__(pieces, tools, strict)
+
+    monkeypatch.setattr(tool_constraint, "ToolCallConstraint", Spy)
     strict = evaluate_tool_calls(model, tok, prompted, max_new_tokens=24, constrain="strict")
     assert strict["constrained"] is True and strict["strict"] is True
+    assert built and all(built)  # the strict rules reached every batch's constraint
+    built.clear()
+    assert "strict" not in evaluate_tool_calls(model, tok, prompted, max_new_tokens=24, constrain=True)
+    assert built and not any(built)
 
 
 def test_rows_count_must_match(tok):

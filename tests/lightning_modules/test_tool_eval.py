@@ -297,7 +297,7 @@ from datamodules.datamodule import ToolDataModule  # noqa: E402
 from lightning_modules.causal_lm import CausalLM  # noqa: E402
 
 
-DECODINGS: list[bool] = []  # ToolCallEval's evaluate_tool_calls calls in tool_stage, by their `constrain`
+DECODED: list[bool] = []  # ToolCallEval's evaluate_tool_calls calls in tool_stage, by their `constrain`
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +305,7 @@ def tool_stage(data_dir, tmp_path_factory):
     import callbacks.tool_call_eval as tool_call_eval
 
     def recorded(*args, constrain=False, **kwargs):
-        DECODINGS.append(constrain)
+        DECODED.append(constrain)
         return evaluate_tool_calls(*args, constrain=constrain, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -357,7 +357,7 @@ def test_tool_call_eval_logs_scores_and_records_them(tool_stage):
             direct = evaluate_tool_calls(model, tok, examples, 16, max_prompt_tokens=16, constrain=constrain)
             assert {k: direct[k] for k in recorded} == recorded, (group, constrain)
     # each of the 2 evaluations decoded both groups freely, then both constrained
-    assert DECODINGS == [False, False, True, True] * 2
+    assert DECODED == [False, False, True, True] * 2
     # the report card takes them where no `stagewise evaluate` ran
     from lightning_modules.report_card import _tools
 
