@@ -205,6 +205,9 @@ class CorpusDataModule(L.LightningDataModule):
         align_tool_examples: For tool corpora, windows of whole examples (packed while they fit, each ending
             where an example ends: every answer trained on once, after its whole prompt), instead of plain
             windows (where an answer of ~50 tokens after ~2K tokens of schemas often falls in no window).
+        val_batch_size: Examples per validation and test batch, per device (default: ``batch_size``). Which
+            windows are scored does not depend on it, so it may differ from a parent stage's; without gradients
+            a larger one fits, and a stage trained on small batches (preference pairs) validates in fewer steps.
     """
 
     def __init__(
@@ -219,6 +222,7 @@ class CorpusDataModule(L.LightningDataModule):
         val_max_windows: int | None = None,
         val_seq_len: int | None = None,
         align_tool_examples: bool = True,
+        val_batch_size: int | None = None,
     ):
         super().__init__()
         if not corpus:
@@ -230,6 +234,10 @@ class CorpusDataModule(L.LightningDataModule):
         self.data_dir = Path(data_dir)
         self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
         self.seed, self.val_max_windows, self.val_seq_len = seed, val_max_windows, val_seq_len
+        if val_batch_size is not None and val_batch_size < 1:
+            raise StagewiseError(f"data.val_batch_size must be at least 1 (got {val_batch_size}); leave it out to "
+                                 "validate at data.batch_size")
+        self.val_batch_size = val_batch_size or batch_size
         self._manifests: dict[str, dict] | None = None
         self._vocab_size: int | None = None
 
@@ -237,7 +245,8 @@ class CorpusDataModule(L.LightningDataModule):
         """The data settings, stored in every checkpoint (``stagewise evaluate`` reads them back) and shown in
         TensorBoard's HPARAMS tab; the loader's position is saved separately by the fit loop."""
         return {"corpus": self.corpus, "val_domains": list(self.val_domains), "data_dir": str(self.data_dir),
-                "seq_len": self.seq_len, "batch_size": self.batch_size, "val_max_windows": self.val_max_windows,
+                "seq_len": self.seq_len, "batch_size": self.batch_size, "val_batch_size": self.val_batch_size,
+                "val_max_windows": self.val_max_windows,
                 "val_seq_len": self.val_seq_len, "data_seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
@@ -338,7 +347,7 @@ class CorpusDataModule(L.LightningDataModule):
             )
         # Read in the main process: a window is one memmap slice (tens of M tokens/s, see
         # experiments/benchmark_prepare.py), so workers per domain would only hold memory.
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, **self._loader_kwargs(0))
+        return DataLoader(dataset, batch_size=self.val_batch_size, shuffle=False, **self._loader_kwargs(0))
 
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per ``val_domains`` entry: its held-out windows once, in order.

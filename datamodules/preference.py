@@ -18,6 +18,7 @@ tokens only.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -32,9 +33,12 @@ PREFERENCE = "preference"  # the validation domain of the pairs, and the folder 
 PAD_MULTIPLE = 16  # batches are padded to a multiple of this many tokens (fewer shapes to compile)
 
 
-def pairs_dir(data_dir: str | Path, parent_sha256: str) -> Path:
-    """Where the pairs of the parent checkpoint with this sha256 live: ``<data_dir>/preference/<sha12>``."""
-    return Path(data_dir) / PREFERENCE / parent_sha256[:12]
+def pairs_dir(data_dir: str | Path, parent_sha256: str, tag: str | None = None) -> Path:
+    """Where the pairs of the parent checkpoint with this sha256 live: ``<data_dir>/preference/<sha12>``, or
+    ``<sha12>-<tag>`` for a tagged set (another recipe of pairs from the same parent)."""
+    if tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", tag):
+        raise StagewiseError(f"a pairs tag is a plain name (letters, digits, '_', '.', '-'), not {tag!r}")
+    return Path(data_dir) / PREFERENCE / (parent_sha256[:12] + (f"-{tag}" if tag else ""))
 
 
 def read_pairs(directory: str | Path, split: str) -> list[dict]:
@@ -119,15 +123,16 @@ class PreferenceDataModule(CorpusDataModule):
         tools_corpus: The tool corpus the pairs were made from (its tokenizer renders them); not ``corpus``,
             which a stage sets to its own domain.
         val_max_pairs: Validate on at most this many held-out pairs (default: all that ``stagewise pairs`` wrote).
+        pairs_tag: Serve the parent's pairs made with ``stagewise pairs --tag`` this tag (default: the untagged set).
         **kwargs: The other arguments of :class:`CorpusDataModule` (data_dir, seq_len, batch_size: pairs per
-            batch, num_workers, seed, val_max_windows).
+            batch, val_batch_size, num_workers, seed, val_max_windows).
     """
 
     def __init__(self, parent: str | None = None, val_domains: list[str] | None = None, tools_corpus: str = "tools",
-                 val_max_pairs: int | None = None, **kwargs):
+                 val_max_pairs: int | None = None, pairs_tag: str | None = None, **kwargs):
         domains = [d for d in (val_domains or ["language", "code", "tools"]) if d != PREFERENCE]
         super().__init__(corpus=tools_corpus, val_domains=[*domains, PREFERENCE], **kwargs)
-        self.parent, self.val_max_pairs = parent, val_max_pairs
+        self.parent, self.val_max_pairs, self.pairs_tag = parent, val_max_pairs, pairs_tag
         self._pairs: dict | None = None
         self._tokenizer = None
 
@@ -156,9 +161,10 @@ class PreferenceDataModule(CorpusDataModule):
             raise StagewiseError(f"the preference stage's parent {self.parent} does not exist; train the tool stage "
                                  "first or point --model.init_args.init_from at a checkpoint")
         sha = file_sha256(self.parent)
-        where = pairs_dir(self.data_dir, sha)
+        where = pairs_dir(self.data_dir, sha, self.pairs_tag)
         path = where / "manifest.json"
-        hint = (f"make them with `stagewise pairs --parent {self.parent} --data_dir {self.data_dir}`, then run "
+        tag = f" --tag {self.pairs_tag}" if self.pairs_tag else ""
+        hint = (f"make them with `stagewise pairs --parent {self.parent} --data_dir {self.data_dir}{tag}`, then run "
                 "this stage again")
         if not path.is_file():
             raise StagewiseError(f"no preference pairs for the parent {self.parent} (sha256 {sha[:12]}…): "
@@ -203,5 +209,5 @@ class PreferenceDataModule(CorpusDataModule):
             return super()._eval_loader(domain, split)
         if split != "val":
             raise StagewiseError("`stagewise pairs` makes held-out pairs for validation only (no test pairs)")
-        return DataLoader(self._dataset("val", self.val_max_pairs), batch_size=self.batch_size, shuffle=False,
+        return DataLoader(self._dataset("val", self.val_max_pairs), batch_size=self.val_batch_size, shuffle=False,
                           collate_fn=collate_pairs, **self._loader_kwargs(0))

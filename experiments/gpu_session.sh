@@ -10,7 +10,7 @@
 #   bash experiments/gpu_session.sh                  # in the foreground
 #   setsid bash experiments/gpu_session.sh > runs/session.log 2>&1 &   # in the background, then poll $RESULTS
 # Environment: DEADLINE (seconds after the start when the comparisons and the study stop; default 1450),
-# VARIANTS (the recipe comparisons to run, in order), STUDY=0 (no study beside them), STUDY_DEVICES (the study's
+# VARIANTS (the recipe comparisons to run, in order), WORKERS (of them at once; default 4), STUDY=0 (no study beside them), STUDY_DEVICES (the study's
 # workers, one GPU index each; default "0 0"), BENCH_SIZES (the throughput benchmark's sizes, default
 # "small_text small_tools"; set and empty: no benchmark), PIPELINE=0 (neither the pipeline nor the throughput benchmark:
 # after the decoding check the time goes to the comparisons, which need the pipeline's checkpoints on this
@@ -56,10 +56,11 @@ fi
 if [ "${STUDY:-1}" != 0 ] && [ ! -f data/full/tools/manifest.json ] && [ -f .gpu/packs/full/full.pack.json ]; then
   step timeout -k 10 120 python3 -m lightning_modules unpack --pack .gpu/packs/full/full.pack.json --into data
 fi
-# together: the recipe comparisons (3 workers) and the study (STUDY_DEVICES workers), until the deadline
-# stage 4 first (its three share one set of pairs; their held-out windows now match the tool stage's), then the
-# second baseline; tools_long (twice the 5,200 tool steps) only where a session has the time
-VARIANTS=${VARIANTS-preference preference_lr2e6 preference_ipo joint_tools}
+# together: the recipe comparisons (WORKERS at once) and the study (STUDY_DEVICES workers), until the deadline
+# stage 4 first (three share one set of pairs, preference_sampled makes its own; their held-out windows match the
+# tool stage's; each validates 16 a batch), then the second baseline; tools_long (twice the 5,200 tool steps)
+# only where a session has the time
+VARIANTS=${VARIANTS-preference preference_sampled preference_lr2e6 preference_ipo joint_tools}
 study="$RESULTS/staged_vs_joint"
 mkdir -p "$study"
 [ -f "$study/results.json" ] || cp experiments/results/staged_vs_joint/results.json "$study/" 2>/dev/null
@@ -67,7 +68,7 @@ rest=$(left)
 if [ "$rest" -gt 120 ]; then
   if [ -n "$VARIANTS" ]; then
     # shellcheck disable=SC2086
-    step timeout -k 20 $((rest - 20)) python3 -m experiments.recipe_comparisons --variants $VARIANTS --workers 3 \
+    step timeout -k 20 $((rest - 20)) python3 -m experiments.recipe_comparisons --variants $VARIANTS --workers "${WORKERS:-4}" \
       --out "$RESULTS/recipe_comparisons_$date" &
   fi
   if [ "${STUDY:-1}" != 0 ]; then

@@ -12,7 +12,9 @@ Variants (each one stage, ``name``: what changes against the pipeline's stage of
                   shares, for the staged path's total tokens (tool windows of 4,096 tokens throughout)
   preference      stage 4: `stagewise pairs` from the tool stage's own wrong calls, then DPO at LR 1e-5,
                   beta 0.1, SFT weight 1 (parent: tools); preference_lr2e6 at LR 2e-6, preference_ipo with
-                  the IPO loss (the same pairs, made once)
+                  the IPO loss (the same pairs, made once); preference_sampled at LR 1e-5 from pairs whose
+                  rejected answers are the tool model's samples at temperature 1 (`stagewise pairs --temperature
+                  1.0 --tag t1`), on-policy mistakes where its greedy answers are mostly right
 
     python -m experiments.recipe_comparisons --experiment gpu --workers 3
     python -m experiments.recipe_comparisons --variants preference --workers 1
@@ -102,15 +104,16 @@ def variants(config: dict) -> dict[str, tuple[StageSpec, str | None, str]]:
         f"--data.init_args.mixture={mixture}", "--best_checkpoint.monitor=val/tools/loss",
         "--trainer.callbacks+=callbacks.ToolCallEval"], parent="none")
 
-    def preference(name: str, extra: list[str]) -> StageSpec:  # one set of pairs (the tool stage's) for all
+    def preference(name: str, extra: list[str], pairs: tuple[str, ...] = ()) -> StageSpec:  # one set of pairs
         # 2,000 training requests: a pair each, of which 400 steps x 4 pairs use 1,600 (4,000 took 242 s in run 4).
-        # Two validations: each scores every held-out window of the three domains and the 300 held-out pairs at 4 a
-        # batch (about 355 batches on data/full)
+        # Two validations: each scores every held-out window of the three domains and the 300 held-out pairs, 16 a
+        # batch (preference.yaml's val_batch_size: about 90 batches on data/full; at 4 a batch, 355 took most of
+        # run 7's 317 s)
         return StageSpec(name, ["configs/stages/preference.yaml", *line["tools"]["configs"][1:]], [
             "--trainer.max_steps=400", "--trainer.val_check_interval=200", "--model.init_args.lr=1e-5",
             "--data.init_args.seq_len=4096", "--data.init_args.batch_size=4", *extra],
             parent="tools", before=["pairs", "--parent", "{parent}", "--data_dir", "{data_dir}", "--limit", "2000",
-                                    "--val_limit", "300", "--max_new_tokens", "256"])
+                                    "--val_limit", "300", "--max_new_tokens", "256", *pairs])
 
     return {
         "code_noreplay": (spec("code_noreplay", "code", ["--data.init_args.mixture={code: 1.0}"]), "language", "code"),
@@ -125,6 +128,8 @@ def variants(config: dict) -> dict[str, tuple[StageSpec, str | None, str]]:
         "preference": (preference("preference", []), "tools", "tools"),
         "preference_lr2e6": (preference("preference_lr2e6", ["--model.init_args.lr=2e-6"]), "tools", "tools"),
         "preference_ipo": (preference("preference_ipo", ["--model.init_args.loss_type=ipo"]), "tools", "tools"),
+        "preference_sampled": (preference("preference_sampled", ["--data.init_args.pairs_tag=t1"],
+                                          ("--temperature", "1.0", "--tag", "t1")), "tools", "tools"),
     }
 
 

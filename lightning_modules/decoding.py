@@ -187,7 +187,8 @@ def _graphed(model, cache, slot: torch.Tensor):
 @torch.no_grad()
 def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
                          batch_size: int | None = None, max_prompt_tokens: int | None = None,
-                         logits_processor_for=None) -> list[list[int]]:
+                         logits_processor_for=None, temperature: float = 0.0,
+                         generator: torch.Generator | None = None) -> list[list[int]]:
     """Greedy new tokens after each prompt, up to and including its first stop id, decoded in batches.
 
     Prompts of similar length are batched together (left-padded, KV cache, :func:`generate`);
@@ -195,7 +196,8 @@ def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int, s
     ``max_prompt_tokens`` and to leave room for ``max_new_tokens`` in the model's context. ``batch_size``
     (prompts decoded together; the results do not depend on it) defaults to 64 on a GPU, 16 elsewhere.
     ``logits_processor_for(rows)``, given a batch's prompt indices in batch order, returns that batch's
-    ``logits_processor`` (:func:`generate`).
+    ``logits_processor`` (:func:`generate`). With ``temperature`` above 0 each token is sampled instead
+    (:func:`next_token`, from ``generator``): the draws then depend on the batching, the tokens' law does not.
     """
     context = getattr(getattr(model, "config", None), "max_seq_len", None)
     if context:
@@ -216,6 +218,8 @@ def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int, s
             input_ids[b, width - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[b, width - len(prompts[i]):] = 1
         extra = {"logits_processor": logits_processor_for(rows)} if logits_processor_for is not None else {}
+        if temperature > 0:
+            extra.update(temperature=temperature, generator=generator)
         out = model.generate(input_ids.to(device), max_new_tokens=max_new_tokens, eos_token_id=stop_ids or None,
                              attention_mask=mask.to(device), **extra)
         for b, i in enumerate(rows):

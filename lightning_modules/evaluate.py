@@ -117,6 +117,8 @@ def evaluate(
     # A CorpusDataModule's state_dict (its settings) is stored under its class name.
     data_state = next((v for v in saved.values() if isinstance(v, dict) and "seq_len" in v and "corpus" in v), {})
     settings = {k: v for k, v in data_state.items() if k in ("data_dir", "seq_len", "batch_size", "val_max_windows")}
+    if data_state.get("val_batch_size"):  # the stage's validation batch: scoring is validation
+        settings["batch_size"] = data_state["val_batch_size"]
     if config:
         settings.update(_settings_from_config(config))
     flags = {"data_dir": data_dir, "domains": domains, "seq_len": seq_len, "batch_size": batch_size,

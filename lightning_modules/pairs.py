@@ -8,9 +8,13 @@ parseable call, a corrupted reference call: another function among the offered t
 arguments (``wrong_function``), one argument's value changed (``wrong_argument``) or one argument left out
 (``missing_argument``), chosen by a seeded draw per request. Held-out requests (``val.jsonl``) make the
 validation pairs the same way. The pairs go to ``<data_dir>/preference/<sha12>/`` (see
-``datamodules.preference``), keyed by the parent file's sha256.
+``datamodules.preference``), keyed by the parent file's sha256; ``--tag`` keeps another recipe of pairs of
+the same parent beside them. With ``--temperature`` above 0 the parent's answers to the training requests are
+sampled instead (seeded): a greedy parent is right on most requests it trained on, so most of its pairs are
+corruptions, while its samples are wrong more often, in the ways it is wrong (on-policy rejected answers).
 
     stagewise pairs --parent models/demo/tools_model_best.ckpt --data_dir data
+    stagewise pairs --parent models/gpu/tools_model_best.ckpt --data_dir data --temperature 1.0 --tag t1
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric import Fabric
 from rich.console import Console
 from rich.table import Table
@@ -117,6 +122,8 @@ def pairs(
     seq_len: int | None = None,
     batch_size: int | None = None,
     seed: int = 0,
+    temperature: float = 0.0,
+    tag: str | None = None,
     accelerator: str = "auto",
     precision: str = "auto",
     overwrite: bool = False,
@@ -135,7 +142,12 @@ def pairs(
         seq_len: The training window: prompts are cut to its last ``seq_len - max_new_tokens`` tokens, as
             ``ToolCallEval`` does. Default: the parent's training ``seq_len`` (from its checkpoint).
         batch_size: Requests decoded together (the answers do not depend on it; default 64 on a GPU, 16 elsewhere).
-        seed: Seed of the corruptions (one draw per request).
+        seed: Seed of the corruptions (one draw per request) and of the sampled answers.
+        temperature: 0 answers the training requests greedily; above 0 samples their answers at this
+            temperature (the held-out requests are answered greedily either way, so the validation pairs
+            stay those of the parent's own best guesses).
+        tag: Write to ``<data_dir>/preference/<sha12>-<tag>/`` (the preference stage's ``data.pairs_tag``),
+            beside the parent's other pair sets.
         accelerator: Lightning accelerator to decode on (``auto``, ``cpu``, ``gpu``).
         precision: Lightning precision (``auto``: bf16-mixed on GPUs with bf16, 32-true on CPU).
         overwrite: Replace pairs of this parent made with other settings (without it that is refused).
@@ -157,7 +169,9 @@ def pairs(
         seq_len = next((v["seq_len"] for v in saved.values() if isinstance(v, dict) and "seq_len" in v), 512)
     settings = {"corpus": corpus, "corpus_key": tools_manifest.get("key"), "limit": limit, "val_limit": val_limit,
                 "max_new_tokens": max_new_tokens, "seq_len": seq_len, "seed": seed}
-    out = pairs_dir(data_dir, sha)
+    if temperature:  # absent at 0: pairs made before the option stay up to date
+        settings["temperature"] = temperature
+    out = pairs_dir(data_dir, sha, tag)
     if (out / "manifest.json").is_file():
         existing = read_manifest(out)
         if existing.get("settings") == settings and all((out / f"{s}.jsonl").is_file() for s in SPLITS):
@@ -178,8 +192,11 @@ def pairs(
     for name, split in SPLITS.items():
         n = limit if name == "train" else val_limit
         examples = prepared_examples(corpus_dir, split)[:n]
+        sampled = {"temperature": temperature, "generator": torch.Generator(fabric.device).manual_seed(seed)} \
+            if temperature > 0 and name == "train" else {}
         with fabric.autocast():
-            predictions = predict_calls(model, tok, examples, max_new_tokens, batch_size, max_prompt_tokens)
+            predictions = predict_calls(model, tok, examples, max_new_tokens, batch_size, max_prompt_tokens,
+                                        **sampled)
         made = []
         for i, (example, (_, text, call)) in enumerate(zip(examples, predictions)):
             pair = make_pair(example, text, call, random.Random(f"{seed}/{split}/{i}"))

@@ -312,10 +312,12 @@ def offered_tools_of(tokenizer, prompts: list[list[int]]) -> list[dict[str, dict
 
 def predict_calls(model, tokenizer, examples: list[dict], max_new_tokens: int = 128, batch_size: int | None = None,
                   max_prompt_tokens: int | None = None, constrain: bool | str = False,
-                  tools: list[dict[str, dict]] | None = None) -> list[tuple[list[int], str, list[dict] | None]]:
+                  tools: list[dict[str, dict]] | None = None, temperature: float = 0.0,
+                  generator=None) -> list[tuple[list[int], str, list[dict] | None]]:
     """Each example's prompt ids, the generated turn's text and the calls parsed from it (None if none
-    parses): greedy, batched, with the KV cache (arguments as in :func:`evaluate_tool_calls`; ``tools``: each
-    prompt's :func:`offered_tools_of`, where the caller has them already)."""
+    parses): greedy (or sampled at ``temperature`` from ``generator``), batched, with the KV cache (arguments
+    as in :func:`evaluate_tool_calls`; ``tools``: each prompt's :func:`offered_tools_of`, where the caller has
+    them already)."""
     prompts = [prompt_ids_of(tokenizer, ex) for ex in examples]
     processor_for = None
     if constrain:
@@ -327,6 +329,6 @@ def predict_calls(model, tokenizer, examples: list[dict], max_new_tokens: int = 
         processor_for = lambda rows: ToolCallConstraint(pieces, [tools[i] for i in rows], strict)  # noqa: E731
     with decoding_threads(model):  # CausalLM.generate switches to eval mode and back
         generated = greedy_continuations(model, prompts, max_new_tokens, stop_token_ids(tokenizer), batch_size,
-                                         max_prompt_tokens, processor_for)
+                                         max_prompt_tokens, processor_for, temperature, generator)
     texts = [tokenizer.decode(new, skip_special_tokens=False) for new in generated]
     return [(prompt, text, parse_tool_calls(text)) for prompt, text in zip(prompts, texts)]

@@ -201,6 +201,11 @@ def test_preference_variants_share_one_pairs_step_and_differ_in_their_settings()
     assert all(table[n][1] == "tools" for n in specs)
     assert specs["preference_lr2e6"].args[-1] == "--model.init_args.lr=2e-6"
     assert specs["preference_ipo"].args[-1] == "--model.init_args.loss_type=ipo"
+    # the sampled pairs are another command line, into their own tagged set, which that variant serves
+    sampled = table["preference_sampled"][0]
+    assert sampled.before[:len(specs["preference"].before)] == specs["preference"].before
+    assert sampled.before[-4:] == ["--temperature", "1.0", "--tag", "t1"]
+    assert sampled.args[-1] == "--data.init_args.pairs_tag=t1"
 
 
 def test_the_decoding_benchmarks_graph_check_compares_graph_and_eager_static_tokens(monkeypatch, tmp_path):

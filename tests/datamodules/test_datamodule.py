@@ -121,6 +121,17 @@ def test_val_iterates_each_domain_once_in_order(data_dir):
     assert [starts(list(dl)) for dl in dm.test_dataloader()] == [[0, 1], [0], [0]]
 
 
+def test_val_batch_size_batches_the_same_windows(data_dir):
+    small, large = (ToolDataModule(data_dir=str(data_dir), seq_len=SEQ, batch_size=2, val_batch_size=v,
+                                   align_tool_examples=False) for v in (None, 4))
+    assert [[len(b["input_ids"]) for b in dl] for dl in small.val_dataloader()] == [[2, 2, 1], [2, 1], [2]]
+    assert [[len(b["input_ids"]) for b in dl] for dl in large.val_dataloader()] == [[4, 1], [3], [2]]
+    assert [starts(list(dl)) for dl in large.val_dataloader()] == [starts(list(dl)) for dl in small.val_dataloader()]
+    assert len(next(iter(large.train_dataloader()))["input_ids"]) == 2 and large.state_dict()["val_batch_size"] == 4
+    with pytest.raises(StagewiseError, match="val_batch_size"):
+        ToolDataModule(data_dir=str(data_dir), seq_len=SEQ, val_batch_size=0)
+
+
 def test_missing_data_tells_the_user_to_prepare(tmp_path):
     dm = CodeDataModule(data_dir=str(tmp_path / "nothing"))
     with pytest.raises(StagewiseError, match="stagewise prepare -c configs/data/demo.yaml"):

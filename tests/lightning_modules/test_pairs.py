@@ -82,3 +82,31 @@ def test_pairs_are_keyed_by_the_parent_sha256_and_rerun_is_up_to_date(tool_data_
     torch.save({**ckpt, "epoch": ckpt["epoch"] + 1}, other)
     assert pairs(str(other), str(data), limit=5, val_limit=2, max_new_tokens=8, accelerator="cpu") != out
     assert len(read_pairs(out, "train")) == len(train) and len(list((data / "preference").iterdir())) == 2
+
+
+def test_sampled_pairs_go_to_their_tag_and_the_stage_serves_them_only_when_asked(tool_data_dir, tool_parent, tmp_path):
+    from datamodules.errors import StagewiseError
+    from datamodules.preference import PreferenceDataModule
+
+    data = tmp_path / "data"
+    shutil.copytree(tool_data_dir, data)
+    kwargs = dict(limit=12, val_limit=3, max_new_tokens=16, accelerator="cpu")
+    greedy = pairs(str(tool_parent), str(data), **kwargs)
+    sampled = pairs(str(tool_parent), str(data), temperature=1.0, tag="t1", **kwargs)
+    sha = file_sha256(tool_parent)
+    assert sampled == data / "preference" / f"{sha[:12]}-t1" != greedy
+    settings = json.loads((sampled / "manifest.json").read_text())["settings"]
+    assert settings["temperature"] == 1.0 and "temperature" not in json.loads((greedy / "manifest.json").read_text())["settings"]
+    # the training answers are the parent's samples (seeded: the same again), the held-out ones its greedy answers
+    answers = {p: [pair["generated"] for pair in read_pairs(p, "train")] for p in (greedy, sampled)}
+    assert answers[sampled] != answers[greedy]
+    assert read_pairs(sampled, "val") == read_pairs(greedy, "val")
+    shutil.rmtree(sampled)
+    assert pairs(str(tool_parent), str(data), temperature=1.0, tag="t1", **kwargs) == sampled
+    assert [pair["generated"] for pair in read_pairs(sampled, "train")] == answers[sampled]
+    dm = PreferenceDataModule(parent=str(tool_parent), data_dir=str(data), seq_len=128, batch_size=2, pairs_tag="t1")
+    assert dm.pairs_manifest()["dir"] == str(sampled)
+    with pytest.raises(StagewiseError, match="--tag t2"):
+        PreferenceDataModule(parent=str(tool_parent), data_dir=str(data), seq_len=128, pairs_tag="t2").pairs_manifest()
+    with pytest.raises(StagewiseError, match="plain name"):
+        pairs_dir(data, sha, "../elsewhere")
