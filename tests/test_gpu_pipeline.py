@@ -75,8 +75,9 @@ def test_the_gpu_pipeline_runs_shrunk_and_writes_its_report_card(tmp_path, tool_
 
 @pytest.mark.slow
 def test_recipe_comparisons_run_shrunk_beside_the_pipeline(tmp_path, tool_data_dir, monkeypatch):
-    """Two variants (a text stage without replay, the preference stage with its pairs) start from the shrunk
-    pipeline's checkpoints in its experiment, two at a time, and land beside its stages in one table."""
+    """Two variants (a text stage without replay, the preference stage with its sampled pairs, a tagged set) start
+    from the shrunk pipeline's checkpoints in its experiment, two at a time, and land beside its stages in one
+    table."""
     from experiments.recipe_comparisons import main as recipe_comparisons
 
     (tmp_path / "configs").symlink_to(ROOT / "configs")
@@ -89,19 +90,21 @@ def test_recipe_comparisons_run_shrunk_beside_the_pipeline(tmp_path, tool_data_d
                   "--stage-args", json.dumps(TINY)])
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OUT", str(tmp_path))  # --out under $OUT, as gpu_session.sh has it: no copy onto itself
-    argv = ["--config", "pipe.yaml", "--variants", "code_noreplay", "preference", "--workers", "2", "--data-dir", "data",
+    argv = ["--config", "pipe.yaml", "--variants", "code_noreplay", "preference_sampled", "--workers", "2", "--data-dir", "data",
             "--max-new-tokens", "8", "--out", str(tmp_path / "rc"), "--stage-args", json.dumps(TINY)]
     result = recipe_comparisons(argv)
     assert result["command"] == shlex.join(["python", "-m", "experiments.recipe_comparisons", *argv])
-    assert set(result["outcomes"]) == {"code_noreplay", "preference"}, result["outcomes"]
+    assert set(result["outcomes"]) == {"code_noreplay", "preference_sampled"}, result["outcomes"]
     assert not any(o.startswith("failed") for o in result["outcomes"].values()), result["outcomes"]
-    assert set(result["baselines"]) == {"code_noreplay", "preference"}
+    assert set(result["baselines"]) == {"code_noreplay", "preference_sampled"}
     assert result["baselines"]["code_noreplay"]["forgetting"].keys() == {"language"}
-    evaluated = json.loads((tmp_path / "models/gpu/preference/eval.json").read_text())["tools"]
-    assert result["baselines"]["preference"]["tools"] == {g: {**{k: s[k] for k in SCORES}, "errors": s["errors"]}
+    evaluated = json.loads((tmp_path / "models/gpu/preference_sampled/eval.json").read_text())["tools"]
+    assert result["baselines"]["preference_sampled"]["tools"] == {g: {**{k: s[k] for k in SCORES}, "errors": s["errors"]}
                                                           for g, s in evaluated.items()}
+    tagged = [p for p in (tmp_path / "data/preference").iterdir() if p.name.endswith("-t1")]
+    assert len(tagged) == 1 and json.loads((tagged[0] / "manifest.json").read_text())["settings"]["temperature"] == 1.0
     rows = [line for line in (tmp_path / "rc" / "results.md").read_text().splitlines() if line.startswith("| ")]
-    assert {row.split(" | ")[0][2:] for row in rows} >= {"language", "code", "tools", "code_noreplay", "preference"}
+    assert {row.split(" | ")[0][2:] for row in rows} >= {"language", "code", "tools", "code_noreplay", "preference_sampled"}
 
 
 def test_staged_tokens_count_each_stages_windows_by_its_mixture():
