@@ -9,6 +9,8 @@
 # `touch $RESULTS/DONE` marks the end.
 #   bash experiments/gpu_session.sh                  # in the foreground
 #   setsid bash experiments/gpu_session.sh > runs/session.log 2>&1 &   # in the background, then poll $RESULTS
+# Set STAGEWISE_COMMIT to the local checkout's commit in the call that starts it: the device's git names an older
+# commit than the tree it was given (run 8), and every card takes its commit from there.
 # Environment: DEADLINE (seconds after the start when the comparisons and the study stop; default 1450),
 # VARIANTS (the recipe comparisons to run, in order), WORKERS (of them at once; default 4), STUDY=0 (no study beside them), STUDY_DEVICES (the study's
 # workers, one GPU index each; default "0 0"), BENCH_SIZES (the throughput benchmark's sizes, default
