@@ -92,7 +92,8 @@ def evaluate(
         domains: The corpora to evaluate (default: every corpus prepared under ``data_dir``).
         limit: Score at most this many held-out tool examples per group (default: all of the val and unseen splits).
         out: Also write the results as JSON to this file.
-        seq_len: Tokens per evaluation window (default: the training run's).
+        seq_len: Tokens per evaluation window of every domain (default: the training run's, and its
+            ``val_seq_len`` for the text domains, so the losses are the run's validation losses).
         batch_size: Windows per batch.
         val_max_windows: At most this many windows per domain (default: the whole val split).
         max_new_tokens: Longest tool call generated.
@@ -116,13 +117,16 @@ def evaluate(
     saved = read_checkpoint(ckpt)
     # A CorpusDataModule's state_dict (its settings) is stored under its class name.
     data_state = next((v for v in saved.values() if isinstance(v, dict) and "seq_len" in v and "corpus" in v), {})
-    settings = {k: v for k, v in data_state.items() if k in ("data_dir", "seq_len", "batch_size", "val_max_windows")}
+    settings = {k: v for k, v in data_state.items()
+                if k in ("data_dir", "seq_len", "batch_size", "val_max_windows", "val_seq_len")}
     if data_state.get("val_batch_size"):  # the stage's validation batch: scoring is validation
         settings["batch_size"] = data_state["val_batch_size"]
     if config:
         settings.update(_settings_from_config(config))
     flags = {"data_dir": data_dir, "domains": domains, "seq_len": seq_len, "batch_size": batch_size,
              "val_max_windows": val_max_windows}
+    if seq_len is not None:  # one window length asked for: every domain at it
+        settings.pop("val_seq_len", None)
     settings.update({k: v for k, v in flags.items() if v is not None})
     root = Path(settings.get("data_dir", "data"))
     names = settings.get("domains") or prepared_domains(root)
@@ -133,7 +137,8 @@ def evaluate(
     del saved
     dm = CorpusDataModule(corpus=names[0], val_domains=names, data_dir=str(root),
                           seq_len=min(settings.get("seq_len", 512), model.config.max_seq_len),
-                          batch_size=settings.get("batch_size", 8), val_max_windows=settings.get("val_max_windows"))
+                          batch_size=settings.get("batch_size", 8), val_max_windows=settings.get("val_max_windows"),
+                          val_seq_len=settings.get("val_seq_len") and min(settings["val_seq_len"], model.config.max_seq_len))
     theirs = model.hparams.get("tokenizer_sha256")
     if theirs and theirs != dm.tokenizer_sha256:
         raise TokenizerMismatchError(
@@ -164,7 +169,8 @@ def evaluate(
                                                               batch_size=decode_batch_size,
                                                               max_prompt_tokens=max(1, dm.seq_len - max_new_tokens),
                                                               constrain=constrain)
-    result = {"checkpoint": str(ckpt), "data_dir": str(root), "seq_len": dm.seq_len, "losses": losses, **scored}
+    result = {"checkpoint": str(ckpt), "data_dir": str(root), "seq_len": dm.seq_len, "val_seq_len": dm.val_seq_len,
+              "losses": losses, **scored}
     _print(result)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -311,7 +311,7 @@ def tool_stage(data_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path_factory.mktemp("run"))
         mp.setattr(tool_call_eval, "evaluate_tool_calls", recorded)
-        dm = ToolDataModule(data_dir=str(data_dir), seq_len=32, batch_size=2)
+        dm = ToolDataModule(data_dir=str(data_dir), seq_len=32, batch_size=2, val_seq_len=16)  # text: 16-token windows
         model = CausalLM(size="tiny", vocab_size=dm.vocab_size, tokenizer_sha256=dm.tokenizer_sha256,
                          model_overrides={"n_layers": 1, "max_seq_len": 256}, warmup_steps=1)
         trainer = L.Trainer(
@@ -373,7 +373,7 @@ def test_tool_stage_exports_the_best_checkpoint(tool_stage):
 
 
 def test_evaluate_reports_losses_of_every_domain_and_tool_scores(tool_stage, data_dir, tmp_path):
-    from lightning_modules.evaluate import main
+    from lightning_modules.evaluate import evaluate, main
 
     trainer, run = tool_stage
     ckpt = run / "models/tools_model_best.ckpt"
@@ -382,11 +382,15 @@ def test_evaluate_reports_losses_of_every_domain_and_tool_scores(tool_stage, dat
           "--out", str(out), "--accelerator", "cpu"])
     result = json.loads(out.read_text())
     assert list(result["losses"]) == ["language", "code", "tools"]
-    assert result["seq_len"] == 32  # the training run's, from the checkpoint
+    assert (result["seq_len"], result["val_seq_len"]) == (32, 16)  # the training run's, from the checkpoint
     assert result["tools"]["seen"]["n"] == 3 and result["tools"]["unseen"]["n"] == 3
     # the same numbers as the run's validation at the best checkpoint
     best = read_stage_record(run / "models", "tools")["losses"]["best"]
     assert result["losses"] == pytest.approx(best, rel=1e-5)
+    # one window length asked for: every domain at it (the text domains' losses change, the tool windows' do not)
+    at = evaluate(str(ckpt), data_dir=str(data_dir), limit=1, max_new_tokens=4, seq_len=32, accelerator="cpu")
+    assert at["val_seq_len"] is None and at["losses"]["tools"] == pytest.approx(best["tools"], rel=1e-5)
+    assert at["losses"]["language"] != pytest.approx(best["language"], rel=1e-5)
 
 
 def test_text_samples_default_prompts_include_a_heldout_tool_request(tool_stage):
