@@ -136,6 +136,11 @@ class PreferenceDataModule(CorpusDataModule):
         self._pairs: dict | None = None
         self._tokenizer = None
 
+    def state_dict(self) -> dict:
+        """The data settings (see :class:`CorpusDataModule`) and which pairs trained the policy: its parent and
+        the pairs set's tag, so two variants from one parent say which of its sets each used."""
+        return {**super().state_dict(), "parent": self.parent, "pairs_tag": self.pairs_tag}
+
     @property
     def corpus_domains(self) -> list[str]:
         """The validation domains that are prepared corpora: all but ``preference``."""

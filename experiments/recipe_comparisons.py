@@ -107,7 +107,7 @@ def variants(config: dict) -> dict[str, tuple[StageSpec, str | None, str]]:
     def preference(name: str, extra: list[str], pairs: tuple[str, ...] = ()) -> StageSpec:  # one set of pairs
         # 2,000 training requests: a pair each, of which 400 steps x 4 pairs use 1,600 (4,000 took 242 s in run 4).
         # Two validations: each scores every held-out window of the three domains and the 300 held-out pairs, 16 a
-        # batch (preference.yaml's val_batch_size: about 90 batches on data/full; at 4 a batch, 355 took most of
+        # batch (preference.yaml's val_batch_size: a quarter of the batches; at 4 a batch, 355 took most of
         # run 7's 317 s)
         return StageSpec(name, ["configs/stages/preference.yaml", *line["tools"]["configs"][1:]], [
             "--trainer.max_steps=400", "--trainer.val_check_interval=200", "--model.init_args.lr=1e-5",

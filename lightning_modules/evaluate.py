@@ -27,13 +27,13 @@ KNOWN_ORDER = ("language", "code", "tools")
 
 
 def _settings_from_config(path: str) -> dict[str, Any]:
-    """data_dir (and seq_len, batch_size, val_max_windows, domains) from a stage or a data config."""
+    """data_dir (and seq_len, batch_size, val_max_windows, val_seq_len, domains) from a stage or a data config."""
     if not Path(path).exists():
         raise StagewiseError(f"config '{path}' does not exist")
     cfg = yaml.safe_load(Path(path).read_text()) or {}
     if isinstance(cfg.get("data"), dict):  # a stage config: data.init_args
         data = cfg["data"].get("init_args", cfg["data"])
-        return {k: data[k] for k in ("data_dir", "seq_len", "batch_size", "val_max_windows") if k in data}
+        return {k: data[k] for k in ("data_dir", "seq_len", "batch_size", "val_max_windows", "val_seq_len") if k in data}
     if "corpora" in cfg or "data_dir" in cfg:  # a data config
         settings: dict[str, Any] = {"data_dir": cfg.get("data_dir", "data")}
         if isinstance(cfg.get("corpora"), dict):
@@ -94,7 +94,7 @@ def evaluate(
         out: Also write the results as JSON to this file.
         seq_len: Tokens per evaluation window of every domain (default: the training run's, and its
             ``val_seq_len`` for the text domains, so the losses are the run's validation losses).
-        batch_size: Windows per batch.
+        batch_size: Windows per batch (default: the run's validation batch, ``val_batch_size``).
         val_max_windows: At most this many windows per domain (default: the whole val split).
         max_new_tokens: Longest tool call generated.
         decode_batch_size: Tool prompts decoded together (the scores do not depend on it; default 64 on a GPU, 16

@@ -105,7 +105,7 @@ def test_sampled_pairs_go_to_their_tag_and_the_stage_serves_them_only_when_asked
     assert pairs(str(tool_parent), str(data), temperature=1.0, tag="t1", **kwargs) == sampled
     assert [pair["generated"] for pair in read_pairs(sampled, "train")] == answers[sampled]
     dm = PreferenceDataModule(parent=str(tool_parent), data_dir=str(data), seq_len=128, batch_size=2, pairs_tag="t1")
-    assert dm.pairs_manifest()["dir"] == str(sampled)
+    assert dm.pairs_manifest()["dir"] == str(sampled) and dm.state_dict()["pairs_tag"] == "t1"
     with pytest.raises(StagewiseError, match="--tag t2"):
         PreferenceDataModule(parent=str(tool_parent), data_dir=str(data), seq_len=128, pairs_tag="t2").pairs_manifest()
     with pytest.raises(StagewiseError, match="plain name"):
