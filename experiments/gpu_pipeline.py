@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest generated call (99%% of answers fit)")
     p.add_argument("--eval-limit", type=int, default=400,
                    help="held-out tool examples scored per group, seen and unseen (0: all; full data: 524 and 948)")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="the staged path only (a session whose baselines were measured at this config already)")
     p.add_argument("--timeout", type=float, default=560, help="seconds the pipeline step may take")
     p.add_argument("--results", help="default: experiments/results/gpu_pipeline_<date>")
     p.add_argument("--stage-args", type=json.loads, default=[],
@@ -152,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
 
     work = args.workdir.resolve()
     config = yaml.safe_load((work / args.config).read_text())
+    if args.no_baselines:
+        config["baselines"] = []
     experiment = args.experiment or config.get("experiment", "gpu")
     data_dir = args.data_dir or data_dir_of(config.get("data") and work / config["data"])
     models, runs = work / "models", work / "runs"
@@ -186,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
             cmd += ["--stage_args", json.dumps(args.stage_args)]
         if not config.get("data"):
             cmd += ["--data", "null"]
+        if args.no_baselines:
+            cmd += ["--baselines", "[]"]
         budget = args.timeout
         if "evaluate" in args.steps and config.get("baselines"):
             # the staged path first, then its tool scores, then the baselines (the second call skips the finished

@@ -12,6 +12,8 @@
 # Set STAGEWISE_COMMIT to the local checkout's commit in the call that starts it: the device's git names an older
 # commit than the tree it was given (run 8), and every card takes its commit from there.
 # Environment: DEADLINE (seconds after the start when the comparisons and the study stop; default 1450),
+# DECODING=0 (no decoding benchmark: decoding keeps its default, CUDA graphs where CUDA is; runs 6-8 found them
+# captured and equal to eager), BASELINES=0 (the pipeline's staged path only: its baselines' time goes to the comparisons),
 # VARIANTS (the recipe comparisons to run, in order), WORKERS (of them at once; default 4), STUDY=0 (no study beside them), STUDY_DEVICES (the study's
 # workers, one GPU index each; default "0 0"), BENCH_SIZES (the throughput benchmark's sizes, default
 # "small_text small_tools"; set and empty: no benchmark), PIPELINE=0 (neither the pipeline nor the throughput benchmark:
@@ -41,15 +43,16 @@ step() { echo "== $(date -u +%T) $*" | tee -a "$RESULTS/steps.txt"; "$@"; local 
 
 nvidia-smi --query-gpu=name,memory.total,memory.used,utilization.gpu --format=csv | tee "$RESULTS/card.txt"
 rm -f "$RESULTS/decoding_${date}_gpu_session.json"  # an earlier call's must not decide for this one
-step timeout -k 10 150 python3 -m experiments.benchmark_decoding --repeats 1 --tag "${date}_gpu_session"
+[ "${DECODING:-1}" != 0 ] && step timeout -k 10 150 python3 -m experiments.benchmark_decoding --repeats 1 --tag "${date}_gpu_session"
 # the graph must be captured and give the eager static step's tokens in the float32 check; where not, eager
-if ! python3 -c "import json,sys; c=json.load(open('$RESULTS/decoding_${date}_gpu_session.json')).get('check') or {}; sys.exit(not (c.get('graph_captured') and c.get('graph_rows_equal_static') == 1.0))"; then
+if [ "${DECODING:-1}" != 0 ] && ! python3 -c "import json,sys; c=json.load(open('$RESULTS/decoding_${date}_gpu_session.json')).get('check') or {}; sys.exit(not (c.get('graph_captured') and c.get('graph_rows_equal_static') == 1.0))"; then
   export STAGEWISE_CUDA_GRAPHS=0
   echo "== decoding without CUDA graphs" | tee -a "$RESULTS/steps.txt"
 fi
 if [ "${PIPELINE:-1}" != 0 ]; then
+  pipeline_args=(); [ "${BASELINES:-1}" = 0 ] && pipeline_args=(--no-baselines)
   step timeout -k 20 760 python3 -m experiments.gpu_pipeline --pack .gpu/packs/full/full.pack.json --timeout 600 \
-    --results "$RESULTS/gpu_pipeline_$date"
+    --results "$RESULTS/gpu_pipeline_$date" "${pipeline_args[@]}"
   # shellcheck disable=SC2086
   [ -n "${BENCH_SIZES-x}" ] && step timeout -k 20 240 python3 -m experiments.benchmark_throughput \
     --sizes ${BENCH_SIZES:-small_text small_tools} --rows stagewise --tag gpu_pipeline

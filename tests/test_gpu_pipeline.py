@@ -83,11 +83,12 @@ def test_recipe_comparisons_run_shrunk_beside_the_pipeline(tmp_path, tool_data_d
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     shutil.copytree(tool_data_dir, tmp_path / "data")
     config = yaml.safe_load((ROOT / "configs/pipelines/gpu.yaml").read_text())
-    del config["data"], config["baselines"]
+    del config["data"]
     (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(config))
     gpu_pipeline(["--config", "pipe.yaml", "--workdir", str(tmp_path), "--data-dir", "data", "--results",
-                  str(tmp_path / "results"), "--max-new-tokens", "8", "--steps", "pipeline",
+                  str(tmp_path / "results"), "--max-new-tokens", "8", "--steps", "pipeline", "--no-baselines",
                   "--stage-args", json.dumps(TINY)])
+    assert (tmp_path / "models/gpu/tools/stage.json").is_file() and not (tmp_path / "models/gpu/joint").exists()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OUT", str(tmp_path))  # --out under $OUT, as gpu_session.sh has it: no copy onto itself
     argv = ["--config", "pipe.yaml", "--variants", "code_noreplay", "preference_sampled", "--workers", "2", "--data-dir", "data",
