@@ -205,7 +205,8 @@ def pairs(
         scores = score_calls([c for _, _, c in predictions], [e["tool_calls"] for e in examples])
         counts[name] = {"requests": len(examples), "pairs": len(made), "skipped": len(examples) - len(made),
                         "rejected_from": dict(Counter(p["rejected_from"] for p in made)),
-                        "parent_scores": {k: v for k, v in scores.items() if k != "n"}}
+                        "parent_scores": {k: v for k, v in scores.items() if k != "n"},
+                        "decoding": f"sampled at temperature {temperature:g}" if sampled else "greedy"}
         with atomic_path(out / f"{name}.jsonl") as tmp:
             tmp.write_text("".join(_json_line(p) for p in made), encoding="utf-8")
     write_manifest(out, {
@@ -224,12 +225,13 @@ def _print(out: Path, counts: dict[str, dict], seconds: float) -> None:
     table = Table(title=f"preference pairs in {out}/ ({seconds:.1f}s)")
     kinds = ("wrong_function", "wrong_argument", "missing_argument")
     for col in ("split", "requests", "pairs", "rejected: parent's call", "rejected: corrupted (function / "
-                "argument / missing)", "parent call accuracy"):
+                "argument / missing)", "parent's call accuracy (its decoding)"):
         table.add_column(col, justify="left" if col == "split" else "right")
     for name, c in counts.items():
         made = c["rejected_from"]
+        accuracy = f"{c['parent_scores']['call_accuracy']:.3f} ({c['decoding']})"
         table.add_row(name, str(c["requests"]), str(c["pairs"]), str(made.get("model", 0)),
-                      " / ".join(str(made.get(k, 0)) for k in kinds), f"{c['parent_scores']['call_accuracy']:.3f}")
+                      " / ".join(str(made.get(k, 0)) for k in kinds), accuracy)
     console.print(table)
 
 

@@ -97,6 +97,10 @@ def test_sampled_pairs_go_to_their_tag_and_the_stage_serves_them_only_when_asked
     assert sampled == data / "preference" / f"{sha[:12]}-t1" != greedy
     settings = json.loads((sampled / "manifest.json").read_text())["settings"]
     assert settings["temperature"] == 1.0 and "temperature" not in json.loads((greedy / "manifest.json").read_text())["settings"]
+    # the manifest says how each split's answers were decoded (a sampled set's accuracy is its samples')
+    splits = {p: json.loads((p / "manifest.json").read_text())["splits"] for p in (greedy, sampled)}
+    assert [splits[sampled][s]["decoding"] for s in ("train", "val")] == ["sampled at temperature 1", "greedy"]
+    assert {s["decoding"] for s in splits[greedy].values()} == {"greedy"}
     # the training answers are the parent's samples (seeded: the same again), the held-out ones its greedy answers
     answers = {p: [pair["generated"] for pair in read_pairs(p, "train")] for p in (greedy, sampled)}
     assert answers[sampled] != answers[greedy]
