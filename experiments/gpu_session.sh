@@ -62,10 +62,10 @@ if [ "${STUDY:-1}" != 0 ] && [ ! -f data/full/tools/manifest.json ] && [ -f .gpu
   step timeout -k 10 120 python3 -m lightning_modules unpack --pack .gpu/packs/full/full.pack.json --into data
 fi
 # together: the recipe comparisons (WORKERS at once) and the study (STUDY_DEVICES workers), until the deadline
-# stage 4 first (three share one set of pairs, preference_sampled makes its own; their held-out windows match the
-# tool stage's; each validates 16 a batch), then the second baseline; tools_long (twice the 5,200 tool steps)
-# only where a session has the time
-VARIANTS=${VARIANTS-preference preference_sampled preference_lr2e6 preference_ipo joint_tools}
+# by default the stage-4 settings not yet run from the 5,200-step tool stage (run 9 ran preference, preference_sampled,
+# preference_ipo and joint_tools); the greedy-pair variants share one set of pairs, preference_sampled makes its
+# own; their held-out windows match the tool stage's; each validates 16 a batch
+VARIANTS=${VARIANTS-preference_dpop preference_lr2e6}
 study="$RESULTS/staged_vs_joint"
 mkdir -p "$study"
 [ -f "$study/results.json" ] || cp experiments/results/staged_vs_joint/results.json "$study/" 2>/dev/null

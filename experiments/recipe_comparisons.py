@@ -14,7 +14,9 @@ Variants (each one stage, ``name``: what changes against the pipeline's stage of
                   beta 0.1, SFT weight 1 (parent: tools); preference_lr2e6 at LR 2e-6, preference_ipo with
                   the IPO loss (the same pairs, made once); preference_sampled at LR 1e-5 from pairs whose
                   rejected answers are the tool model's samples at temperature 1 (`stagewise pairs --temperature
-                  1.0 --tag t1`), on-policy mistakes where its greedy answers are mostly right
+                  1.0 --tag t1`), on-policy mistakes where its greedy answers are mostly right;
+                  preference_dpop at LR 1e-5 with DPO-Positive's penalty (`dpop_lambda` 50) on the chosen
+                  calls' log-probability falling below the reference's, which the other DPO stages let happen (run 9)
 
     python -m experiments.recipe_comparisons --experiment gpu --workers 3
     python -m experiments.recipe_comparisons --variants preference --workers 1
@@ -128,6 +130,7 @@ def variants(config: dict) -> dict[str, tuple[StageSpec, str | None, str]]:
         "preference": (preference("preference", []), "tools", "tools"),
         "preference_lr2e6": (preference("preference_lr2e6", ["--model.init_args.lr=2e-6"]), "tools", "tools"),
         "preference_ipo": (preference("preference_ipo", ["--model.init_args.loss_type=ipo"]), "tools", "tools"),
+        "preference_dpop": (preference("preference_dpop", ["--model.init_args.dpop_lambda=50"]), "tools", "tools"),
         "preference_sampled": (preference("preference_sampled", ["--data.init_args.pairs_tag=t1"],
                                           ("--temperature", "1.0", "--tag", "t1")), "tools", "tools"),
     }

@@ -200,11 +200,12 @@ def test_preference_variants_share_one_pairs_step_and_differ_in_their_settings()
     from experiments.recipe_comparisons import variants
 
     table = variants(yaml.safe_load((ROOT / "configs/pipelines/gpu.yaml").read_text()))
-    specs = {n: table[n][0] for n in ("preference", "preference_lr2e6", "preference_ipo")}
+    specs = {n: table[n][0] for n in ("preference", "preference_lr2e6", "preference_ipo", "preference_dpop")}
     assert len({tuple(s.before) for s in specs.values()}) == 1 and specs["preference"].before[0] == "pairs"
     assert all(table[n][1] == "tools" for n in specs)
     assert specs["preference_lr2e6"].args[-1] == "--model.init_args.lr=2e-6"
     assert specs["preference_ipo"].args[-1] == "--model.init_args.loss_type=ipo"
+    assert specs["preference_dpop"].args[-1] == "--model.init_args.dpop_lambda=50"
     # the sampled pairs are another command line, into their own tagged set, which that variant serves
     sampled = table["preference_sampled"][0]
     assert sampled.before[:len(specs["preference"].before)] == specs["preference"].before

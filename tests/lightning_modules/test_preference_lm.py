@@ -12,6 +12,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from datamodules.errors import StagewiseError
 from datamodules.preference import PreferenceDataModule
 from lightning_modules.cli import main
 from lightning_modules.evaluate import load_model
@@ -33,7 +34,33 @@ def test_dpo_and_ipo_losses_of_one_pair_by_hand():
     assert losses.item() == pytest.approx((1.5 - 1 / (2 * 0.5)) ** 2)
 
 
-def toy_module(**kwargs) -> PreferenceLM:
+def test_dpo_positive_penalises_only_a_chosen_answer_that_fell_below_the_reference():
+    # chosen log-ratio 1 > 0: no penalty, the DPO loss as it is
+    args = [torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.5])]
+    assert preference_loss(*args, beta=0.5, dpop_lambda=5.0)[0].item() == pytest.approx(math.log(1 + math.exp(-0.75)))
+    # chosen fell: log-ratio -1 - (-0.5) = -0.5, rejected -4 - (-2) = -2, h = 1.5, penalty 5 * 0.5 = 2.5
+    args = [torch.tensor([-1.0]), torch.tensor([-4.0]), torch.tensor([-0.5]), torch.tensor([-2.0])]
+    plain, chosen, _ = preference_loss(*args, beta=0.5)
+    losses, chosen_dpop, _ = preference_loss(*args, beta=0.5, dpop_lambda=5.0)
+    assert plain.item() == pytest.approx(math.log(1 + math.exp(-0.75)))
+    assert losses.item() == pytest.approx(math.log(1 + math.exp(-0.5 * (1.5 - 2.5))))  # -log sigmoid(0.5 * -1)
+    assert chosen_dpop.item() == chosen.item() == -0.25  # the rewards stay DPO's
+    # its gradient raises the chosen answer's log-probability harder than DPO's
+    policy_chosen = torch.tensor([-1.0], requires_grad=True)
+    preference_loss(policy_chosen, *args[1:], beta=0.5, dpop_lambda=5.0)[0].sum().backward()
+    dpop_grad = policy_chosen.grad.item()
+    policy_chosen.grad = None
+    preference_loss(policy_chosen, *args[1:], beta=0.5)[0].sum().backward()
+    assert dpop_grad < policy_chosen.grad.item() < 0
+    with pytest.raises(StagewiseError, match="sigmoid"):
+        preference_loss(*args, beta=0.5, loss_type="ipo", dpop_lambda=5.0)
+    with pytest.raises(StagewiseError, match="dpop_lambda"):
+        PreferenceLM(size="tiny", vocab_size=32, dpop_lambda=-1.0)
+
+
+def toy_module(swap: bool = False, **kwargs) -> PreferenceLM:
+    """A tiny module with a reference that differs from its policy: a noisy copy of it, or with ``swap`` the
+    original while the policy is the noisy copy."""
     torch.manual_seed(0)
     module = PreferenceLM(size="tiny", vocab_size=32, model_overrides={"n_layers": 1, "max_seq_len": 16}, **kwargs)
     module.configure_model()  # no Trainer: no reference; give it one that differs from the policy
@@ -41,6 +68,8 @@ def toy_module(**kwargs) -> PreferenceLM:
     with torch.no_grad():
         for p in reference.parameters():
             p.add_(torch.randn_like(p) * 0.3)
+    if swap:
+        module.model, reference = reference.requires_grad_(True), module.model.requires_grad_(False)
     object.__setattr__(module, "reference", reference)
     return module
 
@@ -56,9 +85,10 @@ def by_hand(model, ids: torch.Tensor, answer_starts: list[int], mean: bool) -> l
     return out
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_preference_outputs_on_a_toy_batch_match_a_hand_computation(loss_type):
-    module = toy_module(beta=0.2, loss_type=loss_type, sft_weight=0.5)
+@pytest.mark.parametrize("loss_type,dpop_lambda", [("sigmoid", 0.0), ("ipo", 0.0), ("sigmoid", 3.0)])
+def test_preference_outputs_on_a_toy_batch_match_a_hand_computation(loss_type, dpop_lambda):
+    # with DPO-Positive the reference is the noiseless one, so the chosen answers are less likely under the policy
+    module = toy_module(beta=0.2, loss_type=loss_type, sft_weight=0.5, dpop_lambda=dpop_lambda, swap=dpop_lambda > 0)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 32, (4, 9), generator=g)  # 2 pairs: rows 0,1 chosen, rows 2,3 their rejected
     starts = [5, 6, 5, 4]  # where each row's answer begins; the prompt before it is not scored
@@ -70,7 +100,10 @@ def test_preference_outputs_on_a_toy_batch_match_a_hand_computation(loss_type):
     mean = loss_type == "ipo"
     pol, ref = by_hand(module.model, ids, starts, mean), by_hand(module.reference, ids, starts, mean)
     h = [(pol[i] - ref[i]) - (pol[i + 2] - ref[i + 2]) for i in range(2)]
-    losses = [math.log1p(math.exp(-0.2 * x)) if loss_type == "sigmoid" else (x - 1 / 0.4) ** 2 for x in h]
+    fell = [max(0.0, ref[i] - pol[i]) for i in range(2)]  # DPO-Positive's penalty, of the chosen rows
+    assert dpop_lambda == 0 or all(fell)
+    losses = [math.log1p(math.exp(-0.2 * (x - dpop_lambda * f))) if loss_type == "sigmoid" else (x - 1 / 0.4) ** 2
+              for x, f in zip(h, fell)]
     margins = [0.2 * x for x in h]
     nll = -sum(by_hand(module.model, ids[:2], starts[:2], mean=False)) / sum(9 - s for s in starts[:2])
     assert out["preference_loss"].item() == pytest.approx(sum(losses) / 2, rel=1e-4)
