@@ -3,7 +3,7 @@
 # data (stagewise pack) in .gpu/packs: the decoding benchmark (which also decides whether decoding replays CUDA
 # graphs here), the GPU pipeline (staged path + joint baseline + held-out tool scores, timed alone), the
 # throughput benchmark of its two shapes (alone), then, together until $DEADLINE seconds after the start, the
-# recipe comparisons (stage 4 and the second baseline first) and the staged-vs-joint study (its decisive runs
+# recipe comparisons (VARIANTS; by default preference_dpop and preference_lr2e6) and the staged-vs-joint study (its decisive runs
 # first; it starts no run after its time budget, and skips the runs its results.json holds). Every step writes
 # its results under $RESULTS (default runs/session, git-ignored, kept between calls on a warm machine);
 # `touch $RESULTS/DONE` marks the end.

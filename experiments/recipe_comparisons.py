@@ -15,8 +15,9 @@ Variants (each one stage, ``name``: what changes against the pipeline's stage of
                   the IPO loss (the same pairs, made once); preference_sampled at LR 1e-5 from pairs whose
                   rejected answers are the tool model's samples at temperature 1 (`stagewise pairs --temperature
                   1.0 --tag t1`), on-policy mistakes where its greedy answers are mostly right;
-                  preference_dpop at LR 1e-5 with DPO-Positive's penalty (`dpop_lambda` 50) on the chosen
-                  calls' log-probability falling below the reference's, which the other DPO stages let happen (run 9)
+                  preference_dpop at LR 1e-5 with DPO-Positive's penalty on the chosen calls' log-probability
+                  falling below the reference's, which the other DPO stages let happen (run 9); `dpop_lambda` 50,
+                  untuned: a fall of 0.1 nat then weighs as much as 5 nats of the chosen-over-rejected log-ratio
 
     python -m experiments.recipe_comparisons --experiment gpu --workers 3
     python -m experiments.recipe_comparisons --variants preference --workers 1

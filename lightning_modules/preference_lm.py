@@ -36,6 +36,14 @@ def answer_logps(token_logps: torch.Tensor, mask: torch.Tensor, mean: bool = Fal
     return total / mask.sum(-1).clamp(min=1) if mean else total
 
 
+def check_loss(loss_type: str, dpop_lambda: float = 0.0) -> None:
+    """Refuse a loss ``preference_loss`` does not compute (``PreferenceLM`` asks at construction, before training)."""
+    if loss_type not in ("sigmoid", "ipo"):
+        raise StagewiseError(f"unknown preference loss_type '{loss_type}'; choose sigmoid (DPO) or ipo")
+    if dpop_lambda and loss_type != "sigmoid":
+        raise StagewiseError(f"dpop_lambda is DPO-Positive's penalty, for loss_type sigmoid, not {loss_type}")
+
+
 def preference_loss(
     policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
     reference_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid", dpop_lambda: float = 0.0,
@@ -54,14 +62,11 @@ def preference_loss(
     """
     chosen_ratio, rejected_ratio = policy_chosen - reference_chosen, policy_rejected - reference_rejected
     h = chosen_ratio - rejected_ratio
-    if dpop_lambda and loss_type != "sigmoid":
-        raise StagewiseError(f"dpop_lambda is DPO-Positive's penalty, for loss_type sigmoid, not {loss_type}")
+    check_loss(loss_type, dpop_lambda)
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(beta * (h - dpop_lambda * (-chosen_ratio).clamp(min=0)))
-    elif loss_type == "ipo":
-        losses = (h - 1 / (2 * beta)) ** 2
     else:
-        raise StagewiseError(f"unknown preference loss_type '{loss_type}'; choose sigmoid (DPO) or ipo")
+        losses = (h - 1 / (2 * beta)) ** 2
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
@@ -109,10 +114,7 @@ class PreferenceLM(CausalLM):
         if beta <= 0 or sft_weight < 0 or dpop_lambda < 0:
             raise StagewiseError(f"need beta > 0, sft_weight >= 0 and dpop_lambda >= 0, got beta={beta}, "
                                  f"sft_weight={sft_weight}, dpop_lambda={dpop_lambda}")
-        if loss_type not in ("sigmoid", "ipo"):
-            raise StagewiseError(f"unknown preference loss_type '{loss_type}'; choose sigmoid (DPO) or ipo")
-        if dpop_lambda and loss_type != "sigmoid":
-            raise StagewiseError(f"dpop_lambda is DPO-Positive's penalty, for loss_type sigmoid, not {loss_type}")
+        check_loss(loss_type, dpop_lambda)
         self.preference_metrics = nn.ModuleDict()  # name -> pair-weighted MeanMetric over a validation
         object.__setattr__(self, "reference", None)  # never a submodule (see the class docstring); set in configure_model
 
